@@ -1,0 +1,132 @@
+"""Batched generation: one jitted prefill, one jitted decode step, static shapes.
+
+Prompts are left-padded to a length bucket so one compiled prefill serves many
+prompt lengths; the decode step donates the cache, so it is updated in place
+and never retraced per token.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxllm.kv_cache import KVCache
+from jaxllm.model import Llama
+from jaxllm.sampling import SamplingConfig, sample
+
+
+def bucket(n: int, multiple: int = 64) -> int:
+  """Smallest multiple of `multiple` that is >= n."""
+  return -(-n // multiple) * multiple
+
+
+@dataclasses.dataclass
+class GenerationResult:
+  tokens: list[list[int]]  # generated ids per prompt (EOS excluded)
+  finished: list[bool]  # stopped at EOS rather than at max_new_tokens
+
+
+def left_pad(prompts: Sequence[Sequence[int]], length: int, pad_id: int):
+  """[B, length] int32 tokens and [B] start slots for left-padded prompts."""
+  tokens = np.full((len(prompts), length), pad_id, np.int32)
+  start = np.zeros((len(prompts),), np.int32)
+  for i, p in enumerate(prompts):
+    tokens[i, length - len(p):] = p
+    start[i] = length - len(p)
+  return tokens, start
+
+
+class Generator:
+  """Holds a split model and its compiled prefill/decode functions."""
+
+  def __init__(self, model: Llama, max_cache_len: int | None = None, prompt_bucket: int = 64):
+    self.config = model.config
+    self.graphdef, self.state = nnx.split(model)
+    self.max_cache_len = max_cache_len or model.config.max_seq_len
+    self.prompt_bucket = prompt_bucket
+    self._prefill = jax.jit(self._prefill_fn, static_argnames=("capacity", "sampling"))
+    self._step = jax.jit(self._step_fn, static_argnames=("sampling",), donate_argnames=("cache",))
+
+  # -- jitted bodies -------------------------------------------------------------------
+
+  def _prefill_fn(self, state, tokens, start, key, *, capacity, sampling):
+    model = nnx.merge(self.graphdef, state)
+    logits, chunk = model(tokens, start=start, logits_at="last")
+    pad = ((0, 0), (0, 0), (0, capacity - tokens.shape[1]), (0, 0))
+    cache = chunk.replace(keys=tuple(jnp.pad(k, pad) for k in chunk.keys),
+                          values=tuple(jnp.pad(v, pad) for v in chunk.values))
+    return sample(logits[:, -1], key, sampling), cache
+
+  def _step_fn(self, state, cache, tokens, key, *, sampling):
+    model = nnx.merge(self.graphdef, state)
+    logits, cache = model(tokens[:, None], cache=cache, logits_at="last")
+    return sample(logits[:, -1], key, sampling), cache
+
+  # -- public API ----------------------------------------------------------------------
+
+  def validate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int) -> None:
+    if isinstance(prompts, (str, bytes)) or not len(prompts):
+      raise ValueError("prompts must be a non-empty list of token-id lists")
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+      raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
+    for i, p in enumerate(prompts):
+      if len(p) == 0:
+        raise ValueError(f"prompt {i} is empty: give at least one token")
+      bad = [t for t in p if not 0 <= int(t) < self.config.vocab_size]
+      if bad:
+        raise ValueError(f"prompt {i} has token ids outside [0, {self.config.vocab_size}): {bad[:5]}")
+      if len(p) + max_new_tokens > self.max_cache_len:
+        raise ValueError(
+            f"prompt {i} has {len(p)} tokens; with max_new_tokens={max_new_tokens} it needs "
+            f"{len(p) + max_new_tokens} cache slots but the cache holds {self.max_cache_len}")
+
+  def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int,
+               sampling: SamplingConfig = SamplingConfig(), key: jax.Array | None = None,
+               on_tokens: Callable[[np.ndarray], None] | None = None,
+               stop_at_eos: bool = True) -> GenerationResult:
+    """Generates up to `max_new_tokens` per prompt.
+
+    Args:
+      prompts: token-id lists, any lengths.
+      max_new_tokens: cap on generated tokens per prompt.
+      sampling: sampling configuration (greedy by default).
+      key: PRNG key; required unless sampling is greedy.
+      on_tokens: called with each step's [B] new ids (streaming).
+      stop_at_eos: stop a row at the EOS id.
+    """
+    self.validate(prompts, max_new_tokens)
+    if key is None:
+      if not sampling.greedy:
+        raise ValueError("sampling with temperature > 0 needs an explicit PRNG key")
+      key = jax.random.key(0)
+    length = min(bucket(max(map(len, prompts)), self.prompt_bucket),
+                 self.max_cache_len - max_new_tokens)
+    capacity = bucket(length + max_new_tokens, self.prompt_bucket)
+    tokens, start = left_pad(prompts, length, self.config.pad_id)
+    keys = jax.random.split(key, max_new_tokens)
+    next_tok, cache = self._prefill(self.state, tokens, start, keys[0],
+                                    capacity=capacity, sampling=sampling)
+    out = np.zeros((len(prompts), max_new_tokens), np.int32)
+    done = np.zeros((len(prompts),), bool)
+    n = 0
+    for n in range(max_new_tokens):
+      ids = np.asarray(next_tok)
+      out[:, n] = ids
+      if on_tokens is not None:
+        on_tokens(np.where(done, -1, ids))
+      if stop_at_eos:
+        done |= ids == self.config.eos_id
+      if done.all() or n + 1 == max_new_tokens:
+        break
+      next_tok, cache = self._step(self.state, cache, next_tok, keys[n + 1], sampling=sampling)
+    results, finished = [], []
+    for row in out[:, :n + 1]:
+      hit = np.flatnonzero(row == self.config.eos_id) if stop_at_eos else []
+      results.append(row[:hit[0]].tolist() if len(hit) else row.tolist())
+      finished.append(bool(len(hit)))
+    return GenerationResult(tokens=results, finished=finished)

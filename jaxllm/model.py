@@ -1,0 +1,182 @@
+"""A Llama-family decoder in Flax NNX.
+
+Every parameter carries logical axis names (``out_sharding`` metadata, never
+eagerly applied); key activations are constrained by name through `sharding`.
+Matmuls and attention go through `jaxllm.ops`, so kernels plug in by config.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+import sharding
+from jaxllm import ops
+from jaxllm.config import ModelConfig
+from jaxllm.kv_cache import KVCache
+
+
+def _param(rngs: nnx.Rngs, shape, axes, dtype, scale: float | None = None) -> nnx.Param:
+  """A parameter named by logical `axes`; normal(0, scale) or ones when scale is None."""
+  if scale is None:
+    value = jnp.ones(shape, dtype)
+  else:
+    value = (scale * jax.random.normal(rngs.params(), shape, jnp.float32)).astype(dtype)
+  return nnx.Param(value, out_sharding=axes, eager_sharding=False)
+
+
+class RMSNorm(nnx.Module):
+
+  def __init__(self, dim: int, eps: float, *, rngs: nnx.Rngs, dtype=jnp.float32):
+    self.scale = _param(rngs, (dim,), ("norm",), dtype)
+    self.eps = eps
+
+  def __call__(self, x):
+    xf = x.astype(jnp.float32)
+    xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
+    return (xf * self.scale[...].astype(jnp.float32)).astype(x.dtype)
+
+
+def rope_tables(positions: jax.Array, head_dim: int, theta: float):
+  """cos/sin tables [B, S, D/2] in f32 for integer positions [B, S]."""
+  inv_freq = theta ** (-np.arange(0, head_dim, 2, dtype=np.float32) / head_dim)
+  angles = positions.astype(jnp.float32)[..., None] * inv_freq
+  return jnp.cos(angles), jnp.sin(angles)
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+  """Rotates [B, S, H, D] by half-split RoPE (first half pairs with second half)."""
+  half = x.shape[-1] // 2
+  x1, x2 = x[..., :half].astype(jnp.float32), x[..., half:].astype(jnp.float32)
+  cos, sin = cos[:, :, None, :], sin[:, :, None, :]
+  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+  return out.astype(x.dtype)
+
+
+class Attention(nnx.Module):
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, dtype=jnp.float32):
+    e, h, kvh, d = cfg.embed_dim, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    self.q = _param(rngs, (e, h, d), ("embed", "heads", "head_dim"), dtype, e ** -0.5)
+    self.k = _param(rngs, (e, kvh, d), ("embed", "kv_heads", "head_dim"), dtype, e ** -0.5)
+    self.v = _param(rngs, (e, kvh, d), ("embed", "kv_heads", "head_dim"), dtype, e ** -0.5)
+    self.o = _param(rngs, (h, d, e), ("heads", "head_dim", "embed"), dtype, (h * d) ** -0.5)
+
+  def __call__(self, x, cos, sin, write, q_slots, kv_start, kernels):
+    q = ops.linear(x, self.q[...], kernels)  # [B, S, H, D]
+    k = ops.linear(x, self.k[...], kernels)
+    v = ops.linear(x, self.v[...], kernels)
+    q = sharding.constrain(apply_rope(q, cos, sin), ("batch", "length", "act_heads", "head_dim"))
+    k = apply_rope(k, cos, sin)
+    k_buf, v_buf = write(k, v)
+    out = ops.attention(q, k_buf, v_buf, q_slots, kv_start, kernels)
+    out = jax.lax.dot_general(out, self.o[...].astype(out.dtype), (((2, 3), (0, 1)), ((), ())),
+                              preferred_element_type=jnp.float32).astype(x.dtype)
+    return out, k_buf, v_buf
+
+
+class MLP(nnx.Module):
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, dtype=jnp.float32):
+    e, f = cfg.embed_dim, cfg.mlp_dim
+    self.gate = _param(rngs, (e, f), ("embed", "mlp"), dtype, e ** -0.5)
+    self.up = _param(rngs, (e, f), ("embed", "mlp"), dtype, e ** -0.5)
+    self.down = _param(rngs, (f, e), ("mlp", "embed"), dtype, f ** -0.5)
+
+  def __call__(self, x, kernels):
+    h = jax.nn.silu(ops.linear(x, self.gate[...], kernels)) * ops.linear(x, self.up[...], kernels)
+    h = sharding.constrain(h, ("batch", "length", "act_mlp"))
+    return ops.linear(h, self.down[...], kernels)
+
+
+class Block(nnx.Module):
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, dtype=jnp.float32):
+    self.attn_norm = RMSNorm(cfg.embed_dim, cfg.norm_eps, rngs=rngs, dtype=dtype)
+    self.attn = Attention(cfg, rngs=rngs, dtype=dtype)
+    self.mlp_norm = RMSNorm(cfg.embed_dim, cfg.norm_eps, rngs=rngs, dtype=dtype)
+    self.mlp = MLP(cfg, rngs=rngs, dtype=dtype)
+
+  def __call__(self, x, cos, sin, write, q_slots, kv_start, kernels):
+    h, k_buf, v_buf = self.attn(self.attn_norm(x), cos, sin, write, q_slots, kv_start, kernels)
+    x = sharding.constrain(x + h, ("batch", "length", "act_embed"))
+    x = x + self.mlp(self.mlp_norm(x), kernels)
+    return sharding.constrain(x, ("batch", "length", "act_embed")), k_buf, v_buf
+
+
+class Llama(nnx.Module):
+  """Decoder-only transformer: embed -> N x (attn + SwiGLU) -> norm -> LM head."""
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, dtype=jnp.float32,
+               kernels: ops.KernelConfig = ops.KernelConfig()):
+    self.config = cfg
+    self.kernels = kernels
+    # Stored [embed, vocab]: the tied LM head is then a plain x @ W, which XLA:CPU
+    # runs at full memory bandwidth (x @ W.T is ~10x slower at batch 1); the
+    # lookup gathers columns instead of rows, which costs nothing measurable.
+    self.embed = _param(rngs, (cfg.embed_dim, cfg.vocab_size), ("embed", "vocab"), dtype, 1.0)
+    self.layers = nnx.List([Block(cfg, rngs=rngs, dtype=dtype) for _ in range(cfg.num_layers)])
+    self.final_norm = RMSNorm(cfg.embed_dim, cfg.norm_eps, rngs=rngs, dtype=dtype)
+    if not cfg.tie_embeddings:
+      self.lm_head = _param(rngs, (cfg.embed_dim, cfg.vocab_size), ("embed", "vocab"), dtype,
+                            cfg.embed_dim ** -0.5)
+
+  @property
+  def dtype(self):
+    return self.embed.value.dtype
+
+  def __call__(self, tokens: jax.Array, cache: KVCache | None = None,
+               start: jax.Array | None = None, logits_at: str = "all"):
+    """Runs `tokens` [B, S] and returns (logits, cache).
+
+    Args:
+      tokens: int32 [B, S].
+      cache: with a cache, the tokens are written at slot ``cache.length`` and
+        attend to everything cached; without one, they attend causally among
+        themselves and the returned cache holds exactly their S slots.
+      start: [B] first valid slot per row when `cache` is None (left padding).
+      logits_at: "all" for [B, S, V] logits, "last" for [B, 1, V].
+    """
+    cfg = self.config
+    b, s = tokens.shape
+    if cache is None:
+      start = jnp.zeros((b,), jnp.int32) if start is None else start.astype(jnp.int32)
+      base = jnp.zeros((), jnp.int32)
+    else:
+      start, base = cache.start, cache.length
+    q_slots = base + jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
+    positions = jnp.maximum(q_slots - start[:, None], 0)
+    cos, sin = rope_tables(positions, cfg.head_dim, cfg.rope_theta)
+
+    x = jnp.take(self.embed[...], tokens, axis=1).transpose(1, 2, 0).astype(self.dtype)
+    x = sharding.constrain(x, ("batch", "length", "act_embed"))
+    keys, values = [], []
+    for i, layer in enumerate(self.layers):
+      if cache is None:
+        write = lambda k, v: (k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3))
+      else:
+        write = lambda k, v, i=i: cache.write(i, k, v)
+      x, k_buf, v_buf = layer(x, cos, sin, write, q_slots, start, self.kernels)
+      keys.append(k_buf)
+      values.append(v_buf)
+
+    if logits_at == "last":
+      x = x[:, -1:]
+    elif logits_at != "all":
+      raise ValueError(f"logits_at must be 'all' or 'last', got {logits_at!r}")
+    x = self.final_norm(x)
+    if cfg.tie_embeddings:
+      head = self.embed[...]
+    else:
+      head = self.lm_head[...]
+    logits = ops.linear(x, head, self.kernels).astype(jnp.float32)
+    logits = sharding.constrain(logits, ("batch", "length", "act_vocab"))
+
+    if cache is None:
+      cache = KVCache(keys=tuple(keys), values=tuple(values),
+                      length=jnp.asarray(s, jnp.int32), start=start)
+    else:
+      cache = cache.advance(keys, values, s)
+    return logits, cache
