@@ -8,6 +8,7 @@ and never retraced per token.
 from __future__ import annotations
 
 import dataclasses
+import threading
 from collections.abc import Callable, Sequence
 
 import jax
@@ -51,6 +52,7 @@ class Generator:
     self.prompt_bucket = prompt_bucket
     self._prefill = jax.jit(self._prefill_fn, static_argnames=("capacity", "sampling"))
     self._step = jax.jit(self._step_fn, static_argnames=("sampling",), donate_argnames=("cache",))
+    self._compiled_steps: set = set()
 
   # -- jitted bodies -------------------------------------------------------------------
 
@@ -66,6 +68,18 @@ class Generator:
     model = nnx.merge(self.graphdef, state)
     logits, cache = model(tokens[:, None], cache=cache, logits_at="last")
     return sample(logits[:, -1], key, sampling), cache
+
+  def _compile_step(self, batch: int, capacity: int, sampling: SamplingConfig) -> None:
+    """Compiles the decode step for this shape ahead of time (jit caches the result)."""
+    signature = (batch, capacity, sampling)
+    if signature in self._compiled_steps:
+      return
+    dtype = jax.tree.leaves(self.state)[0].dtype
+    cache = jax.eval_shape(lambda: KVCache.create(self.config, batch, capacity, dtype))
+    tokens = jax.ShapeDtypeStruct((batch,), jnp.int32)
+    key = jax.eval_shape(lambda: jax.random.key(0))
+    self._step.lower(self.state, cache, tokens, key, sampling=sampling).compile()
+    self._compiled_steps.add(signature)
 
   # -- public API ----------------------------------------------------------------------
 
@@ -109,6 +123,12 @@ class Generator:
     capacity = bucket(length + max_new_tokens, self.prompt_bucket)
     tokens, start = left_pad(prompts, length, self.config.pad_id)
     keys = jax.random.split(key, max_new_tokens)
+    # The decode step compiles on a second thread while prefill compiles and runs,
+    # so neither the first token nor the second waits for both compiles in series.
+    step_compile = threading.Thread(target=self._compile_step,
+                                    args=(len(prompts), capacity, sampling), daemon=True)
+    if max_new_tokens > 1:
+      step_compile.start()
     next_tok, cache = self._prefill(self.state, tokens, start, keys[0],
                                     capacity=capacity, sampling=sampling)
     out = np.zeros((len(prompts), max_new_tokens), np.int32)
@@ -123,6 +143,8 @@ class Generator:
         done |= ids == self.config.eos_id
       if done.all() or n + 1 == max_new_tokens:
         break
+      if n == 0:
+        step_compile.join()
       next_tok, cache = self._step(self.state, cache, next_tok, keys[n + 1], sampling=sampling)
     results, finished = [], []
     for row in out[:, :n + 1]:

@@ -128,7 +128,7 @@ class Llama(nnx.Module):
 
   @property
   def dtype(self):
-    return self.embed.value.dtype
+    return self.embed.get_value().dtype
 
   def __call__(self, tokens: jax.Array, cache: KVCache | None = None,
                start: jax.Array | None = None, logits_at: str = "all"):

@@ -21,6 +21,7 @@ def init_model(cfg: ModelConfig, seed: int = 0, dtype=jnp.float32,
 def model_from_params(cfg: ModelConfig, params: dict, dtype=jnp.float32,
                       kernels: ops.KernelConfig = ops.KernelConfig()) -> Llama:
   """A Llama whose params are `params` (nested dict of arrays), without random init."""
+  params = _int_keys(params)
   abstract = nnx.eval_shape(lambda: Llama(cfg, rngs=None, dtype=dtype, kernels=kernels))
   graphdef, state = nnx.split(abstract)
   expected = state.to_pure_dict()
@@ -36,6 +37,14 @@ def model_from_params(cfg: ModelConfig, params: dict, dtype=jnp.float32,
                        f"{np.shape(flat_given[path])}, expected {spec.shape}")
   state.replace_by_pure_dict(jax.tree.map(lambda x: jnp.asarray(x, dtype), params))
   return nnx.merge(graphdef, state)
+
+
+def _int_keys(tree):
+  """Nested dict with digit-string keys (as serializers write list indices) made ints."""
+  if not isinstance(tree, dict):
+    return tree
+  return {int(k) if isinstance(k, str) and k.isdigit() else k: _int_keys(v)
+          for k, v in tree.items()}
 
 
 def logical_axes(model: Llama):

