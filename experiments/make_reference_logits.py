@@ -21,10 +21,10 @@ from absl import app, flags
 from experiments import common, peers
 
 PROMPTS = {
-    "english": "The quick brown fox jumps over the lazy dog. Then it ran into the forest",
-    "code": "def fibonacci(n):\n    if n < 2:\n        return n\n    return fibonacci(n - 1) +",
-    "digits": "In 1969, 3 astronauts flew 384400 km to the Moon; 12 + 30 = 42 and pi = 3.14159",
-    "chat": "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n",
+  "english": "The quick brown fox jumps over the lazy dog. Then it ran into the forest",
+  "code": "def fibonacci(n):\n    if n < 2:\n        return n\n    return fibonacci(n - 1) +",
+  "digits": "In 1969, 3 astronauts flew 384400 km to the Moon; 12 + 30 = 42 and pi = 3.14159",
+  "chat": "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n",
 }
 
 common.define_common_flags("make_reference_logits", only=("gguf",))
@@ -48,12 +48,14 @@ def tokenizer_facts(tok) -> dict:
   default = tok.encode("hello")
   digits = tok.encode("12345", add_special_tokens=False)
   return {
-      "bos_token": tok.bos_token, "bos_id": tok.bos_token_id,
-      "eos_token": tok.eos_token, "eos_id": tok.eos_token_id,
-      "adds_bos_by_default": len(default) > len(plain) and default[0] == tok.bos_token_id,
-      "adds_eos_by_default": len(default) > len(plain) and default[-1] == tok.eos_token_id,
-      "digits_12345": digits,
-      "splits_digits_individually": len(digits) == 5,
+    "bos_token": tok.bos_token,
+    "bos_id": tok.bos_token_id,
+    "eos_token": tok.eos_token,
+    "eos_id": tok.eos_token_id,
+    "adds_bos_by_default": len(default) > len(plain) and default[0] == tok.bos_token_id,
+    "adds_eos_by_default": len(default) > len(plain) and default[-1] == tok.eos_token_id,
+    "digits_12345": digits,
+    "splits_digits_individually": len(digits) == 5,
   }
 
 
@@ -69,37 +71,50 @@ def main(argv):
     ids = tok.encode(text, add_special_tokens=False)
     logits = peers.hf_logits(model, ids)  # (S, V)
     top = np.argsort(-logits, axis=-1, kind="stable")[:, :k]
-    prompts.append({
-        "name": name, "text": text, "ids": ids,
+    prompts.append(
+      {
+        "name": name,
+        "text": text,
+        "ids": ids,
         "ids_with_special_tokens": tok.encode(text),
         "top_ids": top.tolist(),
         "top_logits": np.round(np.take_along_axis(logits, top, -1), 4).tolist(),
         "max_abs_logit": np.round(np.abs(logits).max(-1), 4).tolist(),
-    })
+      }
+    )
     print(f"{name:8s} {len(ids):3d} tokens  top-1 of last: {tok.decode(top[-1, :1])!r}")
   fixture = {
-      "provenance": {
-          "made_by": " ".join(["python -m experiments.make_reference_logits", *sys.argv[1:]]),
-          "how": "transformers AutoModelForCausalLM.from_pretrained(dir, gguf_file=...) "
-                 "(weights dequantised from the GGUF by transformers), one forward pass "
-                 "per prompt, no KV cache, ids from AutoTokenizer with "
-                 "add_special_tokens=False; logits rounded to 4 decimals",
-          "dtype": _DTYPE.value,
-          "versions": {p: md.version(p) for p in ("torch", "transformers", "gguf", "tokenizers", "numpy")},
-          "python": sys.version.split()[0],
+    "provenance": {
+      "made_by": " ".join(["python -m experiments.make_reference_logits", *sys.argv[1:]]),
+      "how": "transformers AutoModelForCausalLM.from_pretrained(dir, gguf_file=...) "
+      "(weights dequantised from the GGUF by transformers), one forward pass "
+      "per prompt, no KV cache, ids from AutoTokenizer with "
+      "add_special_tokens=False; logits rounded to 4 decimals",
+      "dtype": _DTYPE.value,
+      "versions": {
+        p: md.version(p) for p in ("torch", "transformers", "gguf", "tokenizers", "numpy")
       },
-      "gguf": {"file": os.path.basename(gguf), "sha256": sha256(gguf),
-               "vocab_size": int(model.config.vocab_size)},
-      "top_k": k,
-      "tokenizer": tokenizer_facts(tok),
-      "prompts": prompts,
+      "python": sys.version.split()[0],
+    },
+    "gguf": {
+      "file": os.path.basename(gguf),
+      "sha256": sha256(gguf),
+      "vocab_size": int(model.config.vocab_size),
+    },
+    "top_k": k,
+    "tokenizer": tokenizer_facts(tok),
+    "prompts": prompts,
   }
   os.makedirs(os.path.dirname(os.path.abspath(_OUT.value)), exist_ok=True)
   with open(_OUT.value, "w") as f:
     json.dump(fixture, f, separators=(",", ":"))
     f.write("\n")
-  summary = {"out": _OUT.value, "bytes": os.path.getsize(_OUT.value),
-             "tokens": sum(len(p["ids"]) for p in prompts), **fixture["tokenizer"]}
+  summary = {
+    "out": _OUT.value,
+    "bytes": os.path.getsize(_OUT.value),
+    "tokens": sum(len(p["ids"]) for p in prompts),
+    **fixture["tokenizer"],
+  }
   print(json.dumps(summary))
 
 

@@ -18,21 +18,26 @@ from absl import app, flags
 
 from experiments import common, peers
 
-FIXTURE = os.path.join(os.path.dirname(__file__), "..", "tests", "fixtures",
-                       "reference_logits.json")
+FIXTURE = os.path.join(
+  os.path.dirname(__file__), "..", "tests", "fixtures", "reference_logits.json"
+)
 
 common.define_common_flags("parity", only=("gguf", "dtype", "out_dir"))
 flags.adopt_module_key_flags(common)
 FLAGS = flags.FLAGS
 _PROMPTS = flags.DEFINE_multi_string(
-    "prompts", None, "Prompt text (repeatable; '\\n' is a newline). Default: the fixture's.")
+  "prompts", None, "Prompt text (repeatable; '\\n' is a newline). Default: the fixture's."
+)
 
 
 def _stats(ours: list[np.ndarray], theirs: list[np.ndarray]) -> dict:
   d = np.concatenate([np.abs(a - b).ravel() for a, b in zip(ours, theirs)])
   agree = np.concatenate([a.argmax(-1) == b.argmax(-1) for a, b in zip(ours, theirs)])
-  return {"top1_agree": float(agree.mean()), "max_abs_dlogit": float(d.max()),
-          "mean_abs_dlogit": float(d.mean())}
+  return {
+    "top1_agree": float(agree.mean()),
+    "max_abs_dlogit": float(d.max()),
+    "mean_abs_dlogit": float(d.mean()),
+  }
 
 
 def _fixture_stats(ours: list[np.ndarray], fixture: dict) -> dict:
@@ -43,8 +48,11 @@ def _fixture_stats(ours: list[np.ndarray], fixture: dict) -> dict:
     d.append(np.abs(np.take_along_axis(a, ids, -1) - ref).ravel())
     agree.append(a.argmax(-1) == ids[:, 0])
   d, agree = np.concatenate(d), np.concatenate(agree)
-  return {"top1_agree": float(agree.mean()), "max_abs_dlogit": float(d.max()),
-          "mean_abs_dlogit": float(d.mean())}
+  return {
+    "top1_agree": float(agree.mean()),
+    "max_abs_dlogit": float(d.max()),
+    "mean_abs_dlogit": float(d.mean()),
+  }
 
 
 def main(argv):
@@ -52,6 +60,7 @@ def main(argv):
   if FLAGS.gguf and not os.path.isfile(FLAGS.gguf):
     common.fail(f"GGUF file not found: {FLAGS.gguf}")
   import jaxllm  # pylint: disable=import-outside-toplevel
+
   gguf = FLAGS.gguf or jaxllm.default_gguf_path()
   fixture = None
   if os.path.isfile(FIXTURE):
@@ -89,22 +98,40 @@ def main(argv):
   print(f"{'peer':10s} {'top1 agree':>10s} {'max |dlogit|':>13s} {'mean |dlogit|':>14s}")
   for peer in ("hf", "llamacpp"):
     r = results.get(peer)
-    row = (f"{100 * r['top1_agree']:9.2f}% {r['max_abs_dlogit']:13.3g} "
-           f"{r['mean_abs_dlogit']:14.3g}" if r else "n/a (not installed)")
+    row = (
+      f"{100 * r['top1_agree']:9.2f}% {r['max_abs_dlogit']:13.3g} {r['mean_abs_dlogit']:14.3g}"
+      if r
+      else "n/a (not installed)"
+    )
     print(f"{peer:10s} {row}")
 
-  summary = {f"{peer}_{k}": (results[peer][k] if peer in results else None)
-             for peer in ("hf", "llamacpp")
-             for k in ("top1_agree", "max_abs_dlogit", "mean_abs_dlogit")}
-  summary.update(tokens=sum(map(len, seqs)), prompts=len(seqs), hf_source=hf_source,
-                 tokenizer_matches_hf=tok_match, dtype=FLAGS.dtype)
+  summary = {
+    f"{peer}_{k}": (results[peer][k] if peer in results else None)
+    for peer in ("hf", "llamacpp")
+    for k in ("top1_agree", "max_abs_dlogit", "mean_abs_dlogit")
+  }
+  summary.update(
+    tokens=sum(map(len, seqs)),
+    prompts=len(seqs),
+    hf_source=hf_source,
+    tokenizer_matches_hf=tok_match,
+    dtype=FLAGS.dtype,
+  )
   info = common.run_info()
-  info["versions"].update({p: common.package_version(p) for p in
-                           ("torch", "transformers", "llama_cpp_python")})
-  common.write_results(FLAGS.out_dir, "parity", {
+  info["versions"].update(
+    {p: common.package_version(p) for p in ("torch", "transformers", "llama_cpp_python")}
+  )
+  common.write_results(
+    FLAGS.out_dir,
+    "parity",
+    {
       "config": {"gguf": gguf, "dtype": FLAGS.dtype, "prompts": texts},
-      **info, "tokens_per_prompt": [len(s) for s in seqs],
-      "per_peer": results, "summary": summary})
+      **info,
+      "tokens_per_prompt": [len(s) for s in seqs],
+      "per_peer": results,
+      "summary": summary,
+    },
+  )
   common.print_summary(summary)
 
 

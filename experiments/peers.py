@@ -46,6 +46,7 @@ def _require(ok: bool, what: str) -> None:
 
 def _torch_threads(threads: int | None = None):
   import torch  # pylint: disable=import-outside-toplevel
+
   torch.set_num_threads(threads or os.cpu_count() or 1)
   return torch
 
@@ -68,41 +69,46 @@ def _prompt_ids(n: int, vocab: int, seed: int = 0) -> list[int]:
 
 # ----------------------------------------------------------------- transformers
 
+
 def load_hf(gguf_path: str, dtype: str = "float32"):
   """Returns (model, tokenizer) built by transformers from the GGUF file (dequantised)."""
   _require(hf_available(), "transformers/torch")
   os.environ.setdefault("HF_HUB_OFFLINE", "1")
   torch = _torch_threads()
   import transformers  # pylint: disable=import-outside-toplevel
+
   d, name = os.path.split(os.path.abspath(gguf_path))
   kw = {"gguf_file": name, "local_files_only": True}
   tok = transformers.AutoTokenizer.from_pretrained(d, **kw)
-  model = transformers.AutoModelForCausalLM.from_pretrained(
-      d, dtype=getattr(torch, dtype), **kw)
+  model = transformers.AutoModelForCausalLM.from_pretrained(d, dtype=getattr(torch, dtype), **kw)
   return model.eval(), tok
 
 
 def hf_logits(model, ids: list[int]) -> np.ndarray:
   """Logits (S, V) float32 for one sequence, no special tokens added."""
   import torch  # pylint: disable=import-outside-toplevel
+
   with torch.inference_mode():
     out = model(torch.tensor([list(ids)], dtype=torch.long), use_cache=False)
   return out.logits[0].float().numpy()
 
 
-def hf_prefill_tok_s(model, n_tokens: int = 512, reps: int = 3,
-                     threads: int | None = None) -> float:
+def hf_prefill_tok_s(
+  model, n_tokens: int = 512, reps: int = 3, threads: int | None = None
+) -> float:
   torch = _torch_threads(threads)
   x = torch.tensor([_prompt_ids(n_tokens, model.config.vocab_size)])
 
   def run():
     with torch.inference_mode():
       model(x, use_cache=False)
+
   return _median_rate(run, n_tokens, reps)
 
 
-def hf_decode_tok_s(model, prompt_len: int, new_tokens: int = 128, reps: int = 3,
-                    threads: int | None = None) -> float:
+def hf_decode_tok_s(
+  model, prompt_len: int, new_tokens: int = 128, reps: int = 3, threads: int | None = None
+) -> float:
   """Greedy decode with the KV cache, batch 1; the prompt's prefill is not timed."""
   torch = _torch_threads(threads)
   x = torch.tensor([_prompt_ids(prompt_len, model.config.vocab_size)])
@@ -121,14 +127,23 @@ def hf_decode_tok_s(model, prompt_len: int, new_tokens: int = 128, reps: int = 3
 
 # -------------------------------------------------------------------- llama.cpp
 
-def load_llamacpp(gguf_path: str, n_ctx: int = 2048, n_threads: int | None = None,
-                  logits_all: bool = True):
+
+def load_llamacpp(
+  gguf_path: str, n_ctx: int = 2048, n_threads: int | None = None, logits_all: bool = True
+):
   _require(llamacpp_available(), "llama-cpp-python")
   import llama_cpp  # pylint: disable=import-outside-toplevel
+
   n = n_threads or os.cpu_count() or 1
-  return llama_cpp.Llama(model_path=gguf_path, n_ctx=n_ctx, n_batch=min(n_ctx, 512),
-                         n_threads=n, n_threads_batch=n, logits_all=logits_all,
-                         verbose=False)
+  return llama_cpp.Llama(
+    model_path=gguf_path,
+    n_ctx=n_ctx,
+    n_batch=min(n_ctx, 512),
+    n_threads=n,
+    n_threads_batch=n,
+    logits_all=logits_all,
+    verbose=False,
+  )
 
 
 def llamacpp_logits(llm, ids: list[int]) -> np.ndarray:
@@ -144,22 +159,30 @@ def _last_logits(llm) -> np.ndarray:
   return np.ctypeslib.as_array(ptr, shape=(llm.n_vocab(),))
 
 
-def llamacpp_prefill_tok_s(gguf_path: str, n_tokens: int = 512, reps: int = 3,
-                           threads: int | None = None) -> float:
+def llamacpp_prefill_tok_s(
+  gguf_path: str, n_tokens: int = 512, reps: int = 3, threads: int | None = None
+) -> float:
   llm = load_llamacpp(gguf_path, n_ctx=n_tokens + 16, n_threads=threads, logits_all=False)
   ids = _prompt_ids(n_tokens, llm.n_vocab())
 
   def run():
     llm.reset()  # the next eval drops the stale KV entries itself
     llm.eval(ids)
+
   return _median_rate(run, n_tokens, reps)
 
 
-def llamacpp_decode_tok_s(gguf_path: str, new_tokens: int = 128, prompt_len: int = 16,
-                          reps: int = 3, threads: int | None = None) -> float:
+def llamacpp_decode_tok_s(
+  gguf_path: str,
+  new_tokens: int = 128,
+  prompt_len: int = 16,
+  reps: int = 3,
+  threads: int | None = None,
+) -> float:
   """Greedy decode, batch 1; the prompt's prefill is not timed."""
-  llm = load_llamacpp(gguf_path, n_ctx=prompt_len + new_tokens + 16, n_threads=threads,
-                      logits_all=False)
+  llm = load_llamacpp(
+    gguf_path, n_ctx=prompt_len + new_tokens + 16, n_threads=threads, logits_all=False
+  )
   ids = _prompt_ids(prompt_len, llm.n_vocab())
   times = []
   for _ in range(max(reps, 3) + 1):  # first pass is the warm-up

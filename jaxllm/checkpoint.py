@@ -52,5 +52,8 @@ def restore(directory: str, dtype=None, kernels: ops.KernelConfig = ops.KernelCo
 
 def disk_bytes(directory: str) -> int:
   """Total size of the files under `directory`."""
-  return sum(os.path.getsize(os.path.join(root, name))
-             for root, _, names in os.walk(directory) for name in names)
+  return sum(
+    os.path.getsize(os.path.join(root, name))
+    for root, _, names in os.walk(directory)
+    for name in names
+  )

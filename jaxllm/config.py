@@ -42,14 +42,23 @@ class ModelConfig:
   pad_id: int = 2
 
   def __post_init__(self):
-    for field in ("vocab_size", "num_layers", "embed_dim", "num_heads", "num_kv_heads",
-                  "head_dim", "mlp_dim", "max_seq_len"):
+    for field in (
+      "vocab_size",
+      "num_layers",
+      "embed_dim",
+      "num_heads",
+      "num_kv_heads",
+      "head_dim",
+      "mlp_dim",
+      "max_seq_len",
+    ):
       value = getattr(self, field)
       if not isinstance(value, int) or value <= 0:
         raise ValueError(f"ModelConfig.{field} must be a positive int, got {value!r}")
     if self.num_heads % self.num_kv_heads:
       raise ValueError(
-          f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}")
+        f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}"
+      )
     if self.head_dim % 2:
       raise ValueError(f"head_dim={self.head_dim} must be even for RoPE")
 
@@ -63,37 +72,37 @@ class ModelConfig:
 
 
 SMOLLM2_135M = ModelConfig(
-    name="smollm2-135m",
-    vocab_size=49152,
-    num_layers=30,
-    embed_dim=576,
-    num_heads=9,
-    num_kv_heads=3,
-    head_dim=64,
-    mlp_dim=1536,
-    rope_theta=100000.0,
-    norm_eps=1e-5,
-    tie_embeddings=True,
-    max_seq_len=8192,
-    bos_id=1,
-    eos_id=2,
-    pad_id=2,
+  name="smollm2-135m",
+  vocab_size=49152,
+  num_layers=30,
+  embed_dim=576,
+  num_heads=9,
+  num_kv_heads=3,
+  head_dim=64,
+  mlp_dim=1536,
+  rope_theta=100000.0,
+  norm_eps=1e-5,
+  tie_embeddings=True,
+  max_seq_len=8192,
+  bos_id=1,
+  eos_id=2,
+  pad_id=2,
 )
 
 # Random-init config with SmolLM2's head layout (GQA 3:1, head_dim 64) at toy size.
 TINY = ModelConfig(
-    name="tiny",
-    vocab_size=512,
-    num_layers=2,
-    embed_dim=128,
-    num_heads=6,
-    num_kv_heads=2,
-    head_dim=64,
-    mlp_dim=256,
-    rope_theta=10000.0,
-    norm_eps=1e-5,
-    tie_embeddings=True,
-    max_seq_len=512,
+  name="tiny",
+  vocab_size=512,
+  num_layers=2,
+  embed_dim=128,
+  num_heads=6,
+  num_kv_heads=2,
+  head_dim=64,
+  mlp_dim=256,
+  rope_theta=10000.0,
+  norm_eps=1e-5,
+  tie_embeddings=True,
+  max_seq_len=512,
 )
 
 PRESETS = {c.name: c for c in (SMOLLM2_135M, TINY)}

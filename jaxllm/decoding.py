@@ -37,7 +37,7 @@ def left_pad(prompts: Sequence[Sequence[int]], length: int, pad_id: int):
   tokens = np.full((len(prompts), length), pad_id, np.int32)
   start = np.zeros((len(prompts),), np.int32)
   for i, p in enumerate(prompts):
-    tokens[i, length - len(p):] = p
+    tokens[i, length - len(p) :] = p
     start[i] = length - len(p)
   return tokens, start
 
@@ -59,9 +59,7 @@ class Generator:
   def _prefill_fn(self, state, tokens, start, key, *, capacity, sampling):
     model = nnx.merge(self.graphdef, state)
     logits, chunk = model(tokens, start=start, logits_at="last")
-    pad = ((0, 0), (0, 0), (0, capacity - tokens.shape[1]), (0, 0))
-    cache = chunk.replace(keys=tuple(jnp.pad(k, pad) for k in chunk.keys),
-                          values=tuple(jnp.pad(v, pad) for v in chunk.values))
+    cache = chunk.grow(capacity)
     return sample(logits[:, -1], key, sampling), cache
 
   def _step_fn(self, state, cache, tokens, key, *, sampling):
@@ -93,16 +91,24 @@ class Generator:
         raise ValueError(f"prompt {i} is empty: give at least one token")
       bad = [t for t in p if not 0 <= int(t) < self.config.vocab_size]
       if bad:
-        raise ValueError(f"prompt {i} has token ids outside [0, {self.config.vocab_size}): {bad[:5]}")
+        raise ValueError(
+          f"prompt {i} has token ids outside [0, {self.config.vocab_size}): {bad[:5]}"
+        )
       if len(p) + max_new_tokens > self.max_cache_len:
         raise ValueError(
-            f"prompt {i} has {len(p)} tokens; with max_new_tokens={max_new_tokens} it needs "
-            f"{len(p) + max_new_tokens} cache slots but the cache holds {self.max_cache_len}")
+          f"prompt {i} has {len(p)} tokens; with max_new_tokens={max_new_tokens} it needs "
+          f"{len(p) + max_new_tokens} cache slots but the cache holds {self.max_cache_len}"
+        )
 
-  def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int,
-               sampling: SamplingConfig = SamplingConfig(), key: jax.Array | None = None,
-               on_tokens: Callable[[np.ndarray], None] | None = None,
-               stop_at_eos: bool = True) -> GenerationResult:
+  def generate(
+    self,
+    prompts: Sequence[Sequence[int]],
+    max_new_tokens: int,
+    sampling: SamplingConfig = SamplingConfig(),
+    key: jax.Array | None = None,
+    on_tokens: Callable[[np.ndarray], None] | None = None,
+    stop_at_eos: bool = True,
+  ) -> GenerationResult:
     """Generates up to `max_new_tokens` per prompt.
 
     Args:
@@ -118,19 +124,22 @@ class Generator:
       if not sampling.greedy:
         raise ValueError("sampling with temperature > 0 needs an explicit PRNG key")
       key = jax.random.key(0)
-    length = min(bucket(max(map(len, prompts)), self.prompt_bucket),
-                 self.max_cache_len - max_new_tokens)
+    length = min(
+      bucket(max(map(len, prompts)), self.prompt_bucket), self.max_cache_len - max_new_tokens
+    )
     capacity = bucket(length + max_new_tokens, self.prompt_bucket)
     tokens, start = left_pad(prompts, length, self.config.pad_id)
     keys = jax.random.split(key, max_new_tokens)
     # The decode step compiles on a second thread while prefill compiles and runs,
     # so neither the first token nor the second waits for both compiles in series.
-    step_compile = threading.Thread(target=self._compile_step,
-                                    args=(len(prompts), capacity, sampling), daemon=True)
+    step_compile = threading.Thread(
+      target=self._compile_step, args=(len(prompts), capacity, sampling), daemon=True
+    )
     if max_new_tokens > 1:
       step_compile.start()
-    next_tok, cache = self._prefill(self.state, tokens, start, keys[0],
-                                    capacity=capacity, sampling=sampling)
+    next_tok, cache = self._prefill(
+      self.state, tokens, start, keys[0], capacity=capacity, sampling=sampling
+    )
     out = np.zeros((len(prompts), max_new_tokens), np.int32)
     done = np.zeros((len(prompts),), bool)
     n = 0
@@ -147,8 +156,8 @@ class Generator:
         step_compile.join()
       next_tok, cache = self._step(self.state, cache, next_tok, keys[n + 1], sampling=sampling)
     results, finished = [], []
-    for row in out[:, :n + 1]:
+    for row in out[:, : n + 1]:
       hit = np.flatnonzero(row == self.config.eos_id) if stop_at_eos else []
-      results.append(row[:hit[0]].tolist() if len(hit) else row.tolist())
+      results.append(row[: hit[0]].tolist() if len(hit) else row.tolist())
       finished.append(bool(len(hit)))
     return GenerationResult(tokens=results, finished=finished)

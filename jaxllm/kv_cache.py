@@ -20,10 +20,16 @@ from jaxllm.config import ModelConfig
 
 @flax.struct.dataclass
 class KVCache:
-  """Per-layer dense K/V buffers in attention layout.
+  """Per-layer dense K/V buffers.
+
+  Buffers are stored as [B * Hkv, T, D] ("rows" = batch-major (row, kv head)
+  pairs) and handed to attention as [B, Hkv, T, D] views. The 3-D storage is
+  a CPU necessity: XLA:CPU copies a donated 4-D buffer with a unit batch dim
+  every time a dot reads it after an in-place update (4 full-cache copies per
+  layer per step at batch 1); a 3-D buffer is updated and read in place.
 
   Attributes:
-    keys, values: one [B, Hkv, T, D] array per layer.
+    keys, values: one [B * Hkv, T, D] array per layer.
     length: int32 scalar, slots written so far (same for every row).
     start: [B] int32, first valid slot of each row.
   """
@@ -33,42 +39,87 @@ class KVCache:
   length: jax.Array
   start: jax.Array
 
-  LOGICAL_AXES = ("batch", "act_kv_heads", "cache_length", "head_dim")
+  LOGICAL_AXES = ("cache_rows", "cache_length", "head_dim")
 
   @classmethod
-  def create(cls, config: ModelConfig, batch: int, capacity: int, dtype=jnp.float32,
-             start: jax.Array | None = None) -> "KVCache":
+  def create(
+    cls,
+    config: ModelConfig,
+    batch: int,
+    capacity: int,
+    dtype=jnp.float32,
+    start: jax.Array | None = None,
+  ) -> "KVCache":
     if capacity <= 0 or batch <= 0:
       raise ValueError(f"KV cache needs batch > 0 and capacity > 0, got {batch=}, {capacity=}")
-    shape = (batch, config.num_kv_heads, capacity, config.head_dim)
-    zeros = tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers))
+    shape = (batch * config.num_kv_heads, capacity, config.head_dim)
     start = jnp.zeros((batch,), jnp.int32) if start is None else jnp.asarray(start, jnp.int32)
-    return cls(keys=zeros, values=tuple(jnp.zeros(shape, dtype) for _ in zeros),
-               length=jnp.zeros((), jnp.int32), start=start)
+    return cls(
+      keys=tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers)),
+      values=tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers)),
+      length=jnp.zeros((), jnp.int32),
+      start=start,
+    )
+
+  @classmethod
+  def from_views(cls, keys, values, start: jax.Array) -> "KVCache":
+    """A full cache holding [B, Hkv, S, D] views (e.g. a prefill chunk), length S."""
+    return cls(
+      keys=tuple(_rows(k) for k in keys),
+      values=tuple(_rows(v) for v in values),
+      length=jnp.asarray(keys[0].shape[2], jnp.int32),
+      start=start,
+    )
 
   @property
   def capacity(self) -> int:
-    return self.keys[0].shape[2]
+    return self.keys[0].shape[1]
 
   @property
   def batch(self) -> int:
-    return self.keys[0].shape[0]
+    return self.start.shape[0]
 
   @property
   def num_bytes(self) -> int:
     return sum(x.size * x.dtype.itemsize for x in self.keys + self.values)
 
+  def view(self, buf: jax.Array) -> jax.Array:
+    """[B, Hkv, T, D] view of one stored buffer."""
+    return buf.reshape(self.batch, -1, *buf.shape[1:])
+
   def write(self, layer: int, k: jax.Array, v: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Writes [B, S, Hkv, D] chunks at slot `length` of `layer`; returns the layer's buffers."""
+    """Writes [B, S, Hkv, D] chunks at slot `length` of `layer`; returns [B, Hkv, T, D] views."""
+
     def put(buf, new):
-      new = new.astype(buf.dtype).transpose(0, 2, 1, 3)
-      return jax.lax.dynamic_update_slice(buf, new, (0, 0, self.length, 0))
+      new = _rows(new.astype(buf.dtype).transpose(0, 2, 1, 3))
+      return self.view(jax.lax.dynamic_update_slice(buf, new, (0, self.length, 0)))
+
     return put(self.keys[layer], k), put(self.values[layer], v)
 
   def advance(self, keys, values, num_tokens: int) -> "KVCache":
-    """New cache holding the written buffers, `num_tokens` longer."""
-    return self.replace(keys=tuple(keys), values=tuple(values), length=self.length + num_tokens)
+    """New cache holding the written [B, Hkv, T, D] buffers, `num_tokens` longer."""
+    return self.replace(
+      keys=tuple(_rows(k) for k in keys),
+      values=tuple(_rows(v) for v in values),
+      length=self.length + num_tokens,
+    )
+
+  def grow(self, capacity: int) -> "KVCache":
+    """The same cache with room for `capacity` slots (new slots zero)."""
+    extra = capacity - self.capacity
+    if extra < 0:
+      raise ValueError(f"cannot shrink a KV cache from {self.capacity} to {capacity} slots")
+    pad = ((0, 0), (0, extra), (0, 0))
+    return self.replace(
+      keys=tuple(jnp.pad(k, pad) for k in self.keys),
+      values=tuple(jnp.pad(v, pad) for v in self.values),
+    )
 
   def rollback(self, length) -> "KVCache":
     """Cache truncated to `length` slots (must not exceed the current length)."""
     return self.replace(length=jnp.minimum(self.length, jnp.asarray(length, jnp.int32)))
+
+
+def _rows(x: jax.Array) -> jax.Array:
+  """[B, Hkv, T, D] -> [B * Hkv, T, D]."""
+  return x.reshape(-1, *x.shape[2:])

@@ -31,7 +31,6 @@ def _param(rngs: nnx.Rngs | None, shape, axes, dtype, scale: float | None = None
 
 
 class RMSNorm(nnx.Module):
-
   def __init__(self, dim: int, eps: float, *, rngs: nnx.Rngs | None, dtype=jnp.float32):
     self.scale = _param(rngs, (dim,), ("norm",), dtype)
     self.eps = eps
@@ -59,12 +58,11 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
 
 
 class Attention(nnx.Module):
-
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs | None, dtype=jnp.float32):
     e, h, kvh, d = cfg.embed_dim, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-    self.q = _param(rngs, (e, h, d), ("embed", "heads", "head_dim"), dtype, e ** -0.5)
-    self.k = _param(rngs, (e, kvh, d), ("embed", "kv_heads", "head_dim"), dtype, e ** -0.5)
-    self.v = _param(rngs, (e, kvh, d), ("embed", "kv_heads", "head_dim"), dtype, e ** -0.5)
+    self.q = _param(rngs, (e, h, d), ("embed", "heads", "head_dim"), dtype, e**-0.5)
+    self.k = _param(rngs, (e, kvh, d), ("embed", "kv_heads", "head_dim"), dtype, e**-0.5)
+    self.v = _param(rngs, (e, kvh, d), ("embed", "kv_heads", "head_dim"), dtype, e**-0.5)
     self.o = _param(rngs, (h, d, e), ("heads", "head_dim", "embed"), dtype, (h * d) ** -0.5)
 
   def __call__(self, x, cos, sin, write, q_slots, kv_start, kernels):
@@ -75,18 +73,21 @@ class Attention(nnx.Module):
     k = apply_rope(k, cos, sin)
     k_buf, v_buf = write(k, v)
     out = ops.attention(q, k_buf, v_buf, q_slots, kv_start, kernels)
-    out = jax.lax.dot_general(out, self.o[...].astype(out.dtype), (((2, 3), (0, 1)), ((), ())),
-                              preferred_element_type=jnp.float32).astype(x.dtype)
+    out = jax.lax.dot_general(
+      out,
+      self.o[...].astype(out.dtype),
+      (((2, 3), (0, 1)), ((), ())),
+      preferred_element_type=jnp.float32,
+    ).astype(x.dtype)
     return out, k_buf, v_buf
 
 
 class MLP(nnx.Module):
-
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs | None, dtype=jnp.float32):
     e, f = cfg.embed_dim, cfg.mlp_dim
-    self.gate = _param(rngs, (e, f), ("embed", "mlp"), dtype, e ** -0.5)
-    self.up = _param(rngs, (e, f), ("embed", "mlp"), dtype, e ** -0.5)
-    self.down = _param(rngs, (f, e), ("mlp", "embed"), dtype, f ** -0.5)
+    self.gate = _param(rngs, (e, f), ("embed", "mlp"), dtype, e**-0.5)
+    self.up = _param(rngs, (e, f), ("embed", "mlp"), dtype, e**-0.5)
+    self.down = _param(rngs, (f, e), ("mlp", "embed"), dtype, f**-0.5)
 
   def __call__(self, x, kernels):
     h = jax.nn.silu(ops.linear(x, self.gate[...], kernels)) * ops.linear(x, self.up[...], kernels)
@@ -95,7 +96,6 @@ class MLP(nnx.Module):
 
 
 class Block(nnx.Module):
-
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs | None, dtype=jnp.float32):
     self.attn_norm = RMSNorm(cfg.embed_dim, cfg.norm_eps, rngs=rngs, dtype=dtype)
     self.attn = Attention(cfg, rngs=rngs, dtype=dtype)
@@ -112,8 +112,14 @@ class Block(nnx.Module):
 class Llama(nnx.Module):
   """Decoder-only transformer: embed -> N x (attn + SwiGLU) -> norm -> LM head."""
 
-  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs | None, dtype=jnp.float32,
-               kernels: ops.KernelConfig = ops.KernelConfig()):
+  def __init__(
+    self,
+    cfg: ModelConfig,
+    *,
+    rngs: nnx.Rngs | None,
+    dtype=jnp.float32,
+    kernels: ops.KernelConfig = ops.KernelConfig(),
+  ):
     self.config = cfg
     self.kernels = kernels
     # Stored [embed, vocab]: the tied LM head is then a plain x @ W, which XLA:CPU
@@ -123,15 +129,21 @@ class Llama(nnx.Module):
     self.layers = nnx.List([Block(cfg, rngs=rngs, dtype=dtype) for _ in range(cfg.num_layers)])
     self.final_norm = RMSNorm(cfg.embed_dim, cfg.norm_eps, rngs=rngs, dtype=dtype)
     if not cfg.tie_embeddings:
-      self.lm_head = _param(rngs, (cfg.embed_dim, cfg.vocab_size), ("embed", "vocab"), dtype,
-                            cfg.embed_dim ** -0.5)
+      self.lm_head = _param(
+        rngs, (cfg.embed_dim, cfg.vocab_size), ("embed", "vocab"), dtype, cfg.embed_dim**-0.5
+      )
 
   @property
   def dtype(self):
     return self.embed.get_value().dtype
 
-  def __call__(self, tokens: jax.Array, cache: KVCache | None = None,
-               start: jax.Array | None = None, logits_at: str = "all"):
+  def __call__(
+    self,
+    tokens: jax.Array,
+    cache: KVCache | None = None,
+    start: jax.Array | None = None,
+    logits_at: str = "all",
+  ):
     """Runs `tokens` [B, S] and returns (logits, cache).
 
     Args:
@@ -178,8 +190,7 @@ class Llama(nnx.Module):
     logits = sharding.constrain(logits, ("batch", "length", "act_vocab"))
 
     if cache is None:
-      cache = KVCache(keys=tuple(keys), values=tuple(values),
-                      length=jnp.asarray(s, jnp.int32), start=start)
+      cache = KVCache.from_views(keys, values, start)
     else:
       cache = cache.advance(keys, values, s)
     return logits, cache

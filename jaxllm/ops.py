@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from collections.abc import Callable
 
 import jax
@@ -39,8 +40,9 @@ class KernelConfig:
 
   def __post_init__(self):
     if self.implementation is not None and self.implementation not in IMPLEMENTATIONS:
-      raise ValueError(f"implementation={self.implementation!r}; choose one of "
-                       f"{IMPLEMENTATIONS} or None")
+      raise ValueError(
+        f"implementation={self.implementation!r}; choose one of {IMPLEMENTATIONS} or None"
+      )
 
 
 def register(op: str, implementation: str):
@@ -51,6 +53,7 @@ def register(op: str, implementation: str):
   def wrap(fn):
     _REGISTRY.setdefault(op, {})[implementation] = fn
     return fn
+
   return wrap
 
 
@@ -84,24 +87,40 @@ def linear(x: jax.Array, w: jax.Array, config: KernelConfig = KernelConfig()) ->
 
 @register("linear", "xla")
 def _linear_xla(x, w):
-  out = jax.lax.dot_general(x, w.astype(x.dtype) if w.dtype != x.dtype else w,
-                            (((x.ndim - 1,), (0,)), ((), ())),
-                            preferred_element_type=jnp.float32)
+  w = w.astype(x.dtype) if w.dtype != x.dtype else w
+  rows = math.prod(x.shape[:-1])
+  if x.dtype == jnp.bfloat16 and rows == 1 and jax.default_backend() == "cpu":
+    # XLA:CPU has no fast bf16 matrix-vector path (~1.5 GB/s), but its bf16
+    # GEMM reads weights at full speed from 2 rows up: compute a 2-row product
+    # and keep the first row.
+    x2 = jnp.concatenate([x.reshape(1, -1)] * 2, axis=0)
+    out = jax.lax.dot_general(x2, w, (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+    return out[:1].reshape(*x.shape[:-1], *w.shape[1:]).astype(x.dtype)
+  out = jax.lax.dot_general(
+    x, w, (((x.ndim - 1,), (0,)), ((), ())), preferred_element_type=jnp.float32
+  )
   return out.astype(x.dtype)
 
 
 @register("linear", "reference")
 def _linear_reference(x, w):
-  out = jnp.tensordot(x.astype(jnp.float32), w.astype(jnp.float32), axes=1,
-                      precision=jax.lax.Precision.HIGHEST)
+  out = jnp.tensordot(
+    x.astype(jnp.float32), w.astype(jnp.float32), axes=1, precision=jax.lax.Precision.HIGHEST
+  )
   return out.astype(x.dtype)
 
 
 # -------------------------------------------------------------------------- attention
 
 
-def attention(q: jax.Array, k: jax.Array, v: jax.Array, q_slots: jax.Array,
-              kv_start: jax.Array, config: KernelConfig = KernelConfig()) -> jax.Array:
+def attention(
+  q: jax.Array,
+  k: jax.Array,
+  v: jax.Array,
+  q_slots: jax.Array,
+  kv_start: jax.Array,
+  config: KernelConfig = KernelConfig(),
+) -> jax.Array:
   """Causal grouped-query attention over a slot-indexed key/value buffer.
 
   Args:
@@ -138,9 +157,16 @@ def _attention_xla(q, k, v, q_slots, kv_start):
     # queries into blocks that each read a key prefix. This skips the masked
     # upper triangle and keeps each block's scores cache-resident (~5x faster
     # than one [S, T] pass on CPU at S=512).
-    outs = [_attention_dense(q[:, i:i + _PREFILL_BLOCK], k[:, :, :i + _PREFILL_BLOCK],
-                             v[:, :, :i + _PREFILL_BLOCK], q_slots[:, i:i + _PREFILL_BLOCK],
-                             kv_start) for i in range(0, s, _PREFILL_BLOCK)]
+    outs = [
+      _attention_dense(
+        q[:, i : i + _PREFILL_BLOCK],
+        k[:, :, : i + _PREFILL_BLOCK],
+        v[:, :, : i + _PREFILL_BLOCK],
+        q_slots[:, i : i + _PREFILL_BLOCK],
+        kv_start,
+      )
+      for i in range(0, s, _PREFILL_BLOCK)
+    ]
     return jnp.concatenate(outs, axis=1)
   return _attention_dense(q, k, v, q_slots, kv_start)
 
@@ -149,19 +175,21 @@ def _attention_dense(q, k, v, q_slots, kv_start):
   b, s, hq, d = q.shape
   hkv, t = k.shape[1], k.shape[2]
   g = hq // hkv
-  # [B, S, Hkv, G, D] -> [B, Hkv, S*G, D]: the query side is tiny, so this is
-  # the only transpose; K and V are read in place, shared by the G heads.
-  qg = q.reshape(b, s, hkv, g, d).transpose(0, 2, 1, 3, 4).reshape(b, hkv, s * g, d)
-  scores = jnp.einsum("bhqd,bhtd->bhqt", qg, k.astype(q.dtype),
-                      preferred_element_type=jnp.float32) * (d ** -0.5)
-  mask = visibility_mask(q_slots, kv_start, t)  # [B, S, T]
-  mask = jnp.repeat(mask, g, axis=1)[:, None]  # [B, 1, S*G, T]
+  # Queries [B, S, Hkv, G, D] -> [B*Hkv, S*G, D]: the query side is tiny, so
+  # this is the only transpose; K and V are read in place as [B*Hkv, T, D]
+  # (3-D, so XLA:CPU reads a donated cache without copying it), each KV head
+  # shared by its G query heads.
+  qg = q.reshape(b, s, hkv, g, d).transpose(0, 2, 1, 3, 4).reshape(b * hkv, s * g, d)
+  k = k.reshape(b * hkv, t, d).astype(q.dtype)
+  v = v.reshape(b * hkv, t, d)
+  scores = jnp.einsum("nqd,ntd->nqt", qg, k, preferred_element_type=jnp.float32) * (d**-0.5)
+  mask = jnp.repeat(visibility_mask(q_slots, kv_start, t), g, axis=1)  # [B, S*G, T]
+  mask = jnp.broadcast_to(mask[:, None], (b, hkv, s * g, t)).reshape(b * hkv, s * g, t)
   # A finite fill keeps fully masked rows (left-padding queries) finite, so no
   # NaN can reach a value slot that other rows multiply by zero.
   scores = jnp.where(mask, scores, _MASKED)
   probs = jax.nn.softmax(scores, axis=-1)
-  out = jnp.einsum("bhqt,bhtd->bhqd", probs.astype(v.dtype), v,
-                   preferred_element_type=jnp.float32)
+  out = jnp.einsum("nqt,ntd->nqd", probs.astype(v.dtype), v, preferred_element_type=jnp.float32)
   out = out.reshape(b, hkv, s, g, d).transpose(0, 2, 1, 3, 4).reshape(b, s, hq, d)
   return out.astype(q.dtype)
 

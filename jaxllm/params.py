@@ -12,14 +12,16 @@ from jaxllm.config import ModelConfig
 from jaxllm.model import Llama
 
 
-def init_model(cfg: ModelConfig, seed: int = 0, dtype=jnp.float32,
-               kernels: ops.KernelConfig = ops.KernelConfig()) -> Llama:
+def init_model(
+  cfg: ModelConfig, seed: int = 0, dtype=jnp.float32, kernels: ops.KernelConfig = ops.KernelConfig()
+) -> Llama:
   """Random-init model (explicit seed)."""
   return Llama(cfg, rngs=nnx.Rngs(params=jax.random.key(seed)), dtype=dtype, kernels=kernels)
 
 
-def model_from_params(cfg: ModelConfig, params: dict, dtype=jnp.float32,
-                      kernels: ops.KernelConfig = ops.KernelConfig()) -> Llama:
+def model_from_params(
+  cfg: ModelConfig, params: dict, dtype=jnp.float32, kernels: ops.KernelConfig = ops.KernelConfig()
+) -> Llama:
   """A Llama whose params are `params` (nested dict of arrays), without random init."""
   params = _int_keys(params)
   abstract = nnx.eval_shape(lambda: Llama(cfg, rngs=None, dtype=dtype, kernels=kernels))
@@ -30,11 +32,15 @@ def model_from_params(cfg: ModelConfig, params: dict, dtype=jnp.float32,
   if flat_expected.keys() != flat_given.keys():
     missing = sorted(map(jax.tree_util.keystr, flat_expected.keys() - flat_given.keys()))
     extra = sorted(map(jax.tree_util.keystr, flat_given.keys() - flat_expected.keys()))
-    raise ValueError(f"params do not match {cfg.name}: missing {missing[:5]}, unexpected {extra[:5]}")
+    raise ValueError(
+      f"params do not match {cfg.name}: missing {missing[:5]}, unexpected {extra[:5]}"
+    )
   for path, spec in flat_expected.items():
     if tuple(np.shape(flat_given[path])) != spec.shape:
-      raise ValueError(f"param {jax.tree_util.keystr(path)} has shape "
-                       f"{np.shape(flat_given[path])}, expected {spec.shape}")
+      raise ValueError(
+        f"param {jax.tree_util.keystr(path)} has shape "
+        f"{np.shape(flat_given[path])}, expected {spec.shape}"
+      )
   state.replace_by_pure_dict(jax.tree.map(lambda x: jnp.asarray(x, dtype), params))
   return nnx.merge(graphdef, state)
 
@@ -43,8 +49,9 @@ def _int_keys(tree):
   """Nested dict with digit-string keys (as serializers write list indices) made ints."""
   if not isinstance(tree, dict):
     return tree
-  return {int(k) if isinstance(k, str) and k.isdigit() else k: _int_keys(v)
-          for k, v in tree.items()}
+  return {
+    int(k) if isinstance(k, str) and k.isdigit() else k: _int_keys(v) for k, v in tree.items()
+  }
 
 
 def logical_axes(model: Llama):

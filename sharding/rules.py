@@ -20,30 +20,32 @@ MESH_AXES = ("data", "fsdp", "tensor", "expert")
 LogicalRules = tuple[tuple[str, str | tuple[str, ...] | None], ...]
 
 DEFAULT_RULES: LogicalRules = (
-    # activations
-    ("batch", ("data", "fsdp")),
-    ("length", None),
-    ("cache_length", None),
-    ("act_embed", None),
-    ("act_heads", "tensor"),
-    ("act_kv_heads", "tensor"),
-    ("act_mlp", "tensor"),
-    ("act_vocab", "tensor"),
-    # parameters
-    ("vocab", "tensor"),
-    ("embed", "fsdp"),
-    ("heads", "tensor"),
-    ("kv_heads", "tensor"),
-    ("head_dim", None),
-    ("mlp", "tensor"),
-    ("norm", None),
-    ("expert", "expert"),
+  # activations
+  ("batch", ("data", "fsdp")),
+  ("length", None),
+  ("cache_length", None),
+  ("act_embed", None),
+  ("act_heads", "tensor"),
+  ("act_kv_heads", "tensor"),
+  ("act_mlp", "tensor"),
+  ("act_vocab", "tensor"),
+  # parameters
+  ("vocab", "tensor"),
+  ("embed", "fsdp"),
+  ("heads", "tensor"),
+  ("kv_heads", "tensor"),
+  ("head_dim", None),
+  ("mlp", "tensor"),
+  ("norm", None),
+  ("expert", "expert"),
 )
 
 
-def logical_to_spec(names: Sequence[str | None],
-                    rules: LogicalRules = DEFAULT_RULES,
-                    mesh_axes: Sequence[str] | None = None) -> PartitionSpec:
+def logical_to_spec(
+  names: Sequence[str | None],
+  rules: LogicalRules = DEFAULT_RULES,
+  mesh_axes: Sequence[str] | None = None,
+) -> PartitionSpec:
   """Maps logical axis names to a PartitionSpec.
 
   A mesh axis is used at most once per spec (first logical dim wins), and mesh
@@ -61,8 +63,7 @@ def logical_to_spec(names: Sequence[str | None],
       raise ValueError(f"logical axis {name!r} has no sharding rule; known: {sorted(table)}")
     target = table[name]
     axes = (target,) if isinstance(target, str) else tuple(target or ())
-    axes = tuple(a for a in axes
-                 if a not in used and (mesh_axes is None or a in mesh_axes))
+    axes = tuple(a for a in axes if a not in used and (mesh_axes is None or a in mesh_axes))
     used.update(axes)
     out.append(axes[0] if len(axes) == 1 else (axes or None))
   return PartitionSpec(*out)
@@ -73,8 +74,9 @@ def _current_mesh():
   return None if mesh is None or mesh.empty else mesh
 
 
-def constrain(x: jax.Array, names: Sequence[str | None],
-              rules: LogicalRules = DEFAULT_RULES) -> jax.Array:
+def constrain(
+  x: jax.Array, names: Sequence[str | None], rules: LogicalRules = DEFAULT_RULES
+) -> jax.Array:
   """Sharding constraint by logical names; a no-op when no mesh is active."""
   mesh = _current_mesh()
   if mesh is None:
@@ -97,8 +99,9 @@ def make_mesh(shape: dict[str, int] | None = None, devices=None) -> Mesh:
     raise ValueError(f"unknown mesh axes {sorted(unknown)}; use {MESH_AXES}")
   sizes = tuple(shape.get(a, 1) for a in MESH_AXES)
   if int(np.prod(sizes)) != devices.size:
-    raise ValueError(f"mesh {dict(zip(MESH_AXES, sizes))} needs {int(np.prod(sizes))} devices, "
-                     f"have {devices.size}")
+    raise ValueError(
+      f"mesh {dict(zip(MESH_AXES, sizes))} needs {int(np.prod(sizes))} devices, have {devices.size}"
+    )
   return Mesh(devices.reshape(sizes), MESH_AXES)
 
 
@@ -108,14 +111,20 @@ def shard_params(params, logical_axes, mesh: Mesh, rules: LogicalRules = DEFAULT
   A dimension whose size does not divide its mesh axes is replicated instead,
   so small models (e.g. 3 KV heads) still load on an 8-way tensor axis.
   """
+
   def place(x, names):
     spec = logical_to_spec(names, rules, mesh.axis_names)
     fixed = []
     for dim, axes in zip(x.shape, tuple(spec) + (None,) * (x.ndim - len(spec))):
-      size = int(np.prod([mesh.shape[a] for a in ((axes,) if isinstance(axes, str)
-                                                 else (axes or ()))]))
+      size = int(
+        np.prod([mesh.shape[a] for a in ((axes,) if isinstance(axes, str) else (axes or ()))])
+      )
       fixed.append(axes if dim % size == 0 else None)
     return jax.device_put(x, NamedSharding(mesh, PartitionSpec(*fixed)))
-  return jax.tree.map(place, params, logical_axes,
-                      is_leaf=lambda n: isinstance(n, tuple) and all(
-                          isinstance(a, (str, type(None))) for a in n))
+
+  return jax.tree.map(
+    place,
+    params,
+    logical_axes,
+    is_leaf=lambda n: isinstance(n, tuple) and all(isinstance(a, (str, type(None))) for a in n),
+  )

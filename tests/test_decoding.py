@@ -35,6 +35,7 @@ def test_stops_at_eos_and_max_new_tokens(gen):
 def gen_model_with_eos(gen, eos_id):
   """The same weights with `eos_id` as EOS, so the first generated token stops."""
   from flax import nnx
+
   model = nnx.merge(gen.graphdef, gen.state)
   model.config = model.config.replace(eos_id=int(eos_id))
   return model
@@ -53,11 +54,14 @@ def test_prompt_longer_than_cache_names_both_lengths(gen):
     gen.generate([list(range(1, 61))], 10)
 
 
-@pytest.mark.parametrize("prompts, match", [
+@pytest.mark.parametrize(
+  "prompts, match",
+  [
     ([], "non-empty list"),
     ([[]], "prompt 0 is empty"),
     ([[1], [99999]], "outside"),
-])
+  ],
+)
 def test_bad_prompts(gen, prompts, match):
   with pytest.raises(ValueError, match=match):
     gen.generate(prompts, 4)
@@ -65,6 +69,7 @@ def test_bad_prompts(gen, prompts, match):
 
 def test_streaming_callback_sees_every_token(gen):
   seen = []
-  out = gen.generate([[1, 2], [3]], 5, on_tokens=lambda ids: seen.append(ids.copy()),
-                     stop_at_eos=False)
+  out = gen.generate(
+    [[1, 2], [3]], 5, on_tokens=lambda ids: seen.append(ids.copy()), stop_at_eos=False
+  )
   np.testing.assert_array_equal(np.stack(seen, 1), np.asarray(out.tokens))

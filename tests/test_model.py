@@ -30,7 +30,7 @@ def test_incremental_decode_equals_full_forward(tiny_model):
   logits, cache = _forward(tiny_model, tokens[:, :5], cache=cache)  # chunked prefill into a cache
   steps = [logits]
   for i in range(5, 12):
-    logits, cache = _forward(tiny_model, tokens[:, i:i + 1], cache=cache)
+    logits, cache = _forward(tiny_model, tokens[:, i : i + 1], cache=cache)
     steps.append(logits)
   np.testing.assert_allclose(np.concatenate(steps, 1), full, atol=1e-4, rtol=1e-4)
   assert int(cache.length) == 12
@@ -95,9 +95,9 @@ def test_sharded_forward_matches_unsharded():
       np.testing.assert_allclose(got, want, atol=1e-4)
       print("OK", len(jax.devices()))
   """)
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
-             JAX_PLATFORMS="cpu")
-  out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env,
-                       timeout=300)
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+  out = subprocess.run(
+    [sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300
+  )
   assert out.returncode == 0, out.stderr[-3000:]
   assert "OK 8" in out.stdout

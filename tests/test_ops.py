@@ -15,8 +15,10 @@ from jaxllm.model import apply_rope, rope_tables
 
 def test_default_on_cpu_is_xla():
   assert ops.resolve("linear") is ops._REGISTRY["linear"]["xla"]
-  assert ops.resolve("attention", ops.KernelConfig("reference")) is (
-      ops._REGISTRY["attention"]["reference"])
+  assert (
+    ops.resolve("attention", ops.KernelConfig("reference"))
+    is (ops._REGISTRY["attention"]["reference"])
+  )
 
 
 def test_missing_implementation_is_a_clear_error():
@@ -55,9 +57,15 @@ def _numpy_attention(q, k, v, q_slots, start):
 
 
 @settings(max_examples=25, deadline=None)
-@given(b=st.integers(1, 3), s=st.integers(1, 9), extra=st.integers(0, 20),
-       hkv=st.sampled_from([1, 3]), g=st.sampled_from([1, 3]), d=st.sampled_from([8, 64]),
-       seed=st.integers(0, 2**16))
+@given(
+  b=st.integers(1, 3),
+  s=st.integers(1, 9),
+  extra=st.integers(0, 20),
+  hkv=st.sampled_from([1, 3]),
+  g=st.sampled_from([1, 3]),
+  d=st.sampled_from([8, 64]),
+  seed=st.integers(0, 2**16),
+)
 def test_attention_matches_numpy(b, s, extra, hkv, g, d, seed):
   rng = np.random.default_rng(seed)
   t = s + extra
@@ -107,7 +115,7 @@ def test_rope_matches_complex_rotation():
   cos, sin = rope_tables(jnp.asarray(pos), d, theta)
   got = np.asarray(apply_rope(jnp.asarray(x), cos, sin))
   freqs = theta ** (-np.arange(0, d, 2) / d)
-  z = (x[..., : d // 2] + 1j * x[..., d // 2:]) * np.exp(1j * pos[..., None, None] * freqs)
+  z = (x[..., : d // 2] + 1j * x[..., d // 2 :]) * np.exp(1j * pos[..., None, None] * freqs)
   # float32 angles pos * freq carry ~pos * 6e-8 rad of rounding (3e-4 at 5000),
   # as in HF's Llama; a wrong pairing or frequency would be off by O(1).
   np.testing.assert_allclose(got, np.concatenate([z.real, z.imag], -1), atol=1e-3)

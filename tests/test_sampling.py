@@ -47,8 +47,7 @@ def test_temperature_sampling_follows_softmax():
   # temperature 0.5 squares the odds: p ∝ p0^2
   draws = np.asarray(jax.vmap(lambda k: sample(logits, k, SamplingConfig(0.5)))(keys))[:, 0]
   sq = np.array([0.25, 0.09, 0.0225, 0.0025])
-  np.testing.assert_allclose(np.bincount(draws, minlength=4) / len(draws), sq / sq.sum(),
-                             atol=0.03)
+  np.testing.assert_allclose(np.bincount(draws, minlength=4) / len(draws), sq / sq.sum(), atol=0.03)
 
 
 def test_same_key_same_tokens():
@@ -58,14 +57,17 @@ def test_same_key_same_tokens():
   np.testing.assert_array_equal(a, sample(x, jax.random.key(7), cfg))
 
 
-@pytest.mark.parametrize("kwargs, match", [
+@pytest.mark.parametrize(
+  "kwargs, match",
+  [
     ({"temperature": -0.1}, "temperature"),
     ({"temperature": float("nan")}, "temperature"),
     ({"top_k": -1}, "top_k"),
     ({"top_k": 2.5}, "top_k"),
     ({"top_p": 0.0}, "top_p"),
     ({"top_p": 1.5}, "top_p"),
-])
+  ],
+)
 def test_invalid_parameters(kwargs, match):
   with pytest.raises(ValueError, match=match):
     SamplingConfig(**kwargs)

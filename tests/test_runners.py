@@ -1,0 +1,153 @@
+"""Smoke tests of the perplexity and decode-speed runners, in subprocesses.
+
+`--model=tiny` runs tokenize with the SmolLM2 GGUF tokenizer, ids taken modulo
+the tiny vocabulary (see experiments/perplexity.py).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from experiments import common
+
+ROOT = Path(__file__).resolve().parents[1]
+
+PPL_KEYS = {"ppl", "tokens", "context", "windows", "text", "dtype", "seconds"}
+BENCH_KEYS = {
+  "jaxllm_decode_bs1_tok_s",
+  "jaxllm_decode_bs1_bf16_tok_s",
+  "jaxllm_decode_bs16_tok_s",
+  "jaxllm_prefill_tok_s",
+  "read_bandwidth_GBps",
+  "decode_bs1_vs_bw_limit",
+  "llamacpp_decode_bs1_tok_s",
+  "llamacpp_prefill_tok_s",
+  "hf_decode_bs1_tok_s",
+  "hf_prefill_tok_s",
+  "first_call_s",
+}
+
+
+def run(module: str, *args: str) -> subprocess.CompletedProcess:
+  return subprocess.run(
+    [sys.executable, "-m", f"experiments.{module}", *args],
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    timeout=300,
+    check=False,
+  )
+
+
+def last_json(proc: subprocess.CompletedProcess) -> dict:
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture
+def text_file(tmp_path):
+  path = tmp_path / "text.txt"
+  path.write_text("The quick brown fox jumps over the lazy dog, twice or 3 times. " * 40)
+  return path
+
+
+def test_perplexity_tiny(tmp_path, text_file):
+  out = tmp_path / "out"
+  summary = last_json(
+    run(
+      "perplexity",
+      "--model=tiny",
+      f"--text_file={text_file}",
+      "--context=64",
+      "--max_windows=3",
+      f"--out_dir={out}",
+    )
+  )
+  assert PPL_KEYS <= summary.keys()
+  assert (summary["windows"], summary["context"], summary["tokens"]) == (3, 64, 3 * 63)
+  assert summary["ppl"] > 1 and summary["dtype"] == "float32"
+  record = json.loads((out / "perplexity.json").read_text())
+  assert record["run"]["versions"]["jax"] and record["result"]["tokens"] == 189
+
+
+def test_bench_decode_tiny(tmp_path):
+  summary = last_json(
+    run(
+      "bench_decode",
+      "--model=tiny",
+      "--nopeers",
+      "--new_tokens=16",
+      "--bandwidth_mib=32",
+      f"--out_dir={tmp_path}",
+    )
+  )
+  assert BENCH_KEYS <= summary.keys()
+  for key in BENCH_KEYS - {
+    "llamacpp_decode_bs1_tok_s",
+    "llamacpp_prefill_tok_s",
+    "hf_decode_bs1_tok_s",
+    "hf_prefill_tok_s",
+  }:
+    assert summary[key] > 0, key
+  assert summary["hf_prefill_tok_s"] is None and summary["llamacpp_decode_bs1_tok_s"] is None
+  assert (tmp_path / "bench_decode.json").is_file()
+
+
+def _one_line_error(proc: subprocess.CompletedProcess) -> str:
+  assert proc.returncode != 0
+  lines = [line for line in proc.stderr.splitlines() if line.strip()]
+  assert lines and lines[-1].startswith("error: "), proc.stderr
+  return lines[-1]
+
+
+def test_missing_text_file(tmp_path):
+  missing = tmp_path / "no_such.txt"
+  proc = run("perplexity", f"--text_file={missing}")
+  assert str(missing) in _one_line_error(proc)
+  assert proc.stdout == ""
+
+
+def test_bad_context(text_file):
+  assert "--context" in _one_line_error(
+    run("perplexity", f"--text_file={text_file}", "--context=1")
+  )
+
+
+def test_text_shorter_than_one_window(tmp_path):
+  short = tmp_path / "short.txt"
+  short.write_text("Just a few words.")
+  msg = _one_line_error(
+    run(
+      "perplexity", "--model=tiny", f"--text_file={short}", "--context=256", f"--out_dir={tmp_path}"
+    )
+  )
+  assert "fewer than one window" in msg and "context=256" in msg
+
+
+def test_default_text_is_sizeable():
+  text, label = common.default_text()
+  assert label.startswith("stdlib:docstrings(python")
+  assert len(text) > 400_000  # ~100k+ tokens at ~4 characters per token
+
+
+def test_write_results_and_summary(tmp_path, capsys):
+  payload = {"a": np.float32(1.5), "b": np.arange(3), "c": float("nan"), "d": (1, None)}
+  path = common.write_results(str(tmp_path / "new"), "demo", payload)
+  assert path == str(tmp_path / "new" / "demo.json")
+  want = {"a": 1.5, "b": [0, 1, 2], "c": None, "d": [1, None]}
+  assert json.loads(Path(path).read_text()) == want
+  common.print_summary(payload)
+  assert json.loads(capsys.readouterr().out.splitlines()[-1]) == want
+
+
+def test_fail_is_one_line(capsys):
+  with pytest.raises(SystemExit) as e:
+    common.fail("bad\ninput  here")
+  assert e.value.code != 0
+  assert capsys.readouterr().err == "error: bad input here\n"
