@@ -101,3 +101,10 @@ def test_sharded_forward_matches_unsharded():
   )
   assert out.returncode == 0, out.stderr[-3000:]
   assert "OK 8" in out.stdout
+
+
+def test_cache_axes_have_rules():
+  import sharding
+
+  spec = sharding.logical_to_spec(KVCache.LOGICAL_AXES)
+  assert spec[0] == ("data", "fsdp") and spec[1] is None
