@@ -108,3 +108,18 @@ def test_cache_axes_have_rules():
 
   spec = sharding.logical_to_spec(KVCache.LOGICAL_AXES)
   assert spec[0] == ("data", "fsdp") and spec[1] is None
+
+
+def test_untied_head_and_mqa():
+  """An untied LM head and a single KV head (MQA) run through the same code."""
+  from jaxllm.params import init_model
+
+  cfg = jaxllm.TINY.replace(name="tiny-untied-mqa", tie_embeddings=False, num_kv_heads=1)
+  model = init_model(cfg, seed=3)
+  assert model.lm_head.shape == (cfg.embed_dim, cfg.vocab_size)
+  tokens = np.random.default_rng(3).integers(0, cfg.vocab_size, size=(1, 6))
+  full, _ = _forward(model, tokens)
+  cache = KVCache.create(cfg, batch=1, capacity=8)
+  _, cache = _forward(model, tokens[:, :5], cache=cache)
+  last, _ = _forward(model, tokens[:, 5:], cache=cache)
+  np.testing.assert_allclose(last[:, 0], full[:, 5], atol=1e-4)
