@@ -440,8 +440,7 @@ def main(argv):
     "run": common.run_info(),
     "summary": s,
   }
-  s["results_file"] = common.write_results(FLAGS.out_dir, NAME, record)
-  common.print_summary(s)
+  common.finish(FLAGS.out_dir, NAME, record, s)
 
 
 if __name__ == "__main__":

@@ -131,6 +131,12 @@ def print_summary(obj: dict) -> None:
   print(json.dumps(_jsonable(obj)), flush=True)
 
 
+def finish(out_dir: str, name: str, record: dict, summary: dict) -> None:
+  """Writes `record` (holding `summary`), then prints `summary` as stdout's last line."""
+  summary["results_file"] = write_results(out_dir, name, record)
+  print_summary(summary)
+
+
 def default_text() -> tuple[str, str]:
   """An evaluation text every Python install ships, for machines without ../shared.
 

