@@ -105,7 +105,7 @@ class JaxllmBench:
   def _prefill(self, tokens, start, capacity):
     prefill = self.gen._prefill  # pylint: disable=protected-access
     return prefill(
-      self.gen.state, tokens, start, self.key, capacity=capacity, sampling=self.sampling
+      self.gen.params, tokens, start, self.key, capacity=capacity, sampling=self.sampling
     )
 
   def prefill_tok_s(self, prompt_len: int, new_tokens: int) -> float:
@@ -131,7 +131,7 @@ class JaxllmBench:
       tok, cache = jax.block_until_ready(self._prefill(tokens, start, capacity))
       t0 = time.perf_counter()
       for _ in range(new_tokens):
-        tok, cache = step(self.gen.state, cache, tok, self.key, sampling=self.sampling)
+        tok, cache = step(self.gen.params, cache, tok, self.key, sampling=self.sampling)
         np.asarray(tok)  # the host needs each step's ids, as in Generator.generate
       jax.block_until_ready(cache)
       return time.perf_counter() - t0

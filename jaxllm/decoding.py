@@ -48,6 +48,9 @@ class Generator:
   def __init__(self, model: Llama, max_cache_len: int | None = None, prompt_bucket: int = 64):
     self.config = model.config
     self.graphdef, self.state = nnx.split(model)
+    # Jitted functions take the params as a plain dict: JAX flattens it in C++,
+    # ~0.4 ms less dispatch per decode step than an nnx.State of Variables.
+    self.params = self.state.to_pure_dict()
     self.max_cache_len = max_cache_len or model.config.max_seq_len
     self.prompt_bucket = prompt_bucket
     self._prefill = jax.jit(self._prefill_fn, static_argnames=("capacity", "sampling"))
@@ -56,14 +59,19 @@ class Generator:
 
   # -- jitted bodies -------------------------------------------------------------------
 
-  def _prefill_fn(self, state, tokens, start, key, *, capacity, sampling):
-    model = nnx.merge(self.graphdef, state)
+  def _model(self, params) -> Llama:
+    state = jax.tree.map(lambda x: x, self.state)  # a fresh State to fill with tracers
+    state.replace_by_pure_dict(params)
+    return nnx.merge(self.graphdef, state)
+
+  def _prefill_fn(self, params, tokens, start, key, *, capacity, sampling):
+    model = self._model(params)
     logits, chunk = model(tokens, start=start, logits_at="last")
     cache = chunk.grow(capacity)
     return sample(logits[:, -1], key, sampling), cache
 
-  def _step_fn(self, state, cache, tokens, key, *, sampling):
-    model = nnx.merge(self.graphdef, state)
+  def _step_fn(self, params, cache, tokens, key, *, sampling):
+    model = self._model(params)
     logits, cache = model(tokens[:, None], cache=cache, logits_at="last")
     return sample(logits[:, -1], key, sampling), cache
 
@@ -76,7 +84,7 @@ class Generator:
     cache = jax.eval_shape(lambda: KVCache.create(self.config, batch, capacity, dtype))
     tokens = jax.ShapeDtypeStruct((batch,), jnp.int32)
     key = jax.eval_shape(lambda: jax.random.key(0))
-    self._step.lower(self.state, cache, tokens, key, sampling=sampling).compile()
+    self._step.lower(self.params, cache, tokens, key, sampling=sampling).compile()
     self._compiled_steps.add(signature)
 
   # -- public API ----------------------------------------------------------------------
@@ -138,7 +146,7 @@ class Generator:
     if max_new_tokens > 1:
       step_compile.start()
     next_tok, cache = self._prefill(
-      self.state, tokens, start, keys[0], capacity=capacity, sampling=sampling
+      self.params, tokens, start, keys[0], capacity=capacity, sampling=sampling
     )
     out = np.zeros((len(prompts), max_new_tokens), np.int32)
     done = np.zeros((len(prompts),), bool)
@@ -154,7 +162,7 @@ class Generator:
         break
       if n == 0:
         step_compile.join()
-      next_tok, cache = self._step(self.state, cache, next_tok, keys[n + 1], sampling=sampling)
+      next_tok, cache = self._step(self.params, cache, next_tok, keys[n + 1], sampling=sampling)
     results, finished = [], []
     for row in out[:, : n + 1]:
       hit = np.flatnonzero(row == self.config.eos_id) if stop_at_eos else []

@@ -1,0 +1,155 @@
+"""Shared helpers for the quantized matmul kernels: int4 packing, block choice, checks.
+
+Int4 packing layout ("global halves"), used by every int4 variant here:
+a weight `q` of shape [K, N] is stored as int8 `packed` of shape [K/2, N] with
+
+  packed[j, n] = (q[j, n] & 0xF) | (q[j + K/2, n] << 4)
+
+so the low nibbles hold the first half of K and the high nibbles the second half.
+A kernel then computes `x[:, :K/2] @ lo + x[:, K/2:] @ hi` with two dots per K
+chunk and never needs to interleave rows (interleaving needs stack/concat, which
+Triton rejects). Nibbles are always unpacked after widening to int32 (shifts on
+int8 vectors do not legalize in Mosaic).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax.experimental.pallas import tpu as pltpu
+from jax.experimental.pallas import triton as pltr
+
+_VMEM_LIMIT_BYTES = 64 << 20
+
+
+def is_triton(compiler_params) -> bool:
+  """Whether `compiler_params` selects the Triton backend."""
+  return isinstance(compiler_params, pltr.CompilerParams)
+
+
+def default_compiler_params(compiler_params):
+  """TPU (Mosaic) parameters unless the caller passed some (e.g. Triton's)."""
+  if compiler_params is not None:
+    return compiler_params
+  return pltpu.CompilerParams(
+    dimension_semantics=("parallel", "parallel"), vmem_limit_bytes=_VMEM_LIMIT_BYTES
+  )
+
+
+def triton_params(num_warps: int = 4, num_stages: int = 2):
+  """Triton compiler parameters for `compiler_params=` (GPU export)."""
+  return pltr.CompilerParams(num_warps=num_warps, num_stages=num_stages)
+
+
+def _next_pow2(n: int) -> int:
+  return 1 << max(0, (n - 1).bit_length())
+
+
+def round_up(n: int, m: int) -> int:
+  return -(-n // m) * m
+
+
+def is_pow2(n: int) -> bool:
+  return n > 0 and n & (n - 1) == 0
+
+
+def pick_block_m(m: int, block_m: int | None) -> int:
+  """Rows per block: a power of two in [16, 128] (Triton dots need >= 16)."""
+  if block_m is not None:
+    return block_m
+  return min(128, max(16, _next_pow2(m)))
+
+
+def pick_block_n(n: int, block_n: int | None, triton: bool) -> int:
+  """Output columns per block; must divide N (N is never padded)."""
+  if block_n is not None:
+    return block_n
+  cands = (128, 64, 32, 16) if triton else (256, 128)
+  for c in cands:
+    if n % c == 0:
+      return c
+  return n
+
+
+def pick_chunk(length: int, chunk: int | None, triton: bool, multiple_of: int = 1) -> int:
+  """Length of one fori_loop step along K; must divide `length`."""
+  if chunk is not None:
+    return chunk
+  cands = (256, 128, 64, 32, 16) if triton else (512, 256, 128)
+  for c in cands:
+    if length % c == 0 and c % multiple_of == 0:
+      return c
+  if triton:
+    raise ValueError(f"no power-of-2 K chunk divides {length}; pass block_sizes.block_k")
+  return length
+
+
+def check_blocks(name: str, m_pad: int, n: int, bm: int, bn: int, triton: bool) -> None:
+  """Validate block sizes against the array shapes and backend rules."""
+  if bm % 8 or m_pad % bm:
+    raise ValueError(f"{name}: block_m={bm} must be a multiple of 8 dividing padded M={m_pad}")
+  if n % bn:
+    raise ValueError(f"{name}: block_n={bn} must divide N={n}")
+  if not triton and bn % 128 and bn != n:
+    raise ValueError(f"{name}: block_n={bn} must be a multiple of 128 or N={n} (TPU (8,128) rule)")
+  if triton and not (is_pow2(bm) and is_pow2(bn) and bm >= 16 and bn >= 16):
+    raise ValueError(f"{name}: Triton needs power-of-2 blocks >= 16, got block_m={bm} block_n={bn}")
+
+
+def check_dtype(name: str, arg: str, arr, allowed) -> None:
+  """Raise ValueError unless `arr.dtype` is one of `allowed`."""
+  if jnp.dtype(arr.dtype) not in [jnp.dtype(d) for d in allowed]:
+    names = ", ".join(jnp.dtype(d).name for d in allowed)
+    raise ValueError(f"{name}: {arg} has dtype {jnp.dtype(arr.dtype).name}; expected one of {names}")
+
+
+def check_shape(name: str, arg: str, arr, shape) -> None:
+  """Raise ValueError unless `arr.shape == shape`."""
+  if tuple(arr.shape) != tuple(shape):
+    raise ValueError(f"{name}: {arg} has shape {tuple(arr.shape)}; expected {tuple(shape)}")
+
+
+def pad_rows(x: jax.Array, m_pad: int) -> jax.Array:
+  """Zero-pad the leading dim of a 2-D array to `m_pad` rows."""
+  if x.shape[0] == m_pad:
+    return x
+  return jnp.pad(x, ((0, m_pad - x.shape[0]), (0, 0)))
+
+
+def pack_int4(q: jax.Array) -> jax.Array:
+  """Pack int4 values [K, N] (signed [-8,7] or unsigned [0,15]) into int8 [K/2, N]."""
+  k = q.shape[0]
+  if k % 2:
+    raise ValueError(f"pack_int4: K={k} must be even (shape {tuple(q.shape)})")
+  q = q.astype(jnp.int32)
+  lo, hi = q[: k // 2], q[k // 2 :]
+  packed = (lo & 0xF) | ((hi & 0xF) << 4)
+  return jnp.where(packed > 127, packed - 256, packed).astype(jnp.int8)
+
+
+def unpack_int4(packed: jax.Array, signed: bool) -> tuple[jax.Array, jax.Array]:
+  """Split packed int8 nibbles (any shape) into (low, high) int32 arrays.
+
+  Works on values inside kernels as well as in jnp references.
+
+  Args:
+    packed: int8 or uint8 array of packed nibbles.
+    signed: decode nibbles as two's-complement [-8, 7] instead of [0, 15].
+
+  Returns:
+    (low, high) int32 arrays with the shape of `packed`.
+  """
+  p = packed.astype(jnp.int32)
+  if signed:
+    lo = jnp.left_shift(p, 28) >> 28
+    hi = jnp.left_shift(p, 24) >> 28
+  else:
+    lo = p & 0xF
+    hi = (p >> 4) & 0xF
+  return lo, hi
+
+
+def unpack_int4_full(packed: jax.Array, signed: bool) -> jax.Array:
+  """Inverse of `pack_int4`: [K/2, N] packed -> [K, N] int32 (jnp only)."""
+  lo, hi = unpack_int4(packed, signed)
+  return jnp.concatenate([lo, hi], axis=0)
