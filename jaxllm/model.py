@@ -66,19 +66,14 @@ class Attention(nnx.Module):
     self.o = _param(rngs, (h, d, e), ("heads", "head_dim", "embed"), dtype, (h * d) ** -0.5)
 
   def __call__(self, x, cos, sin, write, q_slots, kv_start, kernels):
-    q = ops.linear(x, self.q[...], kernels)  # [B, S, H, D]
-    k = ops.linear(x, self.k[...], kernels)
-    v = ops.linear(x, self.v[...], kernels)
+    q = ops.linear(x, self.q.get_value(), kernels)  # [B, S, H, D]
+    k = ops.linear(x, self.k.get_value(), kernels)
+    v = ops.linear(x, self.v.get_value(), kernels)
     q = sharding.constrain(apply_rope(q, cos, sin), ("batch", "length", "act_heads", "head_dim"))
     k = apply_rope(k, cos, sin)
     k_buf, v_buf = write(k, v)
     out = ops.attention(q, k_buf, v_buf, q_slots, kv_start, kernels)
-    out = jax.lax.dot_general(
-      out,
-      self.o[...].astype(out.dtype),
-      (((2, 3), (0, 1)), ((), ())),
-      preferred_element_type=jnp.float32,
-    ).astype(x.dtype)
+    out = ops.linear(out, self.o.get_value(), kernels, contract_dims=2)
     return out, k_buf, v_buf
 
 
@@ -90,9 +85,11 @@ class MLP(nnx.Module):
     self.down = _param(rngs, (f, e), ("mlp", "embed"), dtype, f**-0.5)
 
   def __call__(self, x, kernels):
-    h = jax.nn.silu(ops.linear(x, self.gate[...], kernels)) * ops.linear(x, self.up[...], kernels)
+    h = jax.nn.silu(ops.linear(x, self.gate.get_value(), kernels)) * ops.linear(
+      x, self.up.get_value(), kernels
+    )
     h = sharding.constrain(h, ("batch", "length", "act_mlp"))
-    return ops.linear(h, self.down[...], kernels)
+    return ops.linear(h, self.down.get_value(), kernels)
 
 
 class Block(nnx.Module):
@@ -185,7 +182,7 @@ class Llama(nnx.Module):
     if cfg.tie_embeddings:
       head = self.embed[...]
     else:
-      head = self.lm_head[...]
+      head = self.lm_head.get_value()
     logits = ops.linear(x, head, self.kernels).astype(jnp.float32)
     logits = sharding.constrain(logits, ("batch", "length", "act_vocab"))
 

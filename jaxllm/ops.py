@@ -80,13 +80,35 @@ def resolve(op: str, config: KernelConfig = KernelConfig()) -> Callable:
 # ----------------------------------------------------------------------------- linear
 
 
-def linear(x: jax.Array, w: jax.Array, config: KernelConfig = KernelConfig()) -> jax.Array:
-  """x[..., K] @ w[K, ...] -> [..., *w.shape[1:]] in x's dtype, f32 accumulation."""
-  return resolve("linear", config)(x, w)
+def linear(
+  x: jax.Array, w, config: KernelConfig = KernelConfig(), contract_dims: int = 1
+) -> jax.Array:
+  """Contracts the last `contract_dims` axes of x with the first of w, f32 accumulation.
+
+  x[..., *K] @ w[*K, *out] -> [..., *out] in x's dtype. `w` is a float array or
+  a `jaxllm.quant.QTensor`; a QTensor goes to the ``quantized_linear`` op, whose
+  implementations live in `jaxllm.quant.linear`.
+  """
+  k_shape = x.shape[x.ndim - contract_dims :]
+  if tuple(w.shape[:contract_dims]) != tuple(k_shape):
+    raise ValueError(f"linear: x {tuple(x.shape)} does not contract with w {tuple(w.shape)}")
+  rows = x.reshape(*x.shape[: x.ndim - contract_dims], math.prod(k_shape))
+  if hasattr(w, "method") and hasattr(w, "values"):
+    from jaxllm.quant import linear as _  # noqa: F401  registers the implementations
+
+    if w.contract_dims != contract_dims:
+      raise ValueError(
+        f"QTensor contracts {w.contract_dims} dims, linear asked for {contract_dims}"
+      )
+    out = resolve("quantized_linear", config)(rows.reshape(-1, rows.shape[-1]), w)
+  else:
+    out = resolve("linear", config)(rows, w.reshape(rows.shape[-1], -1))
+  return out.reshape(*x.shape[: x.ndim - contract_dims], *w.shape[contract_dims:])
 
 
 @register("linear", "xla")
 def _linear_xla(x, w):
+  """x [..., K] @ w [K, N]."""
   w = w.astype(x.dtype) if w.dtype != x.dtype else w
   rows = math.prod(x.shape[:-1])
   if x.dtype == jnp.bfloat16 and rows == 1 and jax.default_backend() == "cpu":
@@ -94,12 +116,9 @@ def _linear_xla(x, w):
     # GEMM reads weights at full speed from 2 rows up: compute a 2-row product
     # and keep the first row.
     x2 = jnp.concatenate([x.reshape(1, -1)] * 2, axis=0)
-    out = jax.lax.dot_general(x2, w, (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32)
-    return out[:1].reshape(*x.shape[:-1], *w.shape[1:]).astype(x.dtype)
-  out = jax.lax.dot_general(
-    x, w, (((x.ndim - 1,), (0,)), ((), ())), preferred_element_type=jnp.float32
-  )
-  return out.astype(x.dtype)
+    out = jnp.dot(x2, w, preferred_element_type=jnp.float32)[:1]
+    return out.reshape(*x.shape[:-1], w.shape[1]).astype(x.dtype)
+  return jnp.dot(x, w, preferred_element_type=jnp.float32).astype(x.dtype)
 
 
 @register("linear", "reference")

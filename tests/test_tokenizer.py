@@ -267,7 +267,6 @@ def _fixture_prompts() -> list[tuple[str, list[int]]]:
   return pairs
 
 
-@pytest.mark.skipif(not FIXTURE.is_file(), reason="tests/fixtures/reference_logits.json absent")
 def test_ids_match_reference_fixture(tok):
   pairs = _fixture_prompts()
   assert pairs

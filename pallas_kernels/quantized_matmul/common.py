@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 from jax.experimental.pallas import triton as pltr
 
@@ -71,13 +73,15 @@ def pick_block_n(n: int, block_n: int | None, triton: bool) -> int:
   return n
 
 
-def pick_chunk(length: int, chunk: int | None, triton: bool, multiple_of: int = 1) -> int:
+def pick_chunk(length: int, chunk: int | None, triton: bool) -> int:
   """Length of one fori_loop step along K; must divide `length`."""
   if chunk is not None:
+    if triton and not is_pow2(chunk):
+      raise ValueError(f"Triton needs a power-of-2 block_k, got {chunk} (K part {length})")
     return chunk
   cands = (256, 128, 64, 32, 16) if triton else (512, 256, 128)
   for c in cands:
-    if length % c == 0 and c % multiple_of == 0:
+    if length % c == 0:
       return c
   if triton:
     raise ValueError(f"no power-of-2 K chunk divides {length}; pass block_sizes.block_k")
@@ -97,10 +101,11 @@ def check_blocks(name: str, m_pad: int, n: int, bm: int, bn: int, triton: bool) 
 
 
 def check_dtype(name: str, arg: str, arr, allowed) -> None:
-  """Raise ValueError unless `arr.dtype` is one of `allowed`."""
-  if jnp.dtype(arr.dtype) not in [jnp.dtype(d) for d in allowed]:
+  """Raise ValueError unless the dtype of `arr` (an array or a dtype) is in `allowed`."""
+  dt = jnp.dtype(arr) if isinstance(arr, (type, str, np.dtype)) else jnp.dtype(arr.dtype)
+  if dt not in [jnp.dtype(d) for d in allowed]:
     names = ", ".join(jnp.dtype(d).name for d in allowed)
-    raise ValueError(f"{name}: {arg} has dtype {jnp.dtype(arr.dtype).name}; expected one of {names}")
+    raise ValueError(f"{name}: {arg} has dtype {dt.name}; expected one of {names}")
 
 
 def check_shape(name: str, arg: str, arr, shape) -> None:
@@ -153,3 +158,25 @@ def unpack_int4_full(packed: jax.Array, signed: bool) -> jax.Array:
   """Inverse of `pack_int4`: [K/2, N] packed -> [K, N] int32 (jnp only)."""
   lo, hi = unpack_int4(packed, signed)
   return jnp.concatenate([lo, hi], axis=0)
+
+
+def k_loop(n_steps: int, chunk: int, body, init):
+  """Run `body(i, carry)` for i in [0, n_steps): a `fori_loop`, or unrolled when needed.
+
+  Mosaic TPU can only load at dynamic lane offsets it can prove 128-aligned (E2003
+  otherwise), so when `chunk` is not a multiple of 128 (e.g. group 32 at SmolLM2's
+  K=576) the loop is unrolled in Python and every slice start is static.
+  """
+  if chunk % 128 == 0:
+    return jax.lax.fori_loop(0, n_steps, body, init)
+  carry = init
+  for i in range(n_steps):
+    carry = body(i, carry)
+  return carry
+
+
+def chunk_start(i, chunk: int):
+  """Start of chunk `i`: static for a Python int, else hinted as a multiple of `chunk`."""
+  if isinstance(i, int):
+    return i * chunk
+  return pl.multiple_of(i * chunk, chunk)
