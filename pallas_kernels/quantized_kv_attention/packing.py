@@ -190,3 +190,10 @@ def dequantize_kv(kv: QuantizedKV, bits: int, group_size: int):
   k = dequantize_keys(kv.k_packed, kv.k_scale, kv.k_zero, bits, group_size)
   v = dequantize_values(kv.v_packed, kv.v_scale, kv.v_zero, bits)
   return k, v
+
+
+def unpack_slot(x: jax.Array, bits: int, j: int) -> jax.Array:
+  """Bit slot `j` of int32 packed codes as float32 (the kernels' in-register unpack)."""
+  if bits == 8:
+    return x.astype(jnp.float32)
+  return ((x >> (bits * j)) & ((1 << bits) - 1)).astype(jnp.float32)

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from .packing import QuantizedKV
+from .packing import QuantizedKV, unpack_slot
 from .reference import MASK_VALUE, as_rows
 from .validation import validate
 
@@ -44,12 +44,6 @@ def _update(carry, s, valid, pv_fn):
   l_new = alpha * l_prev + p.sum(axis=-1, keepdims=True)
   accs = tuple(alpha * a + pv for a, pv in zip(accs, pv_fn(p)))
   return m_new, l_new, accs
-
-
-def _slot(x, bits, j):
-  if bits == 8:
-    return x.astype(jnp.float32)
-  return ((x >> (bits * j)) & ((1 << bits) - 1)).astype(jnp.float32)
 
 
 def _kernel(
@@ -90,7 +84,7 @@ def _kernel(
     zero = kz_ref[pl.ds(grp, 1), :].astype(jnp.float32)
     for j in range(pf):
       t0 = grp * group_size + j * rows
-      k = _slot(x, bits, j) * scale + zero
+      k = unpack_slot(x, bits, j) * scale + zero
       s = lax.dot_general(q, k, _NT, preferred_element_type=jnp.float32)  # (Gp, rows)
       pos = t0 + jnp.arange(rows, dtype=jnp.int32)[None, :]
       valid = (pos >= start) & (pos < qlen)
@@ -102,7 +96,8 @@ def _kernel(
         ps = p * vs
         off = (p * vz).sum(axis=-1, keepdims=True)
         return [
-          lax.dot_general(ps, _slot(y, bits, c), _NN, preferred_element_type=jnp.float32) + off
+          lax.dot_general(ps, unpack_slot(y, bits, c), _NN, preferred_element_type=jnp.float32)
+          + off
           for c in range(pf)
         ]
 

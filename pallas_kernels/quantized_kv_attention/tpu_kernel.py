@@ -22,7 +22,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from .block_sizes import BlockSizes
-from .packing import QuantizedKV
+from .packing import QuantizedKV, unpack_slot
 from .reference import MASK_VALUE, as_rows
 from .validation import validate, validate_block
 
@@ -41,13 +41,6 @@ def _online_update(s, valid, v_slabs_fn, m_sc, l_sc, acc_sc):
   for j, pv in enumerate(v_slabs_fn(p)):
     acc_sc[j] = alpha * acc_sc[j] + pv
   m_sc[...] = m_new
-
-
-def _unpack(x, bits, j):
-  """Slot ``j`` of int32 packed codes, as float32."""
-  if bits == 8:
-    return x.astype(jnp.float32)
-  return ((x >> (bits * j)) & ((1 << bits) - 1)).astype(jnp.float32)
 
 
 def _kernel(
@@ -96,7 +89,7 @@ def _kernel(
     x = kp_ref[...].astype(jnp.int32)  # (block_t // pf, D)
     scale = ks_ref[...].astype(jnp.float32)[:, None, :]  # (n, 1, D)
     zero = kz_ref[...].astype(jnp.float32)[:, None, :]
-    slots = [_unpack(x, bits, j).reshape(n, rows, d) * scale + zero for j in range(pf)]
+    slots = [unpack_slot(x, bits, j).reshape(n, rows, d) * scale + zero for j in range(pf)]
     k = jnp.stack(slots, axis=1).reshape(block_t, d) if pf > 1 else slots[0].reshape(block_t, d)
     s = lax.dot_general(q, k, _NT, preferred_element_type=jnp.float32)  # (G, block_t)
     pos = block_start + lax.broadcasted_iota(jnp.int32, s.shape, 1)
@@ -109,7 +102,7 @@ def _kernel(
       ps = p * vs
       off = (p * vz).sum(axis=-1, keepdims=True)
       return [
-        lax.dot_general(ps, _unpack(y, bits, j), _NN, preferred_element_type=jnp.float32) + off
+        lax.dot_general(ps, unpack_slot(y, bits, j), _NN, preferred_element_type=jnp.float32) + off
         for j in range(pf)
       ]
 
