@@ -13,7 +13,7 @@ from jax.experimental.pallas import triton as pltr
 
 from pallas_kernels.quantized_kv_attention import (
   BlockSizes,
-  QuantizedKV,
+  compile_check,
   dense_decode_attention,
   dequantize_kv,
   quantize_keys,
@@ -210,23 +210,6 @@ def test_reference_error_vs_float_attention_grows_as_bits_shrink():
   assert errs[8] < errs[4] < errs[2], errs
 
 
-def _abstract_inputs(b, heads, t, r, bits, gs, dtype=jnp.bfloat16):
-  hq, hkv, d = heads
-  pf = 8 // bits
-  sds = jax.ShapeDtypeStruct
-  kv = QuantizedKV(
-    sds((b, hkv, t // pf, d), jnp.uint8),
-    sds((b, hkv, t // gs, d), jnp.float32),
-    sds((b, hkv, t // gs, d), jnp.float32),
-    sds((b, hkv, t, d // pf), jnp.uint8),
-    sds((b, hkv, t), jnp.float32),
-    sds((b, hkv, t), jnp.float32),
-  )
-  rows = sds((b,), jnp.int32)
-  res = [sds((b, hkv, r, d), dtype)] * 2
-  return [sds((b, hq, d), dtype), kv, rows, rows, rows, *res]
-
-
 @pytest.mark.parametrize("bits", [2, 4, 8])
 @pytest.mark.parametrize("heads", [SMOLLM2, LLAMA3_8B], ids=["smollm2", "llama3-8b"])
 def test_tpu_kernel_exports_for_tpu(heads, bits):
@@ -234,7 +217,7 @@ def test_tpu_kernel_exports_for_tpu(heads, bits):
     quantized_kv_decode_attention, bits=bits, group_size=128, block_sizes=BlockSizes(256)
   )
   exp = export.export(jax.jit(f), platforms=["tpu"])(
-    *_abstract_inputs(2, heads, 1024, 128, bits, 128)
+    *compile_check.abstract_inputs(2, heads, 1024, 128, bits, 128)
   )
   assert "tpu_custom_call" in exp.mlir_module()
 
@@ -252,7 +235,7 @@ def test_portable_kernel_exports_for_cuda_triton(heads, bits):
     jax.jit(f),
     platforms=["cuda"],
     disabled_checks=[export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")],
-  )(*_abstract_inputs(2, heads, 1024, 128, bits, 128))
+  )(*compile_check.abstract_inputs(2, heads, 1024, 128, bits, 128))
   assert "__gpu$xla.gpu.triton" in exp.mlir_module()
 
 
@@ -347,15 +330,11 @@ def test_block_sizes_frozen_and_checked():
 # (libtpu, triton); deselected from the default suite by the `slow` marker.
 @pytest.mark.slow
 def test_tpu_kernel_compiles_with_libtpu():
-  from pallas_kernels.quantized_kv_attention import compile_check
-
   results = list(compile_check.tpu_checks(t=1024, r=32, group_size=64, block_t=256))
   assert results and all(ok for _, ok, _ in results), [r for r in results if not r[1]]
 
 
 @pytest.mark.slow
 def test_portable_kernel_compiles_with_triton():
-  from pallas_kernels.quantized_kv_attention import compile_check
-
   results = list(compile_check.triton_checks())
   assert results and all(ok for _, ok, _ in results), [r for r in results if not r[1]]

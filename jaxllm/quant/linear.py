@@ -14,18 +14,14 @@ from jaxllm import ops
 from pallas_kernels import quantized_matmul as qmm
 
 
-def _flat(out, x):
-  return out.astype(x.dtype)
-
-
 @ops.register("quantized_linear", "xla")
 def _xla(x, w):
   if w.method == "w8a8":
     x_q, x_scale = qmm.quantize_activations_int8(x)
     acc = jnp.dot(x_q, w.values, preferred_element_type=jnp.int32)
-    return _flat(acc.astype(jnp.float32) * x_scale * w.scales, x)
+    return (acc.astype(jnp.float32) * x_scale * w.scales).astype(x.dtype)
   wf = w.dequantize(x.dtype).reshape(x.shape[-1], -1)  # [K, N]
-  return _flat(jnp.dot(x, wf, preferred_element_type=jnp.float32), x)
+  return jnp.dot(x, wf, preferred_element_type=jnp.float32).astype(x.dtype)
 
 
 @ops.register("quantized_linear", "pallas")
