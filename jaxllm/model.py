@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 import sharding
 from jaxllm import ops
 from jaxllm.config import ModelConfig
 from jaxllm.kv_cache import KVCache
+from jaxllm.rope import apply_rope, rope_tables
 
 
 def _param(rngs: nnx.Rngs | None, shape, axes, dtype, scale: float | None = None) -> nnx.Param:
@@ -41,22 +41,6 @@ class RMSNorm(nnx.Module):
     return (xf * self.scale[...].astype(jnp.float32)).astype(x.dtype)
 
 
-def rope_tables(positions: jax.Array, head_dim: int, theta: float):
-  """cos/sin tables [B, S, D/2] in f32 for integer positions [B, S]."""
-  inv_freq = theta ** (-np.arange(0, head_dim, 2, dtype=np.float32) / head_dim)
-  angles = positions.astype(jnp.float32)[..., None] * inv_freq
-  return jnp.cos(angles), jnp.sin(angles)
-
-
-def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
-  """Rotates [B, S, H, D] by half-split RoPE (first half pairs with second half)."""
-  half = x.shape[-1] // 2
-  x1, x2 = x[..., :half].astype(jnp.float32), x[..., half:].astype(jnp.float32)
-  cos, sin = cos[:, :, None, :], sin[:, :, None, :]
-  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
-  return out.astype(x.dtype)
-
-
 class Attention(nnx.Module):
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs | None, dtype=jnp.float32):
     e, h, kvh, d = cfg.embed_dim, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
@@ -65,16 +49,21 @@ class Attention(nnx.Module):
     self.v = _param(rngs, (e, kvh, d), ("embed", "kv_heads", "head_dim"), dtype, e**-0.5)
     self.o = _param(rngs, (h, d, e), ("heads", "head_dim", "embed"), dtype, (h * d) ** -0.5)
 
-  def __call__(self, x, cos, sin, write, q_slots, kv_start, kernels):
+  def __call__(self, x, cos, sin, attend, kernels, tap):
+    """`attend(q, k_pre_rope, k, v)` -> (out, layer cache state) is the cache's."""
+    tap("attn_in", x)
     q = ops.linear(x, self.q.get_value(), kernels)  # [B, S, H, D]
-    k = ops.linear(x, self.k.get_value(), kernels)
+    k_pre = ops.linear(x, self.k.get_value(), kernels)
     v = ops.linear(x, self.v.get_value(), kernels)
     q = sharding.constrain(apply_rope(q, cos, sin), ("batch", "length", "act_heads", "head_dim"))
-    k = apply_rope(k, cos, sin)
-    k_buf, v_buf = write(k, v)
-    out = ops.attention(q, k_buf, v_buf, q_slots, kv_start, kernels)
+    k = apply_rope(k_pre, cos, sin)
+    tap("k_pre_rope", k_pre)
+    tap("k", k)
+    tap("v", v)
+    out, layer_state = attend(q, k_pre, k, v)
+    tap("o_in", out)
     out = ops.linear(out, self.o.get_value(), kernels, contract_dims=2)
-    return out, k_buf, v_buf
+    return out, layer_state
 
 
 class MLP(nnx.Module):
@@ -84,11 +73,13 @@ class MLP(nnx.Module):
     self.up = _param(rngs, (e, f), ("embed", "mlp"), dtype, e**-0.5)
     self.down = _param(rngs, (f, e), ("mlp", "embed"), dtype, f**-0.5)
 
-  def __call__(self, x, kernels):
+  def __call__(self, x, kernels, tap):
+    tap("mlp_in", x)
     h = jax.nn.silu(ops.linear(x, self.gate.get_value(), kernels)) * ops.linear(
       x, self.up.get_value(), kernels
     )
     h = sharding.constrain(h, ("batch", "length", "act_mlp"))
+    tap("down_in", h)
     return ops.linear(h, self.down.get_value(), kernels)
 
 
@@ -99,11 +90,11 @@ class Block(nnx.Module):
     self.mlp_norm = RMSNorm(cfg.embed_dim, cfg.norm_eps, rngs=rngs, dtype=dtype)
     self.mlp = MLP(cfg, rngs=rngs, dtype=dtype)
 
-  def __call__(self, x, cos, sin, write, q_slots, kv_start, kernels):
-    h, k_buf, v_buf = self.attn(self.attn_norm(x), cos, sin, write, q_slots, kv_start, kernels)
+  def __call__(self, x, cos, sin, attend, kernels, tap):
+    h, layer_state = self.attn(self.attn_norm(x), cos, sin, attend, kernels, tap)
     x = sharding.constrain(x + h, ("batch", "length", "act_embed"))
-    x = x + self.mlp(self.mlp_norm(x), kernels)
-    return sharding.constrain(x, ("batch", "length", "act_embed")), k_buf, v_buf
+    x = x + self.mlp(self.mlp_norm(x), kernels, tap)
+    return sharding.constrain(x, ("batch", "length", "act_embed")), layer_state
 
 
 class Llama(nnx.Module):
@@ -140,6 +131,7 @@ class Llama(nnx.Module):
     cache: KVCache | None = None,
     start: jax.Array | None = None,
     logits_at: str = "all",
+    taps: dict[str, jax.Array] | None = None,
   ):
     """Runs `tokens` [B, S] and returns (logits, cache).
 
@@ -150,6 +142,13 @@ class Llama(nnx.Module):
         themselves and the returned cache holds exactly their S slots.
       start: [B] first valid slot per row when `cache` is None (left padding).
       logits_at: "all" for [B, S, V] logits, "last" for [B, 1, V].
+      taps: if given, filled with named activations ("{layer}.attn_in", ".k_pre_rope",
+        ".k", ".v", ".o_in", ".mlp_in", ".down_in"): the inputs of every linear layer
+        and the keys before/after RoPE, for calibration.
+
+    The cache may be any `jaxllm.kv_cache` implementation: each layer hands it
+    queries (after RoPE), keys before and after RoPE and values, and it returns
+    the attention output and its new per-layer state.
     """
     cfg = self.config
     b, s = tokens.shape
@@ -164,15 +163,15 @@ class Llama(nnx.Module):
 
     x = jnp.take(self.embed[...], tokens, axis=1).transpose(1, 2, 0).astype(self.dtype)
     x = sharding.constrain(x, ("batch", "length", "act_embed"))
-    keys, values = [], []
+    layer_states = []
     for i, layer in enumerate(self.layers):
       if cache is None:
-        write = lambda k, v: (k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3))
+        attend = lambda q, k_pre, k, v: _attend_chunk(q, k, v, q_slots, start, self.kernels)
       else:
-        write = lambda k, v, i=i: cache.write(i, k, v)
-      x, k_buf, v_buf = layer(x, cos, sin, write, q_slots, start, self.kernels)
-      keys.append(k_buf)
-      values.append(v_buf)
+        attend = lambda q, k_pre, k, v, i=i: cache.attend(i, q, k_pre, k, v, q_slots, self.kernels)
+      tap = _no_tap if taps is None else lambda name, x, i=i: taps.__setitem__(f"{i}.{name}", x)
+      x, layer_state = layer(x, cos, sin, attend, self.kernels, tap)
+      layer_states.append(layer_state)
 
     if logits_at == "last":
       x = x[:, -1:]
@@ -187,7 +186,17 @@ class Llama(nnx.Module):
     logits = sharding.constrain(logits, ("batch", "length", "act_vocab"))
 
     if cache is None:
-      cache = KVCache.from_views(keys, values, start)
+      cache = KVCache.from_views([k for k, _ in layer_states], [v for _, v in layer_states], start)
     else:
-      cache = cache.advance(keys, values, s)
+      cache = cache.advance(layer_states, s)
     return logits, cache
+
+
+def _no_tap(name, x):
+  del name, x
+
+
+def _attend_chunk(q, k, v, q_slots, start, kernels):
+  """Causal attention within one chunk (no cache); the state is its [B, Hkv, S, D] K/V."""
+  k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
+  return ops.attention(q, k, v, q_slots, start, kernels), (k, v)

@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from jaxllm import ops
-from jaxllm.model import apply_rope, rope_tables
+from jaxllm.rope import apply_rope, rope_tables
 
 
 def test_default_on_cpu_is_xla():

@@ -1,4 +1,4 @@
-"""Static-shape key/value cache.
+"""Dense (float) static-shape key/value cache: the reference cache layout.
 
 Slots are shared by the whole batch: slot ``length`` is written next for every
 row, and rows with shorter prompts are left-padded, their first valid slot
@@ -15,6 +15,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
+from jaxllm import ops
 from jaxllm.config import ModelConfig
 
 
@@ -96,11 +97,29 @@ class KVCache:
 
     return put(self.keys[layer], k), put(self.values[layer], v)
 
-  def advance(self, keys, values, num_tokens: int) -> "KVCache":
-    """New cache holding the written [B, Hkv, T, D] buffers, `num_tokens` longer."""
+  def attend(self, layer: int, q, k_pre_rope, k, v, q_slots, kernels=ops.KernelConfig()):
+    """Writes this chunk's keys (after RoPE) and values, then attends over the cache.
+
+    Args:
+      layer: layer index.
+      q: [B, S, Hq, D] queries after RoPE.
+      k_pre_rope: [B, S, Hkv, D] keys before RoPE (unused by the dense cache).
+      k, v: [B, S, Hkv, D] keys after RoPE and values.
+      q_slots: [B, S] slot of each query.
+      kernels: implementation choice for `ops.attention`.
+
+    Returns:
+      (out [B, S, Hq, D], layer state) where the state goes to `advance`.
+    """
+    del k_pre_rope
+    k_buf, v_buf = self.write(layer, k, v)
+    return ops.attention(q, k_buf, v_buf, q_slots, self.start, kernels), (k_buf, v_buf)
+
+  def advance(self, layer_states, num_tokens: int) -> "KVCache":
+    """New cache holding each layer's written (k, v) [B, Hkv, T, D] buffers, `num_tokens` longer."""
     return self.replace(
-      keys=tuple(_rows(k) for k in keys),
-      values=tuple(_rows(v) for v in values),
+      keys=tuple(_rows(k) for k, _ in layer_states),
+      values=tuple(_rows(v) for _, v in layer_states),
       length=self.length + num_tokens,
     )
 
