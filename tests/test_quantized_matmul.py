@@ -112,6 +112,37 @@ def test_w4a16_generated(m, kg, nb, seed):
   assert _rel(out, x @ w) < 0.12
 
 
+@pytest.mark.parametrize("k,g", [(576, 64), (640, 128), (1536, 128)])
+def test_w4a16_groups_straddling_the_half(k, g):
+  """g | K but not 2g | K: the kernel steps over gcd(g, K/2)-row chunks (K=640: 64)."""
+  x, w = _data(8, k, 128)
+  w_q, s, mn = qm.quantize_w4a16(w, g)
+  assert s.shape == (k // g, 128)
+  out = qm.w4a16_matmul(x, w_q, s, mn, interpret=True)
+  ref = qm.w4a16_matmul_reference(x, w_q, s, mn)
+  _close(out, ref, 1e-5)
+  # independent reference: numpy dequantization from the unpacked codes
+  codes = np.asarray(qm.unpack_int4_full(w_q, signed=False), np.float64)
+  w_np = codes * np.repeat(np.asarray(s), g, 0) + np.repeat(np.asarray(mn), g, 0)
+  _close(out, np.asarray(x, np.float64) @ w_np, 1e-5)
+  assert _rel(out, x @ w) < 0.12
+
+
+def test_w4a16_q4_1_grid_round_trips_exactly():
+  """A weight on a 4-bit min/max grid of group 32 (like Q4_1) is reproduced exactly."""
+  rng = np.random.default_rng(0)
+  k, n, g = 576, 64, 32
+  codes = rng.integers(0, 16, size=(k // g, g, n))
+  codes[:, 0], codes[:, 1] = 0, 15  # every group spans the whole grid, as Q4_1's does
+  d = rng.uniform(0.001, 0.02, size=(k // g, 1, n)).astype(np.float16).astype(np.float32)
+  m = -rng.uniform(0.0, 0.15, size=(k // g, 1, n)).astype(np.float16).astype(np.float32)
+  w = (codes * d + m).reshape(k, n).astype(np.float32)
+  w_q, s, mn = qm.quantize_w4a16(jnp.asarray(w), g)
+  np.testing.assert_array_equal(qm.unpack_int4_full(w_q, signed=False), codes.reshape(k, n))
+  back = np.asarray(qm.dequantize_w4a16(w_q, s, mn))
+  np.testing.assert_allclose(back, w, rtol=0, atol=4 * np.finfo(np.float32).eps * np.abs(w).max())
+
+
 def _w4a16_export_args(m, k, n):
   g = _group(k)
   return [
@@ -247,6 +278,17 @@ def test_export_lowers(platform, variant, k, n):
 
 
 @pytest.mark.parametrize("platform", ["tpu", "cuda"])
+def test_export_w4a16_g128_padded_k_lowers(platform):
+  """SmolLM2's K=576 padded to 640 for g=128 (chunks of 64 rows straddle the half)."""
+  cp = common.triton_params() if platform == "cuda" else None
+  f = jax.jit(lambda *a: qm.w4a16_matmul(*a, compiler_params=cp))
+  args = [_sds((8, 640), jnp.bfloat16), _sds((320, 576), jnp.int8)]
+  args += [_sds((5, 576), jnp.bfloat16)] * 2
+  exp = jax.export.export(f, platforms=[platform], disabled_checks=_TRITON_CHECK)(*args)
+  assert exp.out_avals[0].shape == (8, 576)
+
+
+@pytest.mark.parametrize("platform", ["tpu", "cuda"])
 def test_export_fp8_dot_lowers(platform):
   cp = common.triton_params() if platform == "cuda" else None
   f = jax.jit(lambda *a: qm.w4a8_fireq_matmul(*a, dot_dtype=jnp.float8_e4m3fn, compiler_params=cp))
@@ -279,10 +321,12 @@ def test_group_not_dividing_k_raises():
     qm.quantize_w4a16(w, 128)  # 576 % 256 != 0
   with pytest.raises(ValueError, match="K=576"):
     qm.quantize_w4_fireq(w, 64)
+  with pytest.raises(ValueError, match="K=576 is not divisible by group_size=128"):
+    qm.quantize_w4a16(w, 128)
   x = jnp.zeros((8, 576), jnp.float32)
   w_q = jnp.zeros((288, 128), jnp.int8)
-  with pytest.raises(ValueError, match="K=576"):  # g = 576 / 9 = 64, K % 128 != 0
-    qm.w4a16_matmul(x, w_q, jnp.ones((9, 128)), jnp.zeros((9, 128)))
+  with pytest.raises(ValueError, match="group_size must be an even"):  # g = 576 / 192 = 3
+    qm.w4a16_matmul(x, w_q, jnp.ones((192, 128)), jnp.zeros((192, 128)))
   with pytest.raises(ValueError, match=r"\(7, 128\)"):  # 576 % 7 != 0
     qm.w4a16_matmul(x, w_q, jnp.ones((7, 128)), jnp.zeros((7, 128)))
 

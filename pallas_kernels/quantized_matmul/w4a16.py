@@ -2,25 +2,30 @@
 
 Layout (see `common` for the int4 packing):
   * `w_q`: int8 [K/2, N], "global halves" packing of unsigned nibbles q in [0, 15].
-  * `scales`, `zeros`: [K/g, N] (f32 or bf16); `w[k, n] = (q[k, n] - zeros[k//g, n]) * scales[k//g, n]`.
-  * Requires K % (2*g) == 0 so that each half of K holds whole groups. For SmolLM2
-    (K=576) that means g=32 (g=64 and g=128 are refused with ValueError).
+  * `scales`, `mins`: [K/g, N] (f32 or bf16); `w[k, n] = q[k, n] * scales[k//g, n] + mins[k//g, n]`.
+    The grid runs from the group's minimum to its maximum (a float offset, not an
+    integer zero point), which is the GGUF Q4_1 form: Q4_1 weights round-trip exactly.
+  * Requires g | K and K even. The K loop steps over chunks of c = gcd(g, K/2) rows, so
+    every chunk of either half lies inside one group (K=640, g=128: c=64).
 
-Kernel: grid over (M/bm, N/bn) blocks, whole-K blocks, and a `fori_loop` over the
-groups of one half of K; each step dequantizes one group from each half and does two
-(bm, g) x (g, bn) dots into an f32 carry. This is the portable form (lowers for Mosaic
-TPU and Triton); no grid-axis reduction into `o_ref`. Scales/zeros are passed to the
-kernel as 3-D (K/g, 1, N) with block (K/g, 1, bn), so the kernel indexes a group on
-the untiled leading dim and the block obeys the TPU (8,128) rule.
+Kernel: grid over (M/bm, N/bn) blocks, whole-K blocks, and a loop over the chunks of
+one half of K; each step dequantizes one chunk from each half (with its group's
+scale and minimum) and does two (bm, c) x (c, bn) dots into an f32 carry. This is
+the portable form (lowers for Mosaic TPU and Triton); no grid-axis reduction into
+`o_ref`. Scales/mins are passed to the kernel as 3-D (K/g, 1, N) with block
+(K/g, 1, bn), so the kernel indexes a group on the untiled leading dim and the block
+obeys the TPU (8,128) rule.
 
 M is zero-padded in the wrapper to a multiple of block_m and sliced back; N must be a
-multiple of block_n (weights are never padded); K is never padded.
+multiple of block_n (weights are never padded); K is never padded here (callers pad K
+with zero rows beforehand, see `jaxllm.quant`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -41,58 +46,74 @@ class BlockSizes:
   block_n: int | None = None
 
 
-def quantize_w4a16(w: jax.Array, group_size: int = 128):
+def quantize_w4a16(w: jax.Array, group_size: int = 128, scale_dtype=jnp.float32):
   """Asymmetric min/max group-wise int4 quantization of a float weight [K, N].
+
+  Each group of `group_size` rows gets the grid ``min + scale * {0..15}`` with
+  ``scale = (max - min) / 15``: the float offset keeps the group's own range (0 need
+  not be on the grid), so a weight already on such a grid (GGUF Q4_1) is reproduced
+  exactly up to float rounding.
 
   Args:
     w: float weight [K, N] (the matmul computes x @ w).
-    group_size: rows of K sharing one scale/zero point; K % (2*group_size) == 0.
+    group_size: rows of K sharing one scale/minimum; must divide K (K even).
+    scale_dtype: storage of scales and minimums, f32 or bf16. Codes are chosen
+      against the stored (rounded) values.
 
   Returns:
-    (w_q int8 [K/2, N] packed, scales f32 [K/g, N], zeros f32 [K/g, N]).
+    (w_q int8 [K/2, N] packed, scales [K/g, N], mins [K/g, N]).
   """
   if w.ndim != 2:
     raise ValueError(f"quantize_w4a16: w must be 2-D [K, N], got shape {tuple(w.shape)}")
+  common.check_dtype("quantize_w4a16", "w", w, (jnp.float32, jnp.bfloat16, jnp.float16))
+  common.check_dtype("quantize_w4a16", "scale_dtype", scale_dtype, _S_DTYPES)
   k, n = w.shape
-  if group_size < 2 or group_size % 2 or k % (2 * group_size):
-    raise ValueError(
-      f"quantize_w4a16: K={k} (w shape {tuple(w.shape)}) must be a multiple of "
-      f"2*group_size={2 * group_size}"
-    )
+  _check_group("quantize_w4a16", k, group_size)
   wg = w.astype(jnp.float32).reshape(k // group_size, group_size, n)
-  wmin = jnp.minimum(wg.min(axis=1), 0.0)
-  wmax = jnp.maximum(wg.max(axis=1), 0.0)
-  scales = jnp.maximum((wmax - wmin) / 15.0, 1e-8)
-  zeros = jnp.clip(jnp.round(-wmin / scales), 0, 15)
-  q = jnp.clip(jnp.round(wg / scales[:, None]) + zeros[:, None], 0, 15)
-  return common.pack_int4(q.reshape(k, n)), scales, zeros
+  wmin = wg.min(axis=1)
+  wmax = wg.max(axis=1)
+  scales = jnp.maximum((wmax - wmin) / 15.0, 1e-12).astype(scale_dtype)
+  mins = wmin.astype(scale_dtype)
+  s32, m32 = scales.astype(jnp.float32), mins.astype(jnp.float32)
+  q = jnp.clip(jnp.round((wg - m32[:, None]) / s32[:, None]), 0, 15)
+  return common.pack_int4(q.reshape(k, n)), scales, mins
 
 
-def dequantize_w4a16(w_q: jax.Array, scales: jax.Array, zeros: jax.Array) -> jax.Array:
+def _check_group(name: str, k: int, group_size: int) -> None:
+  if not isinstance(group_size, int) or group_size < 2 or group_size % 2:
+    raise ValueError(f"{name}: group_size must be an even int >= 2, got {group_size!r}")
+  if k % 2 or k % group_size:
+    raise ValueError(
+      f"{name}: K={k} is not divisible by group_size={group_size} (and must be even); "
+      f"pad K with zero rows (jaxllm.quant: pad_k=True) or pick a group size dividing K"
+    )
+
+
+def dequantize_w4a16(w_q: jax.Array, scales: jax.Array, mins: jax.Array) -> jax.Array:
   """Float32 weight [K, N] from the packed representation."""
   q = common.unpack_int4_full(w_q, signed=False).astype(jnp.float32)
   g = q.shape[0] // scales.shape[0]
   s = jnp.repeat(scales.astype(jnp.float32), g, axis=0)
-  z = jnp.repeat(zeros.astype(jnp.float32), g, axis=0)
-  return (q - z) * s
+  m = jnp.repeat(mins.astype(jnp.float32), g, axis=0)
+  return q * s + m
 
 
-def w4a16_matmul_reference(x, w_q, scales, zeros, *, out_dtype=None) -> jax.Array:
+def w4a16_matmul_reference(x, w_q, scales, mins, *, out_dtype=None) -> jax.Array:
   """Pure-jnp reference: dequantize, cast to x.dtype, dot with f32 accumulation."""
-  _validate(x, w_q, scales, zeros)
-  w = dequantize_w4a16(w_q, scales, zeros).astype(x.dtype)
+  _validate(x, w_q, scales, mins)
+  w = dequantize_w4a16(w_q, scales, mins).astype(x.dtype)
   out = jnp.dot(x, w, preferred_element_type=jnp.float32)
   return out.astype(out_dtype or x.dtype)
 
 
-def _validate(x, w_q, scales, zeros) -> int:
+def _validate(x, w_q, scales, mins) -> int:
   """Check shapes/dtypes; return the group size."""
   if x.ndim != 2:
     raise ValueError(f"{_NAME}: x must be 2-D [M, K], got shape {tuple(x.shape)}")
   common.check_dtype(_NAME, "x", x, _X_DTYPES)
   common.check_dtype(_NAME, "w_q", w_q, (jnp.int8, jnp.uint8))
   common.check_dtype(_NAME, "scales", scales, _S_DTYPES)
-  common.check_dtype(_NAME, "zeros", zeros, _S_DTYPES)
+  common.check_dtype(_NAME, "mins", mins, _S_DTYPES)
   k = x.shape[1]
   if w_q.ndim != 2 or w_q.shape[0] * 2 != k:
     raise ValueError(
@@ -104,32 +125,37 @@ def _validate(x, w_q, scales, zeros) -> int:
     raise ValueError(
       f"{_NAME}: scales shape {tuple(scales.shape)} must be [K/g, N] with K={k}, N={n}"
     )
-  common.check_shape(_NAME, "zeros", zeros, scales.shape)
+  common.check_shape(_NAME, "mins", mins, scales.shape)
   g = k // scales.shape[0]
-  if g % 2 or k % (2 * g):
-    raise ValueError(f"{_NAME}: K={k} must be a multiple of 2*group_size={2 * g}")
+  _check_group(_NAME, k, g)
   return g
 
 
-def _kernel(x_ref, w_ref, s_ref, z_ref, o_ref, *, group: int, n_half_groups: int):
-  half = group * n_half_groups
+def _kernel(x_ref, w_ref, s_ref, m_ref, o_ref, *, group: int, chunk: int, n_steps: int):
+  half = chunk * n_steps
+  per_group = group // chunk  # chunks per group
   bm, bn = o_ref.shape
+
+  def group_of(i):
+    if isinstance(i, int):
+      return i // per_group
+    return i if per_group == 1 else jax.lax.div(i, per_group)
 
   def dequant(p_nibbles, gi):
     s = s_ref[gi].astype(jnp.float32)
-    z = z_ref[gi].astype(jnp.float32)
-    return ((p_nibbles.astype(jnp.float32) - z) * s).astype(x_ref.dtype)
+    m = m_ref[gi].astype(jnp.float32)
+    return (p_nibbles.astype(jnp.float32) * s + m).astype(x_ref.dtype)
 
   def body(i, acc):
-    r0 = common.chunk_start(i, group)
-    lo, hi = common.unpack_int4(w_ref[pl.ds(r0, group), :], signed=False)
-    x_lo = x_ref[:, pl.ds(r0, group)]
-    x_hi = x_ref[:, pl.ds(r0 + half, group)]
-    acc += jnp.dot(x_lo, dequant(lo, i), preferred_element_type=jnp.float32)
-    acc += jnp.dot(x_hi, dequant(hi, i + n_half_groups), preferred_element_type=jnp.float32)
+    r0 = common.chunk_start(i, chunk)
+    lo, hi = common.unpack_int4(w_ref[pl.ds(r0, chunk), :], signed=False)
+    x_lo = x_ref[:, pl.ds(r0, chunk)]
+    x_hi = x_ref[:, pl.ds(r0 + half, chunk)]
+    acc += jnp.dot(x_lo, dequant(lo, group_of(i)), preferred_element_type=jnp.float32)
+    acc += jnp.dot(x_hi, dequant(hi, group_of(i + n_steps)), preferred_element_type=jnp.float32)
     return acc
 
-  acc = common.k_loop(n_half_groups, group, body, jnp.zeros((bm, bn), jnp.float32))
+  acc = common.k_loop(n_steps, chunk, body, jnp.zeros((bm, bn), jnp.float32))
   o_ref[...] = acc.astype(o_ref.dtype)
 
 
@@ -137,7 +163,7 @@ def w4a16_matmul(
   x: jax.Array,
   w_q: jax.Array,
   scales: jax.Array,
-  zeros: jax.Array,
+  mins: jax.Array,
   *,
   out_dtype=None,
   block_sizes: BlockSizes | None = None,
@@ -150,7 +176,7 @@ def w4a16_matmul(
     x: activations [M, K], bf16 or f32.
     w_q: packed int4 weights int8 [K/2, N] (from `quantize_w4a16`).
     scales: [K/g, N] f32/bf16.
-    zeros: [K/g, N] f32/bf16 (integer-valued zero points in [0, 15]).
+    mins: [K/g, N] f32/bf16 (each group's float offset: w = q * scale + min).
     out_dtype: output dtype (default x.dtype).
     block_sizes: tile sizes; defaults depend on the backend.
     interpret: run the kernel in Pallas interpret mode (CPU).
@@ -160,22 +186,25 @@ def w4a16_matmul(
   Returns:
     [M, N] array of `out_dtype`.
   """
-  g = _validate(x, w_q, scales, zeros)
+  g = _validate(x, w_q, scales, mins)
   bs = block_sizes or BlockSizes()
   triton = common.is_triton(compiler_params)
   m, k = x.shape
   n = w_q.shape[1]
-  if triton and (not common.is_pow2(g) or g < 16):
-    raise ValueError(f"{_NAME}: Triton needs a power-of-2 group_size >= 16, got {g}")
+  chunk = math.gcd(g, k // 2)
+  if triton and (not common.is_pow2(chunk) or chunk < 16):
+    raise ValueError(
+      f"{_NAME}: Triton needs a power-of-2 K chunk >= 16, got gcd(group_size={g}, K/2={k // 2})"
+    )
   bm = common.pick_block_m(m, bs.block_m)
   bn = common.pick_block_n(n, bs.block_n, triton)
   m_pad = common.round_up(m, bm)
   common.check_blocks(_NAME, m_pad, n, bm, bn, triton)
   n_groups = k // g
   s3 = scales.reshape(n_groups, 1, n)
-  z3 = zeros.reshape(n_groups, 1, n)
+  m3 = mins.reshape(n_groups, 1, n)
   out_dtype = out_dtype or x.dtype
-  kernel = functools.partial(_kernel, group=g, n_half_groups=n_groups // 2)
+  kernel = functools.partial(_kernel, group=g, chunk=chunk, n_steps=(k // 2) // chunk)
   out = pl.pallas_call(
     kernel,
     out_shape=jax.ShapeDtypeStruct((m_pad, n), out_dtype),
@@ -190,5 +219,5 @@ def w4a16_matmul(
     compiler_params=common.default_compiler_params(compiler_params),
     interpret=interpret,
     name="w4a16_matmul",
-  )(common.pad_rows(x, m_pad), w_q, s3, z3)
+  )(common.pad_rows(x, m_pad), w_q, s3, m3)
   return out[:m]
