@@ -165,3 +165,38 @@ def default_text() -> tuple[str, str]:
           parts.append(doc)
   version = ".".join(platform.python_version_tuple()[:2])
   return "\n\n".join(parts), f"stdlib:docstrings(python{version})"
+
+
+class ModuloTokenizer:
+  """Wraps a tokenizer so ids land in a smaller vocabulary (id % vocab_size).
+
+  `--model=tiny` (random init, no tokenizer of its own) uses it: a plumbing
+  check whose perplexity means nothing.
+  """
+
+  def __init__(self, tokenizer, vocab_size: int):
+    self.tokenizer, self.vocab_size = tokenizer, vocab_size
+
+  def encode(self, text: str) -> list[int]:
+    return [i % self.vocab_size for i in self.tokenizer.encode(text)]
+
+
+def read_eval_text(path: str | None) -> tuple[str, str, str | None]:
+  """(text, label, path): `path`, else WikiText-2 if present, else `default_text()`.
+
+  Exits with a one-line error when `path` is missing or unreadable.
+  """
+  if path is None and os.path.isfile(WIKITEXT_TEST):
+    path, label = WIKITEXT_TEST, "wikitext-2-raw/wiki.test.raw"
+  elif path is None:
+    text, label = default_text()
+    return text, label, None
+  else:
+    label = path
+  if not os.path.isfile(path):
+    fail(f"text file not found: {path}")
+  try:
+    with open(path, "rb") as f:
+      return f.read().decode("utf-8"), label, path
+  except (OSError, UnicodeDecodeError) as e:
+    fail(f"cannot read text file {path}: {e}")

@@ -26,36 +26,6 @@ _BATCH = flags.DEFINE_integer("batch_size", 1, "Windows per forward pass.", lowe
 FLAGS = flags.FLAGS
 
 
-class ModuloTokenizer:
-  """Wraps a tokenizer so ids land in a smaller vocabulary (id % vocab_size)."""
-
-  def __init__(self, tokenizer, vocab_size: int):
-    self.tokenizer, self.vocab_size = tokenizer, vocab_size
-
-  def encode(self, text: str) -> list[int]:
-    return [i % self.vocab_size for i in self.tokenizer.encode(text)]
-
-
-def _read_text() -> tuple[str, str, str | None]:
-  """(text, label, path) from --text_file, else WikiText-2, else the stdlib fallback."""
-  path = FLAGS.text_file
-  if path is None and os.path.isfile(common.WIKITEXT_TEST):
-    path = common.WIKITEXT_TEST
-    label = "wikitext-2-raw/wiki.test.raw"
-  elif path is None:
-    text, label = common.default_text()
-    return text, label, None
-  else:
-    label = path
-  if not os.path.isfile(path):
-    common.fail(f"text file not found: {path}")
-  try:
-    with open(path, "rb") as f:
-      return f.read().decode("utf-8"), label, path
-  except (OSError, UnicodeDecodeError) as e:
-    common.fail(f"cannot read text file {path}: {e}")
-
-
 def _check_flags() -> None:
   if FLAGS.context < 2:
     common.fail(
@@ -70,7 +40,7 @@ def _check_flags() -> None:
 def main(argv):
   del argv
   _check_flags()
-  text, label, path = _read_text()
+  text, label, path = common.read_eval_text(FLAGS.text_file)
   t_start = time.perf_counter()
   # Heavy imports (jax) only once the input looks sane.
   # pylint: disable=import-outside-toplevel
@@ -91,7 +61,7 @@ def main(argv):
   gguf = FLAGS.gguf or default_gguf_path()
   tokenizer, tokenizer_note = Tokenizer.from_gguf(gguf), "gguf"
   if FLAGS.model == "tiny":
-    tokenizer = ModuloTokenizer(tokenizer, cfg.vocab_size)
+    tokenizer = common.ModuloTokenizer(tokenizer, cfg.vocab_size)
     tokenizer_note = f"gguf ids % {cfg.vocab_size}"
   try:
     windows = tokenize_windows(tokenizer, text, FLAGS.context)

@@ -1,0 +1,243 @@
+"""Compressed KV caches measured by streaming perplexity (issue 4).
+
+  python -m experiments.kv_compression \\
+    --methods=dense,int8,fireq_int4,kivi4,kivi2,rotatekv2 --text_file=F \\
+    [--context=1024] [--max_windows=N] [--ablations]
+
+Each window is prefilled for `--prefill` tokens and then decoded token by token
+through the method's cache, every step attending to the cache as stored
+(`jaxllm.streaming`). Per method: bytes per token against a bf16 dense cache
+(residual window and sink tokens excluded, reported apart), perplexity, its
+change against the dense cache, and top-1 agreement with the dense cache.
+
+FireQ's scales are calibrated on `--calib_windows` windows of `--calib_file`
+(default: the standard library's docstrings, which never overlap the
+evaluation text).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+
+from absl import app, flags
+
+from experiments import common
+
+NAME = "kv_compression"
+MAIN_METHODS = ("dense", "int8", "fireq_int4", "kivi4", "kivi2", "rotatekv2")
+ABLATIONS = (
+  "kivi2_per_token_keys",
+  "kivi2_no_residual",
+  "fireq_int4_pre_rope_only",
+  "fireq_int4_post_rope_only",
+)
+
+common.define_common_flags(NAME)
+_METHODS = flags.DEFINE_list("methods", list(MAIN_METHODS), "Cache methods to compare.")
+_ABLATIONS = flags.DEFINE_boolean(
+  "ablations", True, f"Also run the ablations: {', '.join(ABLATIONS)}."
+)
+_PREFILL = flags.DEFINE_integer("prefill", 31, "Tokens per window run as one prefill chunk.")
+_BLOCK = flags.DEFINE_integer("block", 32, "Decode steps per jitted scan.", lower_bound=1)
+_BATCH = flags.DEFINE_integer("batch_size", 8, "Windows decoded side by side.", lower_bound=1)
+_CALIB_FILE = flags.DEFINE_string(
+  "calib_file", None, "Calibration text; default: the standard library's docstrings."
+)
+_CALIB_WINDOWS = flags.DEFINE_integer(
+  "calib_windows", 4, "Calibration windows (of --context tokens).", lower_bound=1
+)
+_IMPL = flags.DEFINE_enum(
+  "implementation", None, ["xla", "pallas", "reference"], "Force a kernel implementation."
+)
+_INTERPRET = flags.DEFINE_boolean("interpret", False, "Run Pallas kernels in interpret mode.")
+FLAGS = flags.FLAGS
+
+
+def _methods() -> list[str]:
+  methods = list(dict.fromkeys(_METHODS.value + (list(ABLATIONS) if _ABLATIONS.value else [])))
+  if "dense" in methods:
+    methods.remove("dense")
+  return ["dense"] + methods  # dense first: every other method is compared with it
+
+
+def _check_flags() -> None:
+  if FLAGS.max_windows is not None and FLAGS.max_windows < 1:
+    common.fail(f"--max_windows must be >= 1, got {FLAGS.max_windows}")
+  if _PREFILL.value < 1 or _PREFILL.value >= FLAGS.context - 1:
+    common.fail(
+      f"--prefill must be in [1, context - 1) so that some tokens are decoded; "
+      f"got --prefill={_PREFILL.value} with --context={FLAGS.context}"
+    )
+  if FLAGS.gguf is not None and not os.path.isfile(FLAGS.gguf):
+    common.fail(f"GGUF file not found: {FLAGS.gguf}")
+
+
+def _plot(rows: list[dict], path: str, title: str) -> None:
+  import matplotlib  # pylint: disable=import-outside-toplevel
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+
+  fig, ax = plt.subplots(figsize=(7, 4.5))
+  for row in rows:
+    ax.scatter(row["bits_per_value"], row["ppl"], s=30)
+    ax.annotate(
+      row["method"],
+      (row["bits_per_value"], row["ppl"]),
+      fontsize=7,
+      xytext=(3, 3),
+      textcoords="offset points",
+    )
+  ax.set_xlabel("cache bits per K/V value (scales and zero points included, residual excluded)")
+  ax.set_ylabel("streaming perplexity")
+  ax.set_title(title, fontsize=9)
+  ax.grid(alpha=0.3)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+
+
+def main(argv):
+  del argv
+  _check_flags()
+  methods = _methods()
+  text, label, path = common.read_eval_text(FLAGS.text_file)
+  # pylint: disable=import-outside-toplevel
+  import jax.numpy as jnp
+
+  from jaxllm import kv_cache, ops
+  from jaxllm.config import get_config
+  from jaxllm.gguf_loader import default_gguf_path
+  from jaxllm.perplexity import tokenize_windows
+  from jaxllm.pipeline import load_pipeline
+  from jaxllm.streaming import StreamingConfig, StreamingScorer, streaming_perplexity
+  from jaxllm.tokenizer import Tokenizer
+
+  try:
+    specs = {m: kv_cache.spec_for(m) for m in methods}
+    cfg = get_config(FLAGS.model)
+    stream_cfg = StreamingConfig(
+      prefill=_PREFILL.value, block=_BLOCK.value, batch_size=_BATCH.value
+    )
+  except ValueError as e:
+    common.fail(str(e))
+  if FLAGS.context > cfg.max_seq_len:
+    common.fail(f"--context={FLAGS.context} exceeds {cfg.name}'s max_seq_len={cfg.max_seq_len}")
+
+  tokenizer = Tokenizer.from_gguf(FLAGS.gguf or default_gguf_path())
+  if FLAGS.model == "tiny":
+    tokenizer = common.ModuloTokenizer(tokenizer, cfg.vocab_size)
+  if _CALIB_FILE.value is None:
+    calib_text, calib_label = common.default_text()
+  else:
+    calib_text, calib_label, _ = common.read_eval_text(_CALIB_FILE.value)
+  try:
+    windows = tokenize_windows(tokenizer, text, FLAGS.context)
+    calib = tokenize_windows(tokenizer, calib_text, FLAGS.context)[: _CALIB_WINDOWS.value]
+  except ValueError as e:
+    common.fail(f"{label}: {e}")
+  available = len(windows)
+  if FLAGS.max_windows is not None:
+    windows = windows[: FLAGS.max_windows]
+
+  pipe = load_pipeline(FLAGS.model, FLAGS.gguf, FLAGS.dtype, FLAGS.seed)
+  kernels = ops.KernelConfig(implementation=_IMPL.value, interpret=_INTERPRET.value)
+  pipe.model.kernels = kernels
+  dtype = jnp.dtype(FLAGS.dtype)
+
+  rows, reference_top1 = [], None
+  for method in methods:
+    spec = specs[method]
+    t0 = time.perf_counter()
+    try:
+      model, calibration = kv_cache.prepare_model(pipe.model, spec, jnp.asarray(calib))
+      probe = kv_cache.create_cache(
+        spec, cfg, 1, stream_cfg.layout(FLAGS.context)[1], dtype, calibration=calibration
+      )
+    except ValueError as e:
+      common.fail(f"{method}: {e}")
+    memory = probe.memory()
+    make_cache = lambda b, c, spec=spec, calibration=calibration: kv_cache.create_cache(
+      spec, cfg, b, c, dtype, calibration=calibration
+    )
+    scorer = StreamingScorer(model, make_cache, stream_cfg)
+    result, top1 = streaming_perplexity(scorer, windows, reference_top1, progress=True)
+    if reference_top1 is None:
+      reference_top1, dense_ppl = top1, result["ppl"]
+      result["top1_agree"] = 1.0
+    ratio = memory["bytes_per_token"] / memory["bf16_bytes_per_token"]
+    row = {
+      "method": method,
+      "ppl": result["ppl"],
+      "delta_pct": 100.0 * (result["ppl"] / dense_ppl - 1.0),
+      "bytes_per_token_vs_bf16": ratio,
+      "top1_agree": result["top1_agree"],
+      "bits_per_value": 16.0 * ratio,
+      "bytes_per_token": memory["bytes_per_token"],
+      "residual_bytes": memory["residual_bytes"],
+      "seconds": time.perf_counter() - t0,
+    }
+    rows.append(row)
+    print(
+      f"{method:28s} ppl {row['ppl']:8.3f}  {row['delta_pct']:+7.2f}%  "
+      f"bytes/token x{ratio:.3f}  top-1 {row['top1_agree']:.4f}  ({row['seconds']:.0f} s)",
+      flush=True,
+    )
+
+  print()
+  print(
+    f"text: {label}; context {FLAGS.context}; {len(windows)} of {available} windows; "
+    f"{result['tokens']} scored tokens per method; prefill {_PREFILL.value}"
+  )
+  print(f"{'method':28s} {'ppl':>9s} {'dppl %':>8s} {'bytes/tok vs bf16':>18s} {'top-1':>7s}")
+  for row in rows:
+    print(
+      f"{row['method']:28s} {row['ppl']:9.3f} {row['delta_pct']:+8.2f} "
+      f"{row['bytes_per_token_vs_bf16']:18.3f} {row['top1_agree']:7.4f}"
+    )
+
+  os.makedirs(FLAGS.out_dir, exist_ok=True)
+  plot_path = os.path.join(FLAGS.out_dir, f"{NAME}.png")
+  _plot(
+    rows,
+    plot_path,
+    f"{cfg.name}, {label}, context {FLAGS.context}, {len(windows)} windows, streaming",
+  )
+  keys = ("method", "ppl", "delta_pct", "bytes_per_token_vs_bf16", "top1_agree")
+  summary = {"results": [{k: row[k] for k in keys} for row in rows]}
+  record = {
+    "config": {
+      "model": FLAGS.model,
+      "gguf": FLAGS.gguf,
+      "dtype": FLAGS.dtype,
+      "context": FLAGS.context,
+      "max_windows": FLAGS.max_windows,
+      "prefill": _PREFILL.value,
+      "block": _BLOCK.value,
+      "batch_size": _BATCH.value,
+      "implementation": _IMPL.value,
+      "interpret": _INTERPRET.value,
+      "methods": methods,
+      "specs": {m: repr(s) for m, s in specs.items()},
+    },
+    "text": {
+      "label": label,
+      "path": os.path.abspath(path) if path else None,
+      "sha256_utf8": hashlib.sha256(text.encode("utf-8")).hexdigest(),
+      "windows_available": available,
+      "windows": len(windows),
+      "scored_tokens_per_method": result["tokens"],
+    },
+    "calibration": {"text": calib_label, "windows": len(calib)},
+    "rows": rows,
+    "plot": plot_path,
+    "run": common.run_info(),
+    "summary": summary,
+  }
+  common.finish(FLAGS.out_dir, NAME, record, summary)
+
+
+if __name__ == "__main__":
+  app.run(main)
