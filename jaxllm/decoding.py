@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import threading
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -42,10 +43,28 @@ def left_pad(prompts: Sequence[Sequence[int]], length: int, pad_id: int):
   return tokens, start
 
 
-class Generator:
-  """Holds a split model and its compiled prefill/decode functions."""
+# (batch, capacity, start [B] int32) -> an empty cache of any `jaxllm.kv_cache` type
+CacheFactory = Callable[[int, int, jax.Array], Any]
 
-  def __init__(self, model: Llama, max_cache_len: int | None = None, prompt_bucket: int = 64):
+
+class Generator:
+  """Holds a split model and its compiled prefill/decode functions.
+
+  Args:
+    model: the model to run.
+    max_cache_len: cap on prompt + generated tokens (default: the model's max).
+    prompt_bucket: prompts are left-padded to a multiple of this many tokens.
+    make_cache: builds the (compressed) cache generation runs through; by
+      default a dense cache holding the prefill chunk as computed.
+  """
+
+  def __init__(
+    self,
+    model: Llama,
+    max_cache_len: int | None = None,
+    prompt_bucket: int = 64,
+    make_cache: CacheFactory | None = None,
+  ):
     self.config = model.config
     self.dtype = model.dtype  # activations and KV cache (params may be quantized)
     self.graphdef, self.state = nnx.split(model)
@@ -54,6 +73,7 @@ class Generator:
     self.params = self.state.to_pure_dict()
     self.max_cache_len = max_cache_len or model.config.max_seq_len
     self.prompt_bucket = prompt_bucket
+    self.make_cache = make_cache
     self._prefill = jax.jit(self._prefill_fn, static_argnames=("capacity", "sampling"))
     self._step = jax.jit(self._step_fn, static_argnames=("sampling",), donate_argnames=("cache",))
     self._compiled_steps: set = set()
@@ -67,8 +87,12 @@ class Generator:
 
   def _prefill_fn(self, params, tokens, start, key, *, capacity, sampling):
     model = self._model(params)
-    logits, chunk = model(tokens, start=start, logits_at="last")
-    cache = chunk.grow(capacity)
+    if self.make_cache is None:
+      logits, chunk = model(tokens, start=start, logits_at="last")
+      cache = chunk.grow(capacity)
+    else:
+      empty = self.make_cache(tokens.shape[0], capacity, start)
+      logits, cache = model(tokens, cache=empty, logits_at="last")
     return sample(logits[:, -1], key, sampling), cache
 
   def _step_fn(self, params, cache, tokens, key, *, sampling):
@@ -81,7 +105,12 @@ class Generator:
     signature = (batch, capacity, sampling)
     if signature in self._compiled_steps:
       return
-    cache = jax.eval_shape(lambda: KVCache.create(self.config, batch, capacity, self.dtype))
+    start = jnp.zeros((batch,), jnp.int32)
+    if self.make_cache is None:
+      make = lambda: KVCache.create(self.config, batch, capacity, self.dtype, start)
+    else:
+      make = lambda: self.make_cache(batch, capacity, start)
+    cache = jax.eval_shape(make)
     tokens = jax.ShapeDtypeStruct((batch,), jnp.int32)
     key = jax.eval_shape(lambda: jax.random.key(0))
     self._step.lower(self.params, cache, tokens, key, sampling=sampling).compile()

@@ -7,6 +7,8 @@ import numpy as np
 import pytest
 
 import jaxllm
+from jaxllm.decoding import Generator
+from jaxllm.kv_cache import KVCache
 from jaxllm.sampling import SamplingConfig
 
 
@@ -73,3 +75,18 @@ def test_streaming_callback_sees_every_token(gen):
     [[1, 2], [3]], 5, on_tokens=lambda ids: seen.append(ids.copy()), stop_at_eos=False
   )
   np.testing.assert_array_equal(np.stack(seen, 1), np.asarray(out.tokens))
+
+
+def test_cache_factory_path_matches_default(tiny_model):
+  # Prefill into an empty cache built by `make_cache` (the path compressed caches
+  # take) must generate exactly what the default prefill-then-grow path does.
+  cfg = tiny_model.config
+  prompts = [[5, 6, 7, 8, 9], [3, 4]]
+  default = Generator(tiny_model, max_cache_len=128).generate(prompts, 12, stop_at_eos=False)
+  factory = Generator(
+    tiny_model,
+    max_cache_len=128,
+    make_cache=lambda b, c, start: KVCache.create(cfg, b, c, start=start),
+  ).generate(prompts, 12, stop_at_eos=False)
+  assert factory.tokens == default.tokens
+  assert len(factory.tokens[0]) == 12
