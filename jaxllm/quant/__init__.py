@@ -1,6 +1,24 @@
-"""Post-training quantization: quantized weight containers and their matmuls."""
+"""Post-training quantization: quantized weight containers, their matmuls, calibration,
+smoothing and recipes."""
 
-from jaxllm.quant.apply import quantize_model
+from jaxllm.quant.apply import apply_recipe, quantize_model, weight_bytes
+from jaxllm.quant.calibrate import activation_absmax
 from jaxllm.quant.qtensor import METHODS, QTensor, quantize
+from jaxllm.quant.recipes import RECIPES, QuantRule, QuantSpec, Recipe, get_recipe
+from jaxllm.quant.smoothing import smooth_model
 
-__all__ = ["METHODS", "QTensor", "quantize", "quantize_model"]
+__all__ = [
+  "METHODS",
+  "RECIPES",
+  "QTensor",
+  "QuantRule",
+  "QuantSpec",
+  "Recipe",
+  "activation_absmax",
+  "apply_recipe",
+  "get_recipe",
+  "quantize",
+  "quantize_model",
+  "smooth_model",
+  "weight_bytes",
+]

@@ -1,25 +1,113 @@
-"""Quantizing a model's linear layers in place."""
+"""Quantizing a model's linear layers in place, by method or by `Recipe`."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Mapping
+
+import numpy as np
+from flax import nnx
+
 from jaxllm.model import Llama
 from jaxllm.quant.qtensor import QTensor, quantize
+from jaxllm.quant.recipes import QuantSpec, Recipe
 
 # param name -> number of leading dims contracted by its matmul
 LINEAR_PARAMS = {"q": 1, "k": 1, "v": 1, "o": 2, "gate": 1, "up": 1, "down": 1}
 
 
-def quantize_model(model: Llama, method: str, group_size: int = 128) -> Llama:
+def linear_params(model: Llama) -> Iterator[tuple[str, nnx.Param, int]]:
+  """(path like ``layers.3.attn.q``, its Param, contracted dims) for every decoder linear."""
+  for i, layer in enumerate(model.layers):
+    for module_name in ("attn", "mlp"):
+      module = getattr(layer, module_name)
+      for name, contract in LINEAR_PARAMS.items():
+        param = getattr(module, name, None)
+        if param is not None:
+          yield f"layers.{i}.{module_name}.{name}", param, contract
+
+
+def quantize_with_spec(param: nnx.Param, spec: QuantSpec, contract_dims: int) -> None:
+  param.set_value(
+    quantize(
+      param.get_value(),
+      spec.method,
+      spec.group_size,
+      contract_dims,
+      pad_k=spec.pad_k,
+      scale_dtype=spec.scale_dtype,
+      per_tensor_scale=spec.per_tensor_scale,
+    )
+  )
+
+
+def quantize_model(model: Llama, method: str | QuantSpec, group_size: int | None = 128) -> Llama:
   """Replaces every decoder linear weight by a `QTensor` (embedding and norms stay float).
 
   The model is modified in place and returned; its forward then runs through
   the ``quantized_linear`` op.
   """
-  for layer in model.layers:
-    for module in (layer.attn, layer.mlp):
-      for name, contract in LINEAR_PARAMS.items():
-        param = getattr(module, name, None)
-        if param is None or isinstance(param.get_value(), QTensor):
-          continue
-        param.set_value(quantize(param.get_value(), method, group_size, contract))
+  spec = method if isinstance(method, QuantSpec) else QuantSpec(method, group_size)
+  for _, param, contract in linear_params(model):
+    if not isinstance(param.get_value(), QTensor):
+      quantize_with_spec(param, spec, contract)
   return model
+
+
+def apply_recipe(
+  model: Llama, recipe: Recipe, act_absmax: Mapping[str, np.ndarray] | None = None
+) -> Llama:
+  """Smooths (if the recipe says so) and quantizes `model` in place; returns it.
+
+  Args:
+    model: a float model.
+    recipe: what to do (see `jaxllm.quant.recipes`).
+    act_absmax: per-channel activation absmax from `jaxllm.quant.calibrate`,
+      required when the recipe smooths.
+  """
+  if recipe.needs_calibration:
+    if act_absmax is None:
+      raise ValueError(f"recipe {recipe.name!r} smooths, so it needs calibration statistics")
+    from jaxllm.quant.smoothing import smooth_model  # pylint: disable=import-outside-toplevel
+
+    smooth_model(model, act_absmax, recipe.smoothing_alpha)
+  for path, param, contract in linear_params(model):
+    spec = recipe.spec_for(path)
+    if spec is not None and not isinstance(param.get_value(), QTensor):
+      quantize_with_spec(param, spec, contract)
+  return model
+
+
+def weight_bytes(model: Llama) -> dict:
+  """Exact bytes of the decoder linears (as stored) and of the whole model.
+
+  Returns:
+    dict with ``linear_bytes`` (values, scales, offsets, padding included),
+    ``linear_bf16_bytes`` (the same tensors in bf16), ``model_bytes`` (everything,
+    embedding and norms as stored) and ``model_bf16_bytes``.
+  """
+  import jax  # pylint: disable=import-outside-toplevel
+
+  linear, linear_bf16 = 0, 0
+  for _, param, _ in linear_params(model):
+    value = param.get_value()
+    if isinstance(value, QTensor):
+      linear += value.num_bytes
+      linear_bf16 += value.bf16_bytes
+    else:
+      linear += value.size * value.dtype.itemsize
+      linear_bf16 += 2 * value.size
+  total, total_bf16 = 0, 0
+  state = nnx.state(model, nnx.Param).to_pure_dict()
+  for leaf in jax.tree.leaves(state, is_leaf=lambda x: isinstance(x, QTensor)):
+    if isinstance(leaf, QTensor):
+      total += leaf.num_bytes
+      total_bf16 += leaf.bf16_bytes
+    else:
+      total += leaf.size * leaf.dtype.itemsize
+      total_bf16 += 2 * leaf.size
+  return {
+    "linear_bytes": linear,
+    "linear_bf16_bytes": linear_bf16,
+    "model_bytes": total,
+    "model_bf16_bytes": total_bf16,
+  }

@@ -1,9 +1,12 @@
 """Implementations of the ``quantized_linear`` op: rows [M, K] @ QTensor -> [M, N].
 
 * ``xla``: dequantize and dot; XLA fuses the dequantization into the matmul's
-  operand on CPU. W8A8 quantizes activations per token first, as the kernel does.
+  operand on CPU. W8A8 quantizes activations to int8 per token first and FireQ to
+  FP8 e4m3 per token, as their kernels do.
 * ``pallas``: the `pallas_kernels.quantized_matmul` kernels.
 * ``reference``: the kernels' own jnp references.
+
+A QTensor whose K was zero-padded (``k_pad``) gets zero-padded activations.
 """
 
 from __future__ import annotations
@@ -14,25 +17,45 @@ from jaxllm import ops
 from pallas_kernels import quantized_matmul as qmm
 
 
+def _pad_k(x, w):
+  return jnp.pad(x, ((0, 0), (0, w.k_pad))) if w.k_pad else x
+
+
+def _fireq_scales(w):
+  """FireQ scales as the kernel takes them: f32 [K/g, N] (exact for FP8-stored scales)."""
+  return w.scales.astype(jnp.float32)
+
+
 @ops.register("quantized_linear", "xla")
 def _xla(x, w):
+  x = _pad_k(x, w)
   if w.method == "w8a8":
     x_q, x_scale = qmm.quantize_activations_int8(x)
     acc = jnp.dot(x_q, w.values, preferred_element_type=jnp.int32)
     return (acc.astype(jnp.float32) * x_scale * w.scales).astype(x.dtype)
-  wf = w.dequantize(x.dtype).reshape(x.shape[-1], -1)  # [K, N]
+  if w.method == "fireq_w4a8":
+    x_fp8, x_scale = qmm.quantize_activations_fp8(x)
+    acc = jnp.dot(x_fp8.astype(jnp.float32), w.dequantize_padded(jnp.float32))
+    return (acc * x_scale).astype(x.dtype)
+  wf = w.dequantize_padded(x.dtype)  # [K', N]
   return jnp.dot(x, wf, preferred_element_type=jnp.float32).astype(x.dtype)
 
 
 @ops.register("quantized_linear", "pallas")
 def _pallas(x, w, *, interpret=False):
+  x = _pad_k(x, w)
   if w.method == "w8a8":
     return qmm.w8a8_matmul(x, w.values, w.scales, interpret=interpret)
-  return qmm.w4a16_matmul(x, w.values, w.scales, w.zeros, interpret=interpret)
+  if w.method == "fireq_w4a8":
+    return qmm.w4a8_fireq_matmul(x, w.values, _fireq_scales(w), w.tensor_scale, interpret=interpret)
+  return qmm.w4a16_matmul(x, w.values, w.scales, w.offsets, interpret=interpret)
 
 
 @ops.register("quantized_linear", "reference")
 def _reference(x, w):
+  x = _pad_k(x, w)
   if w.method == "w8a8":
     return qmm.w8a8_matmul_reference(x, w.values, w.scales)
-  return qmm.w4a16_matmul_reference(x, w.values, w.scales, w.zeros)
+  if w.method == "fireq_w4a8":
+    return qmm.w4a8_fireq_matmul_reference(x, w.values, _fireq_scales(w), w.tensor_scale)
+  return qmm.w4a16_matmul_reference(x, w.values, w.scales, w.offsets)

@@ -1,0 +1,95 @@
+"""Calibration: per-channel activation statistics of every linear layer's input.
+
+One jitted function runs the model with ``taps`` and reduces each tapped input to
+its per-channel absolute maximum over batch and positions, so full activations
+never leave it. Statistics are keyed like the taps:
+
+  * ``{i}.attn_in`` [E]: input of q/k/v (after attn_norm);
+  * ``{i}.o_in`` [H, D]: input of the o projection (attention output per head);
+  * ``{i}.mlp_in`` [E]: input of gate/up (after mlp_norm);
+  * ``{i}.down_in`` [F]: input of down.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxllm.model import Llama
+
+LINEAR_INPUTS = ("attn_in", "o_in", "mlp_in", "down_in")
+# Fewer tokens per window than this make position-dependent statistics meaningless.
+MIN_CALIBRATION_TOKENS = 16
+
+
+def _check_windows(windows, vocab_size: int, min_tokens: int) -> np.ndarray:
+  windows = np.asarray(windows)
+  if windows.ndim != 2 or not np.issubdtype(windows.dtype, np.integer):
+    raise ValueError(
+      f"calibration windows must be int [N, length], got {windows.dtype}{list(windows.shape)}"
+    )
+  if windows.shape[0] == 0:
+    raise ValueError("calibration set is empty: give at least one window of token ids")
+  if windows.shape[1] < min_tokens:
+    raise ValueError(
+      f"calibration windows are too short: {windows.shape[1]} tokens each, "
+      f"need at least {min_tokens}"
+    )
+  if windows.min() < 0 or windows.max() >= vocab_size:
+    raise ValueError(
+      f"calibration token ids must lie in [0, {vocab_size}), got [{windows.min()}, {windows.max()}]"
+    )
+  return windows
+
+
+def activation_absmax(
+  model: Llama,
+  windows,
+  batch_size: int = 1,
+  min_tokens: int = MIN_CALIBRATION_TOKENS,
+  progress: bool = False,
+) -> dict[str, np.ndarray]:
+  """Per-channel max |x| of every linear layer's input over calibration `windows`.
+
+  Args:
+    model: the (float) model to calibrate.
+    windows: int [N, length] token ids, N >= 1, length >= `min_tokens`.
+    batch_size: windows per forward pass (a short last batch runs on its own).
+    min_tokens: shortest window accepted.
+    progress: tqdm bar on stderr.
+
+  Returns:
+    name -> float32 array (see the module docstring for names and shapes).
+
+  Raises:
+    ValueError: empty set, windows too short, or ids outside the vocabulary.
+  """
+  windows = _check_windows(windows, model.config.vocab_size, min_tokens)
+  if batch_size < 1:
+    raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+  graphdef, state = nnx.split(model)
+
+  @jax.jit
+  def batch_absmax(state, tokens):
+    taps = {}
+    nnx.merge(graphdef, state)(tokens, logits_at="last", taps=taps)
+    out = {}
+    for name, x in taps.items():
+      if name.split(".", 1)[1] in LINEAR_INPUTS:
+        channel_axes = 2 if name.endswith(".o_in") else 1
+        axes = tuple(range(x.ndim - channel_axes))
+        out[name] = jnp.max(jnp.abs(x.astype(jnp.float32)), axis=axes)
+    return out
+
+  batches = range(0, len(windows), batch_size)
+  if progress:
+    import tqdm  # pylint: disable=import-outside-toplevel
+
+    batches = tqdm.tqdm(batches, desc="calibration", unit="batch", leave=False)
+  stats = None
+  for lo in batches:
+    got = batch_absmax(state, jnp.asarray(windows[lo : lo + batch_size], jnp.int32))
+    stats = got if stats is None else jax.tree.map(jnp.maximum, stats, got)
+  return {k: np.asarray(v) for k, v in stats.items()}

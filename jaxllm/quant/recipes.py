@@ -1,0 +1,132 @@
+"""Quantization recipes as data: which linear weights get which format, and smoothing.
+
+A `Recipe` is a table of `QuantRule`s (a regex over parameter paths such as
+``layers.3.attn.q`` -> a `QuantSpec`), tried in order, first match wins; a path no
+rule matches stays float. `RECIPES` holds the named recipes the runner and the
+notebook use, FireQ's two ablations among them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+
+from jaxllm.quant.qtensor import METHODS
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantSpec:
+  """How one weight is quantized (the arguments of `jaxllm.quant.quantize`)."""
+
+  method: str
+  group_size: int | None = None
+  pad_k: bool = False
+  scale_dtype: str | None = None
+  per_tensor_scale: bool = True
+
+  def __post_init__(self):
+    if self.method not in METHODS:
+      raise ValueError(
+        f"unknown quantization method {self.method!r}; choose one of {sorted(METHODS)}"
+      )
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantRule:
+  """Weights whose path fully matches `pattern` are quantized with `spec` (None: kept float)."""
+
+  pattern: str
+  spec: QuantSpec | None
+
+  def matches(self, path: str) -> bool:
+    return re.fullmatch(self.pattern, path) is not None
+
+
+@dataclasses.dataclass(frozen=True)
+class Recipe:
+  """A named quantization: rules for the weights, and optional SmoothQuant-style smoothing.
+
+  Attributes:
+    name: the method name the runner reports.
+    description: one line for tables and plots.
+    rules: `QuantRule`s, first match wins.
+    smoothing_alpha: migration strength alpha of the channel scales
+      ``s = amax_x^alpha / amax_w^(1 - alpha)``; None: no smoothing (and no
+      calibration needed).
+  """
+
+  name: str
+  description: str
+  rules: tuple[QuantRule, ...] = ()
+  smoothing_alpha: float | None = None
+
+  def __post_init__(self):
+    if self.smoothing_alpha is not None and not 0.0 <= self.smoothing_alpha <= 1.0:
+      raise ValueError(f"smoothing_alpha must lie in [0, 1], got {self.smoothing_alpha}")
+
+  def spec_for(self, path: str) -> QuantSpec | None:
+    for rule in self.rules:
+      if rule.matches(path):
+        return rule.spec
+    return None
+
+  @property
+  def needs_calibration(self) -> bool:
+    return self.smoothing_alpha is not None
+
+
+LINEARS = r"layers\.\d+\.(attn\.(q|k|v|o)|mlp\.(gate|up|down))"
+
+_FIREQ = QuantSpec("fireq_w4a8", group_size=None, scale_dtype="float8_e4m3fn")
+_FIREQ_ALPHA = 0.5
+
+
+def _all_linears(spec: QuantSpec) -> tuple[QuantRule, ...]:
+  return (QuantRule(LINEARS, spec),)
+
+
+RECIPES: dict[str, Recipe] = {
+  r.name: r
+  for r in (
+    Recipe("fp32", "float32 weights (the GGUF's Q4_1/Q8_0 dequantized): the baseline"),
+    Recipe(
+      "w8a8",
+      "int8 per-channel weights x int8 per-token activations",
+      _all_linears(QuantSpec("w8a8")),
+    ),
+    Recipe(
+      "w4a16_g32",
+      "int4 min/max g32 weights (f32 scale + offset), float activations",
+      _all_linears(QuantSpec("w4a16", group_size=32)),
+    ),
+    Recipe(
+      "w4a16_g128",
+      "int4 min/max g128 weights (bf16 scale + offset; K=576 zero-padded to 640)",
+      _all_linears(QuantSpec("w4a16", group_size=128, pad_k=True, scale_dtype="bfloat16")),
+    ),
+    Recipe(
+      "fireq_w4a8",
+      "FireQ: int4 per-channel weights, FP8 scales under an f32 per-tensor scale, "
+      "FP8 per-token activations, smoothing",
+      _all_linears(_FIREQ),
+      _FIREQ_ALPHA,
+    ),
+    Recipe(
+      "fireq_w4a8_no_smoothing",
+      "FireQ without the channel smoothing",
+      _all_linears(_FIREQ),
+    ),
+    Recipe(
+      "fireq_w4a8_no_per_tensor",
+      "FireQ without the per-tensor scale (FP8 scales stored absolute)",
+      _all_linears(dataclasses.replace(_FIREQ, per_tensor_scale=False)),
+      _FIREQ_ALPHA,
+    ),
+  )
+}
+
+
+def get_recipe(name: str) -> Recipe:
+  if name not in RECIPES:
+    raise ValueError(f"unknown quantization recipe {name!r}; choose from {list(RECIPES)}")
+  return RECIPES[name]
