@@ -17,10 +17,11 @@ import jax.numpy as jnp
 
 from jaxllm import ops
 from jaxllm.config import ModelConfig
+from jaxllm.kv_cache.base import SlotCacheMixin, bf16_bytes_per_token, memory_report
 
 
 @flax.struct.dataclass
-class KVCache:
+class KVCache(SlotCacheMixin):
   """Per-layer dense K/V buffers.
 
   Buffers are stored as [B * Hkv, T, D] ("rows" = batch-major (row, kv head)
@@ -134,9 +135,12 @@ class KVCache:
       values=tuple(jnp.pad(v, pad) for v in self.values),
     )
 
-  def rollback(self, length) -> "KVCache":
-    """Cache truncated to `length` slots (must not exceed the current length)."""
-    return self.replace(length=jnp.minimum(self.length, jnp.asarray(length, jnp.int32)))
+  def memory(self) -> dict:
+    """Exact bytes: K and V in the cache dtype, no scales, no residual window."""
+    rows, _, head_dim = self.keys[0].shape
+    bf16 = bf16_bytes_per_token(len(self.keys), rows // self.batch, head_dim)
+    per_token = bf16 * self.keys[0].dtype.itemsize // 2
+    return memory_report(bf16, per_token, 0, self.num_bytes)
 
 
 def _rows(x: jax.Array) -> jax.Array:

@@ -1,0 +1,77 @@
+"""Shared pieces of the caches: room checks, rollback, chunk insertion, memory reports."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from jaxllm.config import ModelConfig
+
+
+def concrete_int(x) -> int | None:
+  """`int(x)` when x is concrete, None under tracing."""
+  try:
+    return int(x)
+  except (jax.errors.ConcretizationTypeError, jax.errors.TracerIntegerConversionError):
+    return None
+
+
+def check_room(length, num_tokens: int, capacity: int) -> None:
+  """Raises ValueError if writing `num_tokens` at `length` overflows `capacity` (when concrete)."""
+  n = concrete_int(length)
+  if n is not None and n + num_tokens > capacity:
+    raise ValueError(
+      f"KV cache overflow: {n} cached + {num_tokens} new tokens > capacity {capacity}; "
+      "create the cache with a larger capacity"
+    )
+
+
+class SlotCacheMixin:
+  """`check_room` and `rollback` for caches with `length` and `capacity`."""
+
+  def check_room(self, num_tokens: int) -> None:
+    """Raises ValueError if `num_tokens` more tokens do not fit (checked when length is concrete)."""
+    check_room(self.length, num_tokens, self.capacity)
+
+  def rollback(self, length):
+    """Cache truncated to `length` slots (never longer than now)."""
+    return self.replace(length=jnp.minimum(self.length, jnp.asarray(length, jnp.int32)))
+
+
+def insert_chunk(buf: jax.Array, chunk: jax.Array, at) -> jax.Array:
+  """Writes chunk [B, S, H, D] into buf [B, H, T, D] at slot `at`."""
+  chunk = chunk.astype(buf.dtype).transpose(0, 2, 1, 3)
+  return jax.lax.dynamic_update_slice(buf, chunk, (0, 0, at, 0))
+
+
+def repeat_kv_heads(x: jax.Array, config: ModelConfig) -> jax.Array:
+  """[..., Hkv, D] per-KV-head values -> [..., Hq, D] for the query heads that share them."""
+  return jnp.repeat(x, config.group_size, axis=-2)
+
+
+def bf16_bytes_per_token(num_layers: int, num_kv_heads: int, head_dim: int) -> int:
+  """Bytes one token's K and V take in bfloat16 over all layers."""
+  return num_layers * num_kv_heads * head_dim * 2 * 2
+
+
+def memory_report(bf16_per_token: int, bytes_per_token, residual_bytes: int, total_bytes: int):
+  """The dict every `cache.memory()` returns.
+
+  Keys: bytes_per_token (all layers, codes + scales + zero points; float when a
+  key group's scales amortize to a fraction), residual_bytes (fixed per
+  sequence: residual window, staging and sink buffers, all layers),
+  bf16_bytes_per_token, ratio_vs_bf16 (residual excluded), total_bytes (every
+  array of this cache object as allocated, batch and capacity included).
+  """
+  bf16 = bf16_per_token
+  return {
+    "bytes_per_token": bytes_per_token,
+    "residual_bytes": int(residual_bytes),
+    "bf16_bytes_per_token": bf16,
+    "ratio_vs_bf16": bytes_per_token / bf16,
+    "total_bytes": int(total_bytes),
+  }
+
+
+def tree_bytes(tree) -> int:
+  return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))

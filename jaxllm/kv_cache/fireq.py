@@ -1,0 +1,133 @@
+"""FireQ RoPE-aware key scaling: calibration, the pre-RoPE fold into W_k / W_q.
+
+Two per-channel key scales, both SmoothQuant-style ``s = amax_k**a / amax_q**(1-a)``
+(a = `CacheSpec.smooth_alpha`; ``amax_q`` is the max over the query heads that
+share the KV head) and rounded to powers of 2, so dividing keys and multiplying
+queries by them is exact in floating point:
+
+* pre-RoPE [L, Hkv, D], equal on every RoPE pair (i, i + D/2): RoPE rotates
+  each pair, so a pair-shared scale commutes with it. Folded into the weights:
+  W_k / s and W_q * s, which leaves every q·k (and the logits) unchanged.
+* post-RoPE [L, Hkv, D], any per-channel value: applied by the cache at write
+  time (keys / s) and multiplied into the queries at attention.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxllm import ops
+from jaxllm.kv_cache.spec import CacheSpec
+from jaxllm.model import Llama
+from jaxllm.rope import apply_rope, rope_tables
+
+_EPS = 1e-6
+
+
+def activation_amax(model: Llama, calib_tokens) -> dict[str, np.ndarray]:
+  """Per-channel |max| over calibration windows (one window per forward).
+
+  Args:
+    model: the model to observe.
+    calib_tokens: int32 [N, L] token windows (RoPE positions 0..L-1).
+
+  Returns:
+    {"k_pre_rope", "k": [layers, Hkv, D], "q_pre_rope", "q": [layers, Hq, D]} float32.
+  """
+  calib_tokens = np.asarray(calib_tokens, np.int32)
+  if calib_tokens.ndim != 2 or calib_tokens.shape[0] == 0 or calib_tokens.shape[1] == 0:
+    raise ValueError(
+      f"calib_tokens must be a non-empty int32 [N, L] array, got {calib_tokens.shape}"
+    )
+  graphdef, state = nnx.split(model)
+
+  @jax.jit
+  def window_amax(state, tokens):
+    m = nnx.merge(graphdef, state)
+    taps = {}
+    m(tokens, logits_at="last", taps=taps)
+    positions = jnp.arange(tokens.shape[1], dtype=jnp.int32)[None]
+    cos, sin = rope_tables(positions, m.config.head_dim, m.config.rope_theta)
+    out = {"k_pre_rope": [], "k": [], "q_pre_rope": [], "q": []}
+    for i, layer in enumerate(m.layers):
+      q_pre = ops.linear(taps[f"{i}.attn_in"], layer.attn.q.get_value(), m.kernels)
+      acts = {
+        "k_pre_rope": taps[f"{i}.k_pre_rope"],
+        "k": taps[f"{i}.k"],
+        "q_pre_rope": q_pre,
+        "q": apply_rope(q_pre, cos, sin),
+      }
+      for name, x in acts.items():
+        out[name].append(jnp.abs(x.astype(jnp.float32)).max(axis=(0, 1)))
+    return {name: jnp.stack(v) for name, v in out.items()}
+
+  amax = None
+  for window in calib_tokens:
+    got = jax.device_get(window_amax(state, window[None]))
+    amax = got if amax is None else jax.tree.map(np.maximum, amax, got)
+  return amax
+
+
+def smooth_scale(k_amax, q_amax, alpha: float, pair_shared: bool) -> np.ndarray:
+  """Power-of-2 per-channel key scale [layers, Hkv, D].
+
+  Args:
+    k_amax: [layers, Hkv, D] key |max| per channel.
+    q_amax: [layers, Hq, D] query |max| per channel.
+    alpha: migration strength (1: equalize keys fully; 0: no key smoothing).
+    pair_shared: take one value per RoPE pair (i, i + D/2).
+  """
+  k_amax, q_amax = np.asarray(k_amax, np.float32), np.asarray(q_amax, np.float32)
+  layers, hkv, d = k_amax.shape
+  q_kv = q_amax.reshape(layers, hkv, -1, d).max(axis=2)
+  if pair_shared:
+    half = d // 2
+    k_amax = np.tile(np.maximum(k_amax[..., :half], k_amax[..., half:]), 2)
+    q_kv = np.tile(np.maximum(q_kv[..., :half], q_kv[..., half:]), 2)
+  s = np.maximum(k_amax, _EPS) ** alpha / np.maximum(q_kv, _EPS) ** (1.0 - alpha)
+  return np.exp2(np.round(np.log2(s))).astype(np.float32)
+
+
+def fold_pre_rope_key_scale(model: Llama, scale) -> Llama:
+  """A copy of `model` with W_k[:, h, c] / s[h, c] and W_q[:, j, c] * s[kv(j), c] per layer.
+
+  Args:
+    model: float-weight Llama (not modified).
+    scale: [layers, Hkv, D], equal on RoPE pairs (checked), so q·k after RoPE is unchanged.
+  """
+  scale = np.asarray(scale, np.float32)
+  cfg = model.config
+  want = (cfg.num_layers, cfg.num_kv_heads, cfg.head_dim)
+  if scale.shape != want:
+    raise ValueError(f"pre-RoPE key scale has shape {scale.shape}, expected {want}")
+  half = cfg.head_dim // 2
+  if not np.array_equal(scale[..., :half], scale[..., half:]):
+    raise ValueError("a pre-RoPE key scale must be equal on each RoPE pair (i, i + D/2)")
+  folded = nnx.clone(model)
+  for i, layer in enumerate(folded.layers):
+    w_k, w_q = layer.attn.k.get_value(), layer.attn.q.get_value()
+    if not (isinstance(w_k, jax.Array) and isinstance(w_q, jax.Array)):
+      raise ValueError("FireQ folds its pre-RoPE scale into float W_k/W_q; quantize weights after")
+    s = jnp.asarray(scale[i])  # [Hkv, D]
+    layer.attn.k.set_value((w_k.astype(jnp.float32) / s).astype(w_k.dtype))
+    s_q = jnp.repeat(s, cfg.group_size, axis=0)  # [Hq, D]
+    layer.attn.q.set_value((w_q.astype(jnp.float32) * s_q).astype(w_q.dtype))
+  return folded
+
+
+def calibrate(model: Llama, spec: CacheSpec, calib_tokens):
+  """FireQ calibration: returns (model with the pre-RoPE scale folded in, or the
+  caller's model; {"key_scale": post-RoPE scale [L, Hkv, D]} or None)."""
+  if spec.pre_rope_scale:
+    amax = activation_amax(model, calib_tokens)
+    pre = smooth_scale(amax["k_pre_rope"], amax["q_pre_rope"], spec.smooth_alpha, True)
+    model = fold_pre_rope_key_scale(model, pre)
+  calibration = None
+  if spec.post_rope_scale:
+    amax = activation_amax(model, calib_tokens)
+    post = smooth_scale(amax["k"], amax["q"], spec.smooth_alpha, False)
+    calibration = {"key_scale": jnp.asarray(post)}
+  return model, calibration

@@ -1,0 +1,389 @@
+"""Group-quantized caches with a full-precision residual window: KIVI and RotateKV.
+
+Storage per layer (``pf = 8 // bits``; Tq quantized slots, Rb = residual + G):
+
+* quantized store, the `pallas_kernels.quantized_kv_attention` layout: keys
+  per channel over groups of G tokens (``k_packed`` uint8 [B, Hkv, Tq/pf, D],
+  ``k_scale``/``k_zero`` [B, Hkv, Tq/G, D]) or, for the per-token-keys
+  ablation, like values; values per token (``v_packed`` [B, Hkv, Tq, D/pf],
+  ``v_scale``/``v_zero`` [B, Hkv, Tq]); asymmetric ``x ~= code * scale + zero``.
+* residual window [B, Hkv, Rb, D] in the cache dtype: slot r holds position
+  ``quantized_length + r`` (the kernel's convention).
+* RotateKV only: sink buffer [B, Hkv, n_sink, D], the first n_sink tokens of each row.
+
+Flush rule: after every write the window holds ``n = length - quantized_length``
+tokens with ``residual <= n < residual + G`` (once ``length >= residual``): when
+it reaches ``residual + G`` the oldest whole group is quantized and moved to the
+store. So the `residual` newest tokens are always exact. Static shapes: every
+write quantizes the ``ceil((G - 1 + S) / G)`` candidate groups of the window
+and writes them at ``quantized_length``; only the first ``f`` count (the
+quantized length grows by ``f * G``), the rest land in unused slots and are
+never read (the store keeps one spare group of slots for them).
+
+No residual (residual=0): the pending partial group still sits in a G-slot
+buffer (per-channel statistics need the whole group), but attention reads it
+quantize-dequantized (keys per channel over the tokens present so far, values
+per token); only tokens of the same `attend` call see each other exactly.
+
+KIVI stores keys after RoPE; its decode step (one token) runs the
+``quantized_kv_attention`` op through `jaxllm.ops`. RotateKV stores keys
+*before* RoPE rotated by a per-head Hadamard matrix (SmolLM2's 3 KV heads of 64
+channels do not form a power-of-2 grouped-head block, so each head is rotated
+on its own), values rotated too; attention dequantizes, un-rotates and applies
+RoPE at each slot's position, so it always uses the dequantize-then-attend path.
+Sink tokens are left out of the group statistics and overwrite their
+dequantized slots with the exact copies.
+"""
+
+from __future__ import annotations
+
+import math
+from fractions import Fraction
+from typing import NamedTuple
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+from jaxllm import ops
+from jaxllm.config import ModelConfig
+from jaxllm.kv_cache import hadamard
+from jaxllm.kv_cache.base import (
+  SlotCacheMixin,
+  bf16_bytes_per_token,
+  check_room,
+  concrete_int,
+  insert_chunk,
+  memory_report,
+  tree_bytes,
+)
+from jaxllm.kv_cache.dispatch import QUANTIZED_KV_ATTENTION
+from jaxllm.kv_cache.quantize import fake_quantize_asymmetric, pack_along, quantize_asymmetric
+from jaxllm.kv_cache.spec import CacheSpec
+from jaxllm.rope import apply_rope, rope_tables
+from pallas_kernels.quantized_kv_attention import QuantizedKV, dequantize_keys, dequantize_values
+
+_TPU_BLOCK = 256  # the TPU kernel's default block_t: Tq is a multiple of it once larger
+
+
+class GroupedLayer(NamedTuple):
+  """One layer: quantized store, residual window [B, Hkv, Rb, D], sinks [B, Hkv, n_sink, D]."""
+
+  store: QuantizedKV
+  k_residual: jax.Array
+  v_residual: jax.Array
+  k_sink: jax.Array
+  v_sink: jax.Array
+
+
+def quantized_slots(capacity: int, group_size: int) -> int:
+  """Store slots: capacity plus one spare group, in whole groups (and TPU blocks when large)."""
+  slots = -(-(capacity + group_size) // group_size) * group_size
+  if slots > _TPU_BLOCK:
+    block = math.lcm(_TPU_BLOCK, group_size)
+    slots = -(-slots // block) * block
+  return slots
+
+
+@flax.struct.dataclass
+class GroupedKVCache(SlotCacheMixin):
+  """KIVI / RotateKV cache (see the module docstring for the layout).
+
+  Attributes:
+    layers: one `GroupedLayer` per layer.
+    length: int32 scalar, tokens written (same for every row).
+    quantized_length: int32 scalar, tokens in the quantized store (a multiple of G).
+    start: [B] int32 first valid slot per row.
+    capacity_tokens: static capacity (tokens); the store has extra spare slots.
+    spec, config: static.
+  """
+
+  layers: tuple[GroupedLayer, ...]
+  length: jax.Array
+  quantized_length: jax.Array
+  start: jax.Array
+  capacity_tokens: int = flax.struct.field(pytree_node=False)
+  spec: CacheSpec = flax.struct.field(pytree_node=False)
+  config: ModelConfig = flax.struct.field(pytree_node=False)
+
+  @classmethod
+  def create(cls, spec, config, batch, capacity, start, dtype=jnp.float32) -> "GroupedKVCache":
+    d, g, bits = config.head_dim, spec.group_size, spec.bits
+    pf = 8 // bits
+    if d % pf:
+      raise ValueError(
+        f"{spec.name}: head_dim {d} is not a multiple of {pf}: {bits}-bit values pack "
+        f"{pf} channels per byte"
+      )
+    if spec.per_channel_keys and g % (8 * pf):
+      raise ValueError(
+        f"{spec.name}: group_size {g} must be a multiple of {8 * pf} for {bits}-bit "
+        "per-channel keys (packed layout of the decode kernel)"
+      )
+    if g % pf:
+      raise ValueError(f"{spec.name}: group_size {g} is not a multiple of {pf}")
+    if g > capacity:
+      raise ValueError(
+        f"{spec.name}: group_size {g} is larger than the cache capacity {capacity} tokens"
+      )
+    if spec.kind == "rotatekv":
+      hadamard.hadamard(d)  # raises for a head_dim that is not a power of 2
+    hkv, tq, rb = config.num_kv_heads, quantized_slots(capacity, g), spec.residual + g
+    sdt = spec.scale_jnp_dtype
+    if spec.per_channel_keys:
+      k_store = (jnp.zeros((batch, hkv, tq // pf, d), jnp.uint8),)
+      k_store += (jnp.zeros((batch, hkv, tq // g, d), sdt),) * 2
+    else:
+      k_store = (jnp.zeros((batch, hkv, tq, d // pf), jnp.uint8),)
+      k_store += (jnp.zeros((batch, hkv, tq), sdt),) * 2
+    v_store = (jnp.zeros((batch, hkv, tq, d // pf), jnp.uint8),)
+    v_store += (jnp.zeros((batch, hkv, tq), sdt),) * 2
+    residual = jnp.zeros((batch, hkv, rb, d), dtype)
+    sink = jnp.zeros((batch, hkv, spec.n_sink if spec.kind == "rotatekv" else 0, d), dtype)
+    layer = GroupedLayer(QuantizedKV(*k_store, *v_store), residual, residual, sink, sink)
+    return cls(
+      layers=tuple(layer for _ in range(config.num_layers)),
+      length=jnp.zeros((), jnp.int32),
+      quantized_length=jnp.zeros((), jnp.int32),
+      start=start,
+      capacity_tokens=capacity,
+      spec=spec,
+      config=config,
+    )
+
+  @property
+  def capacity(self) -> int:
+    return self.capacity_tokens
+
+  @property
+  def residual_slots(self) -> int:
+    return self.spec.residual + self.spec.group_size
+
+  @property
+  def num_sinks(self) -> int:
+    return self.layers[0].k_sink.shape[2]
+
+  # -- storage domain <-> attention domain --------------------------------------------
+
+  def _to_storage(self, k_pre_rope, k, v):
+    """Chunk [B, S, Hkv, D] -> the stored form [B, Hkv, S, D]: KIVI (k, v); RotateKV (H k_pre, H v)."""
+    if self.spec.kind == "rotatekv":
+      k, v = hadamard.rotate(k_pre_rope), hadamard.rotate(v)
+    dtype = self.layers[0].k_residual.dtype
+    return k.transpose(0, 2, 1, 3).astype(dtype), v.transpose(0, 2, 1, 3).astype(dtype)
+
+  def _to_attention(self, k, v):
+    """Stored-domain buffers [B, Hkv, T, D] (slot = index) -> post-RoPE keys and values."""
+    if self.spec.kind != "rotatekv":
+      return k, v
+    t = k.shape[2]
+    positions = jnp.maximum(jnp.arange(t, dtype=jnp.int32)[None] - self.start[:, None], 0)
+    cos, sin = rope_tables(positions, self.config.head_dim, self.config.rope_theta)
+    k = apply_rope(hadamard.rotate(k).transpose(0, 2, 1, 3), cos, sin).transpose(0, 2, 1, 3)
+    return k, hadamard.rotate(v)
+
+  # -- quantization --------------------------------------------------------------------
+
+  def _stat_mask(self, first_position, num: int) -> jax.Array:
+    """[B, 1, num, 1]: tokens that enter key statistics (not left padding, not sinks)."""
+    pos = first_position + jnp.arange(num, dtype=jnp.int32)
+    lo = self.start + self.num_sinks
+    return (pos[None, :] >= lo[:, None])[:, None, :, None]
+
+  def _quantize_groups(self, k, v, valid):
+    """k, v [B, Hkv, n*G, D] stored domain -> the store arrays of those n groups."""
+    bits, g, sdt = self.spec.bits, self.spec.group_size, self.spec.scale_jnp_dtype
+    b, h, t, d = k.shape
+    if self.spec.per_channel_keys:
+      grouped = k.reshape(b, h, t // g, g, d)
+      mask = valid.reshape(b, 1, t // g, g, 1)
+      codes, k_scale, k_zero = quantize_asymmetric(grouped, bits, -2, sdt, mask)
+      k_packed = pack_along(codes, bits, -2).reshape(b, h, t // (8 // bits), d)
+      k_scale, k_zero = k_scale[..., 0, :], k_zero[..., 0, :]
+    else:
+      codes, k_scale, k_zero = quantize_asymmetric(k, bits, -1, sdt)
+      k_packed, k_scale, k_zero = pack_along(codes, bits, -1), k_scale[..., 0], k_zero[..., 0]
+    codes, v_scale, v_zero = quantize_asymmetric(v, bits, -1, sdt)
+    return QuantizedKV(
+      k_packed, k_scale, k_zero, pack_along(codes, bits, -1), v_scale[..., 0], v_zero[..., 0]
+    )
+
+  def _dequantize_store(self, store: QuantizedKV):
+    """Float32 keys and values [B, Hkv, Tq, D] of the whole store (stored domain)."""
+    bits = self.spec.bits
+    if self.spec.per_channel_keys:
+      k = dequantize_keys(store.k_packed, store.k_scale, store.k_zero, bits, self.spec.group_size)
+    else:
+      k = dequantize_values(store.k_packed, store.k_scale, store.k_zero, bits)
+    return k, dequantize_values(store.v_packed, store.v_scale, store.v_zero, bits)
+
+  def _attended_residual(self, stored: GroupedLayer):
+    """The window as attention reads it: exact, or quantize-dequantized when residual == 0."""
+    k, v = stored.k_residual, stored.v_residual
+    if self.spec.residual:
+      return k, v
+    bits, sdt, rb = self.spec.bits, self.spec.scale_jnp_dtype, self.residual_slots
+    pending = jnp.arange(rb)[None, None, :, None] < self.length - self.quantized_length
+    valid = pending & self._stat_mask(self.quantized_length, rb)
+    key_axis = -2 if self.spec.per_channel_keys else -1
+    fq_k = fake_quantize_asymmetric(k, bits, key_axis, valid, sdt)
+    fq_v = fake_quantize_asymmetric(v, bits, -1, None, sdt)
+    return fq_k.astype(k.dtype), fq_v.astype(v.dtype)
+
+  # -- the cache interface -------------------------------------------------------------
+
+  def attend(self, layer, q, k_pre_rope, k, v, q_slots, kernels=ops.KernelConfig()):
+    """Attends q [B, S, Hq, D] over the stored tokens (as stored) and this chunk
+    (exact, causal), then writes the chunk; returns (out [B, S, Hq, D], layer state)."""
+    check_room(self.length, q.shape[1], self.capacity)
+    stored = self.layers[layer]
+    k_st, v_st = self._to_storage(k_pre_rope, k, v)
+    use_kernel = self.spec.kind == "kivi" and self.spec.per_channel_keys and q.shape[1] == 1
+    if use_kernel:
+      out = self._decode_with_kernel(stored, q, k_st, v_st, kernels)
+    else:
+      out = self._attend_dequantized(stored, q, k, v, q_slots, kernels)
+    return out.astype(v.dtype), self._write(stored, k_st, v_st)
+
+  def _decode_with_kernel(self, stored, q, k_st, v_st, kernels):
+    """One query token: the `quantized_kv_attention` op over the store and the window."""
+    k_res, v_res = self._attended_residual(stored)
+    at = (0, 0, self.length - self.quantized_length, 0)
+    k_res = jax.lax.dynamic_update_slice(k_res, k_st, at)
+    v_res = jax.lax.dynamic_update_slice(v_res, v_st, at)
+    attend = ops.resolve(QUANTIZED_KV_ATTENTION, kernels)
+    out = attend(
+      q[:, 0],
+      stored.store,
+      self.start,
+      self.quantized_length,
+      self.length + 1,
+      k_res,
+      v_res,
+      bits=self.spec.bits,
+      group_size=self.spec.group_size,
+    )
+    return out[:, None]
+
+  def _attend_dequantized(self, stored, q, k, v, q_slots, kernels):
+    """Dequantize store + window (+ sinks) into slot-indexed buffers, then `ops.attention`."""
+    k_buf, v_buf = self._dequantize_store(stored.store)
+    k_res, v_res = self._attended_residual(stored)
+    pad = ((0, 0), (0, 0), (0, self.residual_slots), (0, 0))
+    at = (0, 0, self.quantized_length, 0)
+    k_buf = jax.lax.dynamic_update_slice(jnp.pad(k_buf, pad), k_res.astype(jnp.float32), at)
+    v_buf = jax.lax.dynamic_update_slice(jnp.pad(v_buf, pad), v_res.astype(jnp.float32), at)
+    if self.num_sinks:
+      put = jax.vmap(lambda buf, sink, s: jax.lax.dynamic_update_slice(buf, sink, (0, s, 0)))
+      k_buf = put(k_buf, stored.k_sink.astype(jnp.float32), self.start)
+      v_buf = put(v_buf, stored.v_sink.astype(jnp.float32), self.start)
+    k_buf, v_buf = self._to_attention(k_buf, v_buf)
+    k_buf, v_buf = insert_chunk(k_buf, k, self.length), insert_chunk(v_buf, v, self.length)
+    return ops.attention(q, k_buf, v_buf, q_slots, self.start, kernels)
+
+  def _write(self, stored: GroupedLayer, k_st, v_st):
+    """Appends the chunk [B, Hkv, S, D] to the window, flushing whole groups; returns
+    (new GroupedLayer, new quantized_length)."""
+    g, r = self.spec.group_size, self.spec.residual
+    s = k_st.shape[2]
+    held = self.length - self.quantized_length
+    pad = ((0, 0), (0, 0), (0, s + g), (0, 0))
+    at = (0, 0, held, 0)
+    window_k = jax.lax.dynamic_update_slice(jnp.pad(stored.k_residual, pad), k_st, at)
+    window_v = jax.lax.dynamic_update_slice(jnp.pad(stored.v_residual, pad), v_st, at)
+    flushed = jnp.maximum(held + s - r, 0) // g  # whole groups leaving the window
+    candidates = (g - 1 + s) // g
+    n = candidates * g
+    valid = self._stat_mask(self.quantized_length, n)
+    groups = self._quantize_groups(window_k[:, :, :n], window_v[:, :, :n], valid)
+    store = _put_groups(stored.store, groups, self.quantized_length, self.spec)
+    shift = (0, 0, flushed * g, 0)
+    size = stored.k_residual.shape
+    k_sink, v_sink = stored.k_sink, stored.v_sink
+    if self.num_sinks:
+      k_sink, v_sink = self._write_sinks(stored, k_st, v_st)
+    new = GroupedLayer(
+      store,
+      jax.lax.dynamic_slice(window_k, shift, size),
+      jax.lax.dynamic_slice(window_v, shift, size),
+      k_sink,
+      v_sink,
+    )
+    return new, self.quantized_length + flushed * g
+
+  def _write_sinks(self, stored, k_st, v_st):
+    """Copies chunk tokens at positions start + i (i < n_sink) into the sink buffers."""
+    s = k_st.shape[2]
+    pos = self.start[:, None] + jnp.arange(self.num_sinks, dtype=jnp.int32)[None]  # [B, n]
+    offset = pos - self.length
+    hit = ((offset >= 0) & (offset < s))[:, None, :, None]
+    idx = jnp.clip(offset, 0, s - 1)[:, None, :, None]
+    k_new = jnp.take_along_axis(k_st, idx, axis=2)
+    v_new = jnp.take_along_axis(v_st, idx, axis=2)
+    return jnp.where(hit, k_new, stored.k_sink), jnp.where(hit, v_new, stored.v_sink)
+
+  def advance(self, layer_states, num_tokens: int) -> "GroupedKVCache":
+    return self.replace(
+      layers=tuple(state for state, _ in layer_states),
+      quantized_length=layer_states[0][1],
+      length=self.length + num_tokens,
+    )
+
+  def rollback(self, length) -> "GroupedKVCache":
+    """Truncates to `length` tokens. Quantized tokens cannot return to the window, so
+    the target must be >= `quantized_length` (checked when concrete; clamped under jit)."""
+    target = jnp.asarray(length, jnp.int32)
+    qlen, want = concrete_pair(self.quantized_length, target)
+    if qlen is not None and want < qlen:
+      raise ValueError(
+        f"cannot roll back to {want} tokens: the first {qlen} are already quantized "
+        f"(at most {int(self.length) - qlen} newest tokens can be rolled back)"
+      )
+    target = jnp.maximum(jnp.minimum(self.length, target), self.quantized_length)
+    return self.replace(length=target)
+
+  def memory(self) -> dict:
+    """Exact bytes (see `grouped_bytes_per_token`); residual_bytes = window + sinks, all layers."""
+    c, spec = self.config, self.spec
+    per_token = grouped_bytes_per_token(spec, c)
+    itemsize = self.layers[0].k_residual.dtype.itemsize
+    fixed_slots = self.residual_slots + self.num_sinks
+    residual = c.num_layers * c.num_kv_heads * fixed_slots * c.head_dim * 2 * itemsize
+    bf16 = bf16_bytes_per_token(c.num_layers, c.num_kv_heads, c.head_dim)
+    return memory_report(bf16, per_token, residual, tree_bytes(self.layers))
+
+
+def concrete_pair(a, b):
+  """(int(a), int(b)) when both are concrete, else (None, None)."""
+  x, y = concrete_int(a), concrete_int(b)
+  return (x, y) if x is not None and y is not None else (None, None)
+
+
+def grouped_bytes_per_token(spec: CacheSpec, config: ModelConfig):
+  """Bytes per token over all layers: codes + scales + zero points of K and V.
+
+  Per (token, KV head): K codes D*bits/8 and, per channel, a scale and a zero
+  shared by G tokens (2*D*scale_bytes/G) or, per token, 2*scale_bytes; V codes
+  D*bits/8 plus a per-token scale and zero (2*scale_bytes). An int when exact,
+  else a float.
+  """
+  d, sb = config.head_dim, jnp.dtype(spec.scale_dtype).itemsize
+  codes = Fraction(d * spec.bits, 8)
+  k_params = Fraction(2 * d * sb, spec.group_size) if spec.per_channel_keys else 2 * sb
+  per_head = 2 * codes + k_params + 2 * sb
+  total = per_head * config.num_layers * config.num_kv_heads
+  return int(total) if total.denominator == 1 else float(total)
+
+
+def _put_groups(store: QuantizedKV, groups: QuantizedKV, quantized_length, spec) -> QuantizedKV:
+  """Writes the packed arrays of whole groups into the store at token `quantized_length`."""
+  pf, g = 8 // spec.bits, spec.group_size
+  if spec.per_channel_keys:
+    k_at = ((0, 0, quantized_length // pf, 0), (0, 0, quantized_length // g, 0))
+  else:
+    k_at = ((0, 0, quantized_length, 0), (0, 0, quantized_length))
+  v_at = ((0, 0, quantized_length, 0), (0, 0, quantized_length))
+  at = (k_at[0], k_at[1], k_at[1], v_at[0], v_at[1], v_at[1])
+  return QuantizedKV(
+    *(jax.lax.dynamic_update_slice(s, new, i) for s, new, i in zip(store, groups, at))
+  )

@@ -1,0 +1,100 @@
+"""Quantizers and bit packing shared by the compressed caches.
+
+Scales and zero points are rounded to their storage dtype *before* the codes are
+computed, so stored codes and stored scales are consistent. Packing follows
+`pallas_kernels.quantized_kv_attention` (``pf = 8 // bits`` codes per uint8):
+packing along an axis of size n splits it into (pf, n / pf) and puts slice j at
+bits [j*bits, (j+1)*bits). Along channels (values) lane c, slot j holds channel
+``j * D/pf + c``; along the tokens of one key group, row r, slot j holds token
+``j * G/pf + r``.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+FP8_MAX = 448.0  # largest finite float8_e4m3fn
+
+
+def pack_along(codes: jax.Array, bits: int, axis: int) -> jax.Array:
+  """Packs uint8 codes < 2**bits along `axis` (size n, a multiple of pf) to n / pf."""
+  pf = 8 // bits
+  if pf == 1:
+    return codes.astype(jnp.uint8)
+  axis = axis % codes.ndim
+  n = codes.shape[axis]
+  split = codes.reshape(*codes.shape[:axis], pf, n // pf, *codes.shape[axis + 1 :])
+  out = jnp.zeros(split.shape[:axis] + split.shape[axis + 1 :], jnp.uint8)
+  for j in range(pf):
+    out = out | (jnp.take(split, j, axis=axis).astype(jnp.uint8) << (bits * j)).astype(jnp.uint8)
+  return out
+
+
+def unpack_along(packed: jax.Array, bits: int, axis: int) -> jax.Array:
+  """Inverse of `pack_along`: int32 codes, `axis` grows by pf."""
+  pf = 8 // bits
+  x = packed.astype(jnp.int32)
+  if pf == 1:
+    return x
+  axis = axis % packed.ndim
+  parts = [(x >> (bits * j)) & ((1 << bits) - 1) for j in range(pf)]
+  out = jnp.stack(parts, axis=axis)
+  return out.reshape(*packed.shape[:axis], -1, *packed.shape[axis + 1 :])
+
+
+def quantize_asymmetric(x: jax.Array, bits: int, axis, scale_dtype, valid=None):
+  """Min/max asymmetric quantization, ``x ~= code * scale + zero``, reduced over `axis`.
+
+  Args:
+    x: float array.
+    bits: code width; codes lie in [0, 2**bits - 1].
+    axis: axis (or axes) the statistics are taken over.
+    scale_dtype: storage dtype of scale and zero.
+    valid: optional bool mask broadcastable to x; masked-out entries do not
+      enter min/max (their codes are still clipped into range).
+
+  Returns:
+    (codes uint8 like x, scale, zero) with scale/zero shaped like x reduced
+    over `axis` with keepdims, in `scale_dtype`.
+  """
+  x = x.astype(jnp.float32)
+  if valid is None:
+    lo, hi = x.min(axis, keepdims=True), x.max(axis, keepdims=True)
+  else:
+    lo = jnp.where(valid, x, jnp.inf).min(axis, keepdims=True)
+    hi = jnp.where(valid, x, -jnp.inf).max(axis, keepdims=True)
+    lo, hi = jnp.where(hi >= lo, lo, 0.0), jnp.where(hi >= lo, hi, 0.0)
+  qmax = float(2**bits - 1)
+  zero = lo.astype(scale_dtype)
+  scale = (hi - zero.astype(jnp.float32)) / qmax
+  scale = jnp.where(scale > 0, scale, 1.0).astype(scale_dtype)
+  codes = jnp.round((x - zero.astype(jnp.float32)) / scale.astype(jnp.float32))
+  return jnp.clip(codes, 0, qmax).astype(jnp.uint8), scale, zero
+
+
+def quantize_symmetric(x: jax.Array, bits: int, axis: int, scale_dtype):
+  """Symmetric quantization ``x ~= code * scale``, codes in [-(2**(bits-1) - 1), 2**(bits-1) - 1].
+
+  Returns (int32 codes like x, scale reduced over `axis` with keepdims, in scale_dtype).
+  """
+  x = x.astype(jnp.float32)
+  qmax = float(2 ** (bits - 1) - 1)
+  amax = jnp.abs(x).max(axis, keepdims=True)
+  scale = jnp.where(amax > 0, amax / qmax, 1.0).astype(scale_dtype)
+  codes = jnp.clip(jnp.round(x / scale.astype(jnp.float32)), -qmax, qmax)
+  return codes.astype(jnp.int32), scale
+
+
+def fake_quantize_asymmetric(x, bits, axis, valid=None, scale_dtype=jnp.float32):
+  """Quantize-dequantize (float32) with `quantize_asymmetric`'s rounding."""
+  codes, scale, zero = quantize_asymmetric(x, bits, axis, scale_dtype, valid)
+  return codes.astype(jnp.float32) * scale.astype(jnp.float32) + zero.astype(jnp.float32)
+
+
+def fp8_quantize_dequantize(x: jax.Array, axis: int = -1) -> jax.Array:
+  """FP8 e4m3 with one float32 scale per slice along `axis` (amax -> 448); returns float32."""
+  x = x.astype(jnp.float32)
+  amax = jnp.abs(x).max(axis, keepdims=True)
+  scale = jnp.where(amax > 0, amax / FP8_MAX, 1.0)
+  return (x / scale).astype(jnp.float8_e4m3fn).astype(jnp.float32) * scale

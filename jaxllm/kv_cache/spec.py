@@ -1,0 +1,112 @@
+"""Cache method specifications: one frozen `CacheSpec` per named method."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax.numpy as jnp
+
+KINDS = ("dense", "int8", "fireq", "kivi", "rotatekv")
+SUPPORTED_BITS = (2, 4, 8)
+_KIND_BITS = {"int8": (8,), "fireq": (4, 8), "kivi": SUPPORTED_BITS, "rotatekv": SUPPORTED_BITS}
+
+
+@dataclasses.dataclass(frozen=True)
+class CacheSpec:
+  """How a KV cache stores keys and values.
+
+  Attributes:
+    name: method name (a key of `METHODS`).
+    kind: storage family, one of KINDS.
+    bits: code width for K and V (2, 4 or 8; ignored by "dense").
+    group_size: KIVI/RotateKV key quantization group, in tokens.
+    residual: KIVI/RotateKV: the `residual` most recent tokens are always kept in
+      full precision (once that many exist); the window buffer holds
+      `residual + group_size` slots. 0 = no residual window: the pending partial
+      group is still staged in a `group_size`-slot buffer (per-channel stats need
+      the whole group), but attention only ever sees it quantize-dequantized.
+    per_channel_keys: KIVI keys per channel over token groups (True) or per
+      token like values (False, an ablation).
+    n_sink: RotateKV: the first `n_sink` tokens of every row are kept in full
+      precision (attention sinks) and left out of the quantization statistics.
+    pre_rope_scale: FireQ: fold a pair-shared per-channel pre-RoPE key scale
+      into W_k / W_q.
+    post_rope_scale: FireQ: apply a per-channel post-RoPE key scale at write time.
+    fp8_queries: FireQ: queries quantized to FP8 e4m3 (per token and head).
+    smooth_alpha: FireQ: scale = amax_k**alpha / amax_q**(1 - alpha).
+    scale_dtype: storage dtype of scales and zero points.
+  """
+
+  name: str
+  kind: str
+  bits: int = 16
+  group_size: int = 32
+  residual: int = 32
+  per_channel_keys: bool = True
+  n_sink: int = 0
+  pre_rope_scale: bool = False
+  post_rope_scale: bool = False
+  fp8_queries: bool = False
+  smooth_alpha: float = 0.5
+  scale_dtype: str = "bfloat16"
+
+  def __post_init__(self):
+    if self.kind not in KINDS:
+      raise ValueError(f"CacheSpec.kind={self.kind!r}; choose one of {KINDS}")
+    if self.kind != "dense":
+      allowed = _KIND_BITS[self.kind]
+      if self.bits not in SUPPORTED_BITS:
+        raise ValueError(
+          f"{self.name}: bits must be one of {SUPPORTED_BITS} (2, 4 or 8), got {self.bits!r}"
+        )
+      if self.bits not in allowed:
+        raise ValueError(
+          f"{self.name}: a {self.kind} cache supports bits {allowed}, got {self.bits}"
+        )
+    if self.group_size <= 0:
+      raise ValueError(f"{self.name}: group_size must be positive, got {self.group_size}")
+    if self.residual < 0 or self.n_sink < 0:
+      raise ValueError(
+        f"{self.name}: residual and n_sink must be >= 0, got {self.residual}, {self.n_sink}"
+      )
+    if not 0.0 <= self.smooth_alpha <= 1.0:
+      raise ValueError(f"{self.name}: smooth_alpha must be in [0, 1], got {self.smooth_alpha}")
+    if self.scale_dtype not in ("bfloat16", "float16", "float32"):
+      raise ValueError(f"{self.name}: scale_dtype {self.scale_dtype!r} is not a float dtype")
+
+  @property
+  def scale_jnp_dtype(self):
+    return jnp.dtype(self.scale_dtype)
+
+  def replace(self, **changes) -> "CacheSpec":
+    return dataclasses.replace(self, **changes)
+
+
+_KIVI = dict(kind="kivi", group_size=32, residual=32)
+_FIREQ = dict(kind="fireq", bits=4, pre_rope_scale=True, post_rope_scale=True, fp8_queries=True)
+_ROTATEKV = dict(kind="rotatekv", group_size=32, residual=32, n_sink=4)
+
+METHODS: dict[str, CacheSpec] = {
+  s.name: s
+  for s in (
+    CacheSpec("dense", "dense"),
+    CacheSpec("int8", "int8", bits=8),
+    CacheSpec("fireq_int4", **_FIREQ),
+    CacheSpec("kivi4", bits=4, **_KIVI),
+    CacheSpec("kivi2", bits=2, **_KIVI),
+    CacheSpec("rotatekv2", bits=2, **_ROTATEKV),
+    CacheSpec("rotatekv4", bits=4, **_ROTATEKV),
+    # ablations
+    CacheSpec("kivi2_per_token_keys", bits=2, per_channel_keys=False, **_KIVI),
+    CacheSpec("kivi2_no_residual", bits=2, **{**_KIVI, "residual": 0}),
+    CacheSpec("fireq_int4_pre_rope_only", **{**_FIREQ, "post_rope_scale": False}),
+    CacheSpec("fireq_int4_post_rope_only", **{**_FIREQ, "pre_rope_scale": False}),
+  )
+}
+
+
+def spec_for(name: str) -> CacheSpec:
+  """The `CacheSpec` registered as `name`."""
+  if name not in METHODS:
+    raise ValueError(f"unknown KV cache method {name!r}; choose one of {sorted(METHODS)}")
+  return METHODS[name]
