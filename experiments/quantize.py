@@ -1,0 +1,323 @@
+"""Post-training quantization of SmolLM2: perplexity, weight bytes and decode speed per method.
+
+  python -m experiments.quantize --methods=fp32,w8a8,w4a16_g128,fireq_w4a8 \
+      --text_file=F [--max_windows=N] [--calib_windows=N] [--calib_file=F]
+
+Methods are the recipes of `jaxllm.quant.recipes.RECIPES` (FireQ's ablations
+`fireq_w4a8_no_smoothing` and `fireq_w4a8_no_per_tensor` among them). For each:
+
+  * ppl: perplexity over non-overlapping --context windows (jaxllm.perplexity),
+    and delta_pct against fp32 (fp32 is always run as the baseline);
+  * weight_bytes_vs_bf16: bytes of all decoder linear weights as stored (codes,
+    scales, offsets, tensor scales and any K padding) over the same tensors in
+    bf16; the embedding is not included there. model_bytes_vs_bf16 adds the
+    embedding (kept float, as stored) and norms;
+  * decode_tok_s: batch-1 greedy decoding with `jaxllm.decoding.Generator` on CPU:
+    (N-1) / (t(N new tokens) - t(1 new token)), medians of 3 after a warm-up.
+
+Calibration (for smoothing) never overlaps evaluation: the calibration windows
+are the last --calib_windows windows of --calib_file if given, else of the
+evaluation text, and then the evaluation windows are taken from the windows
+before them. Without --text_file the text is the standard library's docstrings
+(`experiments.common.default_text`), labelled as such.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import statistics
+import time
+
+from absl import app, flags
+
+from experiments import common
+
+NAME = "quantize"
+common.define_common_flags(NAME)
+_METHODS = flags.DEFINE_list(
+  "methods", ["fp32", "w8a8", "w4a16_g128", "fireq_w4a8"], "Recipes to run (fp32 always runs)."
+)
+_CALIB_WINDOWS = flags.DEFINE_integer(
+  "calib_windows", 4, "Calibration windows (for smoothing).", lower_bound=1
+)
+_CALIB_FILE = flags.DEFINE_string(
+  "calib_file", None, "Calibration text; default: the end of the evaluation text."
+)
+_ALPHA = flags.DEFINE_float(
+  "alpha", None, "Override the smoothing strength of smoothing recipes (default: the recipe's)."
+)
+_DECODE_TOKENS = flags.DEFINE_integer(
+  "decode_tokens", 32, "New tokens for the decode-speed measurement.", lower_bound=2
+)
+_SKIP_DECODE = flags.DEFINE_bool("skip_decode", False, "Do not measure decode speed.")
+FLAGS = flags.FLAGS
+
+_DECODE_PROMPT = "The history of the city begins in"
+
+
+class _ModuloTokenizer:
+  """`--model=tiny`: the SmolLM2 tokenizer's ids taken modulo the tiny vocabulary."""
+
+  def __init__(self, tokenizer, vocab_size: int):
+    self.tokenizer, self.vocab_size = tokenizer, vocab_size
+
+  def encode(self, text: str) -> list[int]:
+    return [i % self.vocab_size for i in self.tokenizer.encode(text)]
+
+
+def _read(path: str) -> str:
+  if not os.path.isfile(path):
+    common.fail(f"text file not found: {path}")
+  try:
+    with open(path, "rb") as f:
+      return f.read().decode("utf-8")
+  except (OSError, UnicodeDecodeError) as e:
+    common.fail(f"cannot read text file {path}: {e}")
+
+
+def _check_flags(recipes) -> list[str]:
+  methods = [m.strip() for m in _METHODS.value if m.strip()]
+  if not methods:
+    common.fail("--methods is empty")
+  unknown = [m for m in methods if m not in recipes]
+  if unknown:
+    common.fail(f"unknown method(s) {unknown} in --methods; choose from {list(recipes)}")
+  if FLAGS.context < 16:
+    common.fail(f"--context must be >= 16, got {FLAGS.context}")
+  if FLAGS.max_windows is not None and FLAGS.max_windows < 1:
+    common.fail(f"--max_windows must be >= 1, got {FLAGS.max_windows}")
+  if FLAGS.gguf is not None and not os.path.isfile(FLAGS.gguf):
+    common.fail(f"GGUF file not found: {FLAGS.gguf}")
+  if _ALPHA.value is not None and not 0.0 <= _ALPHA.value <= 1.0:
+    common.fail(f"--alpha must lie in [0, 1], got {_ALPHA.value}")
+  return ["fp32"] + [m for m in dict.fromkeys(methods) if m != "fp32"]
+
+
+def _windows(tokenizer, tokenize_windows):
+  """(eval windows, calibration windows, text record)."""
+  if FLAGS.text_file is None:
+    text, label = common.default_text()
+  else:
+    text, label = _read(FLAGS.text_file), FLAGS.text_file
+  try:
+    windows = tokenize_windows(tokenizer, text, FLAGS.context)
+  except ValueError as e:
+    common.fail(f"{label}: {e}")
+  n_calib = _CALIB_WINDOWS.value
+  if _CALIB_FILE.value is not None:
+    try:
+      calib_all = tokenize_windows(tokenizer, _read(_CALIB_FILE.value), FLAGS.context)
+    except ValueError as e:
+      common.fail(f"calibration file {_CALIB_FILE.value}: {e}")
+    calib, available = calib_all[-n_calib:], len(windows)
+    calib_source = f"last {len(calib)} windows of {_CALIB_FILE.value}"
+  else:
+    available = len(windows) - n_calib
+    if available < 1:
+      common.fail(
+        f"{label} has {len(windows)} windows of {FLAGS.context} tokens: too few for "
+        f"{n_calib} calibration windows plus at least one evaluation window"
+      )
+    calib = windows[available:]
+    calib_source = f"last {n_calib} windows of the evaluation text (held out of evaluation)"
+  evaluation = windows[:available]
+  if FLAGS.max_windows is not None:
+    evaluation = evaluation[: FLAGS.max_windows]
+  record = {
+    "label": label,
+    "path": os.path.abspath(FLAGS.text_file) if FLAGS.text_file else None,
+    "sha256_utf8": hashlib.sha256(text.encode("utf-8")).hexdigest(),
+    "windows_total": len(windows),
+    "windows_available_for_eval": available,
+    "calibration": calib_source,
+    "calibration_windows": len(calib),
+  }
+  return evaluation, calib, record
+
+
+def _decode_tok_s(model, tokenizer, vocab: int, new_tokens: int) -> float:
+  """Batch-1 greedy decode tokens/s: (N-1) / (t(N) - t(1)), medians of 3 after warm-up."""
+  from jaxllm.decoding import Generator  # pylint: disable=import-outside-toplevel
+
+  gen = Generator(model, max_cache_len=256, prompt_bucket=16)
+  prompt = tokenizer.encode(_DECODE_PROMPT) if tokenizer else list(range(1, 9))
+  prompt = [t % vocab for t in prompt]
+
+  def median_s(n):
+    times = []
+    for _ in range(3):
+      t0 = time.perf_counter()
+      gen.generate([prompt], n, stop_at_eos=False)
+      times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+  gen.generate([prompt], new_tokens, stop_at_eos=False)  # warm-up: compiles both steps
+  return (new_tokens - 1) / max(median_s(new_tokens) - median_s(1), 1e-9)
+
+
+def _fmt(x: float) -> str:
+  return f"{x:.3f}" if abs(x) < 1e5 else f"{x:.3e}"
+
+
+def _plot(rows, path: str, title: str) -> None:
+  import matplotlib  # pylint: disable=import-outside-toplevel
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+
+  fig, ax = plt.subplots(figsize=(7, 4.5))
+  for r in rows:
+    ax.scatter(r["weight_bytes_vs_bf16"], r["ppl"], s=40)
+    ax.annotate(
+      r["method"],
+      (r["weight_bytes_vs_bf16"], r["ppl"]),
+      fontsize=8,
+      xytext=(4, 4),
+      textcoords="offset points",
+    )
+  ax.set_xlabel("decoder linear weight bytes / bf16 (scales, offsets, padding included)")
+  ax.set_ylabel("perplexity")
+  ax.set_title(title, fontsize=9)
+  ax.grid(alpha=0.3)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+
+
+def main(argv):
+  del argv
+  # Heavy imports (jax) only once the flags look sane.
+  # pylint: disable=import-outside-toplevel
+  from jaxllm.quant import recipes as recipes_lib
+
+  methods = _check_flags(recipes_lib.RECIPES)
+  t_start = time.perf_counter()
+  import dataclasses
+
+  from flax import nnx
+
+  from jaxllm.config import get_config
+  from jaxllm.gguf_loader import default_gguf_path
+  from jaxllm.perplexity import perplexity, tokenize_windows
+  from jaxllm.pipeline import load_pipeline
+  from jaxllm.quant import activation_absmax, apply_recipe, weight_bytes
+  from jaxllm.tokenizer import Tokenizer
+
+  try:
+    cfg = get_config(FLAGS.model)
+  except ValueError as e:
+    common.fail(str(e))
+  if FLAGS.context > cfg.max_seq_len:
+    common.fail(f"--context={FLAGS.context} exceeds {cfg.name}'s max_seq_len={cfg.max_seq_len}")
+  tokenizer = Tokenizer.from_gguf(FLAGS.gguf or default_gguf_path())
+  if FLAGS.model == "tiny":
+    tokenizer = _ModuloTokenizer(tokenizer, cfg.vocab_size)
+  evaluation, calib, text_record = _windows(tokenizer, tokenize_windows)
+
+  pipe = load_pipeline(FLAGS.model, FLAGS.gguf, FLAGS.dtype, FLAGS.seed)
+  t_loaded = time.perf_counter()
+  recipes = {m: recipes_lib.RECIPES[m] for m in methods}
+  if _ALPHA.value is not None:
+    recipes = {
+      m: dataclasses.replace(r, smoothing_alpha=_ALPHA.value) if r.needs_calibration else r
+      for m, r in recipes.items()
+    }
+  stats = None
+  if any(r.needs_calibration for r in recipes.values()):
+    stats = activation_absmax(pipe.model, calib, progress=True)
+
+  rows, details = [], {}
+  for method, recipe in recipes.items():
+    t0 = time.perf_counter()
+    model = apply_recipe(nnx.clone(pipe.model), recipe, stats)
+    t_quant = time.perf_counter() - t0
+    result = perplexity(model, evaluation, progress=True)
+    t_ppl = time.perf_counter() - t0 - t_quant
+    nbytes = weight_bytes(model)
+    tok_s = (
+      None
+      if _SKIP_DECODE.value
+      else _decode_tok_s(model, pipe.tokenizer, cfg.vocab_size, _DECODE_TOKENS.value)
+    )
+    rows.append(
+      {
+        "method": method,
+        "ppl": result["ppl"],
+        "delta_pct": None,
+        "weight_bytes_vs_bf16": nbytes["linear_bytes"] / nbytes["linear_bf16_bytes"],
+        "decode_tok_s": tok_s,
+      }
+    )
+    details[method] = {
+      "description": recipe.description,
+      "recipe": dataclasses.asdict(recipe),
+      "perplexity": result,
+      "bytes": nbytes,
+      "model_bytes_vs_bf16": nbytes["model_bytes"] / nbytes["model_bf16_bytes"],
+      "seconds": {"quantize": t_quant, "perplexity": t_ppl},
+    }
+    del model
+  base = rows[0]["ppl"]
+  for r in rows:
+    r["delta_pct"] = 100.0 * (r["ppl"] / base - 1.0)
+
+  n_tokens = details["fp32"]["perplexity"]["tokens"]
+  print(
+    f"text: {text_record['label']}  context {FLAGS.context}  windows {len(evaluation)}"
+    f"  scored tokens {n_tokens}  calibration: {text_record['calibration']}"
+  )
+  print(
+    f"{'method':26s} {'ppl':>9s} {'Δppl %':>8s} {'bytes/bf16':>10s} {'w/ embed':>9s}"
+    f" {'decode tok/s':>12s}"
+  )
+  for r in rows:
+    tok_s = "-" if r["decode_tok_s"] is None else f"{r['decode_tok_s']:.1f}"
+    print(
+      f"{r['method']:26s} {_fmt(r['ppl']):>9s} {r['delta_pct']:+8.2f} "
+      f"{r['weight_bytes_vs_bf16']:10.3f} {details[r['method']]['model_bytes_vs_bf16']:9.3f}"
+      f" {tok_s:>12s}"
+    )
+  os.makedirs(FLAGS.out_dir, exist_ok=True)
+  plot_path = os.path.join(FLAGS.out_dir, f"{NAME}.png")
+  _plot(
+    rows,
+    plot_path,
+    f"{pipe.config.name}, {text_record['label']}, context {FLAGS.context}, "
+    f"{len(evaluation)} windows",
+  )
+  summary = {
+    "results": rows,
+    "weight_bytes": "decoder linears only (embedding excluded); model_bytes_vs_bf16 in the "
+    "JSON file includes the embedding",
+    "context": FLAGS.context,
+    "windows": len(evaluation),
+    "tokens": n_tokens,
+    "text": text_record["label"],
+  }
+  record = {
+    "config": {
+      "model": FLAGS.model,
+      "gguf": FLAGS.gguf,
+      "dtype": FLAGS.dtype,
+      "context": FLAGS.context,
+      "max_windows": FLAGS.max_windows,
+      "calib_windows": _CALIB_WINDOWS.value,
+      "calib_file": _CALIB_FILE.value,
+      "alpha": _ALPHA.value,
+      "decode_tokens": _DECODE_TOKENS.value,
+      "decode_prompt": _DECODE_PROMPT,
+      "seed": FLAGS.seed,
+    },
+    "text": text_record,
+    "methods": details,
+    "plot": plot_path,
+    "timing_s": {"load": t_loaded - t_start, "total": time.perf_counter() - t_start},
+    "run": common.run_info(),
+    "summary": summary,
+  }
+  common.finish(FLAGS.out_dir, NAME, record, summary)
+
+
+if __name__ == "__main__":
+  app.run(main)
