@@ -16,8 +16,16 @@ import jax.numpy as jnp
 from jaxllm import ops
 from pallas_kernels import quantized_matmul as qmm
 
+_ACTIVATION_DTYPES = ("float32", "bfloat16")
+
 
 def _pad_k(x, w):
+  """Checks the activations and zero-pads their K to the QTensor's padded K."""
+  if jnp.dtype(x.dtype).name not in _ACTIVATION_DTYPES:
+    raise ValueError(
+      f"quantized_linear ({w.method}): activations have dtype {jnp.dtype(x.dtype).name}; "
+      f"expected one of {', '.join(_ACTIVATION_DTYPES)}"
+    )
   return jnp.pad(x, ((0, 0), (0, w.k_pad))) if w.k_pad else x
 
 
