@@ -1,0 +1,83 @@
+"""Smoke test of `experiments.quantize` on the tiny model, in a subprocess (as tests/test_runners.py).
+
+`--model=tiny` tokenizes with the SmolLM2 GGUF tokenizer, ids modulo the tiny vocabulary;
+its perplexities mean nothing, the plumbing and the byte accounting do.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+METHODS = "fp32,w8a8,w4a16_g128,fireq_w4a8,fireq_w4a8_no_smoothing,fireq_w4a8_no_per_tensor"
+
+
+def run(*args: str) -> subprocess.CompletedProcess:
+  return subprocess.run(
+    [sys.executable, "-m", "experiments.quantize", *args],
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    timeout=300,
+    check=False,
+  )
+
+
+@pytest.fixture
+def text_file(tmp_path):
+  path = tmp_path / "text.txt"
+  path.write_text("The quick brown fox jumps over the lazy dog, twice or 3 times. " * 40)
+  return path
+
+
+def test_quantize_runner_tiny(tmp_path, text_file):
+  out = tmp_path / "out"
+  proc = run(
+    "--model=tiny",
+    f"--text_file={text_file}",
+    "--context=64",
+    "--max_windows=1",
+    "--calib_windows=1",
+    f"--methods={METHODS}",
+    "--decode_tokens=4",
+    f"--out_dir={out}",
+  )
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  summary = json.loads(proc.stdout.strip().splitlines()[-1])
+  rows = {r["method"]: r for r in summary["results"]}
+  assert list(rows) == METHODS.split(",")
+  for r in rows.values():
+    assert set(r) == {"method", "ppl", "delta_pct", "weight_bytes_vs_bf16", "decode_tok_s"}
+    assert r["ppl"] > 1 and r["decode_tok_s"] > 0
+  assert rows["fp32"]["delta_pct"] == 0 and rows["fp32"]["weight_bytes_vs_bf16"] == 2.0
+  assert 0.5 < rows["w8a8"]["weight_bytes_vs_bf16"] < 0.52  # int8 + f32 scale per column
+  for m in ("w4a16_g128", "fireq_w4a8"):
+    assert 0.25 < rows[m]["weight_bytes_vs_bf16"] < 0.30
+  record = json.loads((out / "quantize.json").read_text())
+  assert record["text"]["calibration_windows"] == 1
+  assert record["methods"]["w8a8"]["perplexity"]["tokens"] == 63
+  assert (out / "quantize.png").stat().st_size > 1000
+
+
+def test_unknown_method_is_a_one_line_error(text_file):
+  proc = run(f"--text_file={text_file}", "--methods=fp32,int3")
+  assert proc.returncode != 0 and proc.stdout == ""
+  last = [line for line in proc.stderr.splitlines() if line.strip()][-1]
+  assert last.startswith("error: ") and "int3" in last
+
+
+def test_text_too_short_for_calibration(tmp_path, text_file):
+  proc = run(
+    "--model=tiny",
+    f"--text_file={text_file}",
+    "--context=512",
+    "--calib_windows=4",
+    f"--out_dir={tmp_path}",
+  )
+  assert proc.returncode != 0
+  assert "too few for 4 calibration windows" in proc.stderr.splitlines()[-1]
