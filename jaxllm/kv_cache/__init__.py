@@ -69,6 +69,7 @@ def create_cache(
   dtype=jnp.float32,
   calibration=None,
   start=None,
+  kernels=None,
 ):
   """An empty cache for `spec`.
 
@@ -80,6 +81,8 @@ def create_cache(
     dtype: float dtype of dense/residual/sink storage.
     calibration: `prepare_model`'s calibration (FireQ post-RoPE scale).
     start: [B] first valid slot per row (left padding); zeros by default.
+    kernels: optional `ops.KernelConfig` for KIVI's decode op only (e.g.
+      ``KernelConfig("pallas", interpret=True)``); default: the model's.
   """
   if batch <= 0 or capacity <= 0:
     raise ValueError(f"KV cache needs batch > 0 and capacity > 0, got {batch=}, {capacity=}")
@@ -95,7 +98,7 @@ def create_cache(
         )
       key_scale = calibration["key_scale"]
     return SymmetricKVCache.create(spec, config, batch, capacity, start, key_scale)
-  return GroupedKVCache.create(spec, config, batch, capacity, start, dtype)
+  return GroupedKVCache.create(spec, config, batch, capacity, start, dtype, kernels)
 
 
 __all__ = [

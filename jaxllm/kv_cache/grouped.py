@@ -96,6 +96,9 @@ class GroupedKVCache(SlotCacheMixin):
     start: [B] int32 first valid slot per row.
     capacity_tokens: static capacity (tokens); the store has extra spare slots.
     spec, config: static.
+    kernels: static `KernelConfig` for the decode op ``quantized_kv_attention``;
+      None uses the model's (a model-wide "pallas" would also force it on
+      `linear` and `attention`, which have no Pallas implementation).
   """
 
   layers: tuple[GroupedLayer, ...]
@@ -105,9 +108,12 @@ class GroupedKVCache(SlotCacheMixin):
   capacity_tokens: int = flax.struct.field(pytree_node=False)
   spec: CacheSpec = flax.struct.field(pytree_node=False)
   config: ModelConfig = flax.struct.field(pytree_node=False)
+  kernels: ops.KernelConfig | None = flax.struct.field(pytree_node=False, default=None)
 
   @classmethod
-  def create(cls, spec, config, batch, capacity, start, dtype=jnp.float32) -> "GroupedKVCache":
+  def create(
+    cls, spec, config, batch, capacity, start, dtype=jnp.float32, kernels=None
+  ) -> "GroupedKVCache":
     d, g, bits = config.head_dim, spec.group_size, spec.bits
     pf = 8 // bits
     if d % pf:
@@ -149,6 +155,7 @@ class GroupedKVCache(SlotCacheMixin):
       capacity_tokens=capacity,
       spec=spec,
       config=config,
+      kernels=kernels,
     )
 
   @property
@@ -251,7 +258,7 @@ class GroupedKVCache(SlotCacheMixin):
     at = (0, 0, self.length - self.quantized_length, 0)
     k_res = jax.lax.dynamic_update_slice(k_res, k_st, at)
     v_res = jax.lax.dynamic_update_slice(v_res, v_st, at)
-    attend = ops.resolve(QUANTIZED_KV_ATTENTION, kernels)
+    attend = ops.resolve(QUANTIZED_KV_ATTENTION, self.kernels or kernels)
     out = attend(
       q[:, 0],
       stored.store,

@@ -1,0 +1,487 @@
+"""Compressed KV caches: accuracy against dense, exact bytes, flush/rollback/sinks, RoPE-aware scaling, dispatch, errors."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import jaxllm
+from jaxllm import ops
+from jaxllm.kv_cache import METHODS, create_cache, prepare_model, spec_for
+from jaxllm.kv_cache.fireq import fold_pre_rope_key_scale
+from jaxllm.kv_cache.hadamard import hadamard, rotate
+from jaxllm.kv_cache.quantize import pack_along, quantize_asymmetric
+from jaxllm.rope import apply_rope, rope_tables
+from pallas_kernels.quantized_kv_attention import quantize_keys, quantize_values
+
+COMPRESSED = [name for name in METHODS if name != "dense"]
+FOUR_BIT = [
+  "fireq_int4",
+  "kivi4",
+  "rotatekv4",
+  "fireq_int4_pre_rope_only",
+  "fireq_int4_post_rope_only",
+]
+TWO_BIT = ["kivi2", "rotatekv2", "kivi2_per_token_keys", "kivi2_no_residual"]
+# max |logits - dense| / max |dense| over prefill + decode on the tiny model (measured ~x0.5)
+TOLERANCE = {"int8": 3e-3, **{n: 5e-2 for n in FOUR_BIT}, **{n: 0.12 for n in TWO_BIT}}
+TOLERANCE["kivi2_no_residual"] = 0.25
+PREFILL, TOTAL, CAPACITY = 40, 96, 112
+
+
+def _runner(model):
+  graphdef, state = nnx.split(model)
+  step = jax.jit(lambda s, c, t: nnx.merge(graphdef, s)(t, cache=c))
+  return lambda cache, tokens: step(state, cache, jnp.asarray(tokens, jnp.int32))
+
+
+def _decode_logits(model, cache, tokens, prefill=PREFILL):
+  """Logits of a prefill chunk followed by one-token decode steps, and the final cache."""
+  run = _runner(model)
+  logits, cache = run(cache, tokens[:, :prefill])
+  out = [logits]
+  for i in range(prefill, tokens.shape[1]):
+    logits, cache = run(cache, tokens[:, i : i + 1])
+    out.append(logits)
+  return np.concatenate(out, axis=1), cache
+
+
+@pytest.fixture(scope="module")
+def tokens(tiny_model):
+  rng = np.random.default_rng(0)
+  return rng.integers(0, tiny_model.config.vocab_size, size=(2, TOTAL)).astype(np.int32)
+
+
+@pytest.fixture(scope="module")
+def calib_tokens(tiny_model):
+  rng = np.random.default_rng(1)
+  return rng.integers(0, tiny_model.config.vocab_size, size=(2, 64)).astype(np.int32)
+
+
+@pytest.fixture(scope="module")
+def decode_errors(tiny_model, tokens, calib_tokens):
+  """Relative max logits error of every method against the dense cache."""
+  cfg = tiny_model.config
+  dense, _ = _decode_logits(tiny_model, create_cache(spec_for("dense"), cfg, 2, CAPACITY), tokens)
+  errors = {}
+  for name in COMPRESSED:
+    model, calibration = prepare_model(tiny_model, METHODS[name], calib_tokens)
+    cache = create_cache(METHODS[name], cfg, 2, CAPACITY, calibration=calibration)
+    got, cache = _decode_logits(model, cache, tokens)
+    assert int(cache.length) == TOTAL
+    errors[name] = float(np.abs(got - dense).max() / np.abs(dense).max())
+  return errors
+
+
+@pytest.mark.parametrize("name", COMPRESSED)
+def test_decode_close_to_dense(decode_errors, name):
+  assert 0 < decode_errors[name] < TOLERANCE[name], decode_errors
+
+
+def test_more_bits_closer_to_dense(decode_errors):
+  e = decode_errors
+  assert e["int8"] < min(e[n] for n in FOUR_BIT), e
+  assert max(e[n] for n in FOUR_BIT) < min(e[n] for n in TWO_BIT), e
+  assert e["kivi2"] < e["kivi2_no_residual"], e
+
+
+# -------------------------------------------------------------------------- memory
+
+SMOLLM2 = jaxllm.SMOLLM2_135M  # 30 layers, 3 KV heads, head_dim 64
+HEADS = 30 * 3
+# per (token, KV head), bf16 scales/zeros: codes D*bits/8 for K and V, plus
+#   symmetric: 1 scale each; KIVI keys: scale+zero per channel per 32 tokens; values: scale+zero
+EXPECTED_BYTES = {
+  "dense": HEADS * 64 * 2 * 4,  # float32 storage
+  "int8": HEADS * (64 + 2) * 2,
+  "fireq_int4": HEADS * (32 + 2) * 2,
+  "fireq_int4_pre_rope_only": HEADS * (32 + 2) * 2,
+  "fireq_int4_post_rope_only": HEADS * (32 + 2) * 2,
+  "kivi4": HEADS * ((32 + 64 * 2 * 2 / 32) + (32 + 4)),
+  "rotatekv4": HEADS * ((32 + 8) + (32 + 4)),
+  "kivi2": HEADS * ((16 + 8) + (16 + 4)),
+  "rotatekv2": HEADS * ((16 + 8) + (16 + 4)),
+  "kivi2_no_residual": HEADS * ((16 + 8) + (16 + 4)),
+  "kivi2_per_token_keys": HEADS * ((16 + 4) + (16 + 4)),
+}
+# fixed float32 slots per (layer, KV head): residual + G window, + 4 sinks for RotateKV
+EXPECTED_FIXED_SLOTS = {"kivi": 64, "rotatekv": 68, "kivi2_no_residual": 32}
+
+
+@pytest.mark.parametrize("name", list(METHODS))
+def test_bytes_per_token_exact(name):
+  spec = METHODS[name]
+  calibration = {"key_scale": jnp.ones((30, 3, 64))}
+  cache = create_cache(spec, SMOLLM2, 1, 64, calibration=calibration)
+  mem = cache.memory()
+  assert mem["bytes_per_token"] == EXPECTED_BYTES[name]
+  assert mem["bf16_bytes_per_token"] == HEADS * 64 * 2 * 2 == 23040
+  slots = EXPECTED_FIXED_SLOTS.get(name, EXPECTED_FIXED_SLOTS.get(spec.kind, 0))
+  assert mem["residual_bytes"] == HEADS * slots * 64 * 2 * 4
+  leaves = jax.tree.leaves(cache)
+  assert mem["total_bytes"] == sum(x.size * x.dtype.itemsize for x in leaves if x.ndim > 1)
+  if name in FOUR_BIT + ["rotatekv4"]:
+    assert mem["ratio_vs_bf16"] <= 0.30
+  if name in TWO_BIT:
+    assert mem["ratio_vs_bf16"] <= 0.18
+
+
+# ------------------------------------------------------------------- packing layout
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_packing_matches_kernel_layout(bits):
+  """float32 scales: our quantize+pack is bit-identical to the kernel package's."""
+  rng = np.random.default_rng(bits)
+  k = jnp.asarray(rng.standard_normal((2, 3, 64, 16)) * 3, jnp.float32)
+  codes, scale, zero = quantize_asymmetric(k.reshape(2, 3, 2, 32, 16), bits, -2, jnp.float32)
+  packed = pack_along(codes, bits, -2).reshape(2, 3, -1, 16)
+  want = quantize_keys(k, bits, 32)
+  np.testing.assert_array_equal(packed, want[0])
+  np.testing.assert_array_equal(scale[..., 0, :], want[1])
+  np.testing.assert_array_equal(zero[..., 0, :], want[2])
+  codes, scale, zero = quantize_asymmetric(k, bits, -1, jnp.float32)
+  want = quantize_values(k, bits)
+  np.testing.assert_array_equal(pack_along(codes, bits, -1), want[0])
+  np.testing.assert_array_equal(scale[..., 0], want[1])
+
+
+# ---------------------------------------------------------- KIVI flush, rollback, sinks
+
+ONE_LAYER = jaxllm.TINY.replace(name="one-layer", num_layers=1)
+
+
+def _chunk(rng, b, s, cfg=ONE_LAYER):
+  shape = (b, s, cfg.num_kv_heads, cfg.head_dim)
+  k_pre, v = (jnp.asarray(rng.standard_normal(shape), jnp.float32) for _ in range(2))
+  q = jnp.asarray(rng.standard_normal((b, s, cfg.num_heads, cfg.head_dim)), jnp.float32)
+  return q, k_pre, v
+
+
+def _feed(cache, q, k_pre, v, kernels=ops.KernelConfig()):
+  """Writes one chunk into layer 0 (keys get RoPE at their positions); returns
+  (out, cache, post-RoPE keys as written)."""
+  b, s = q.shape[:2]
+  slots = cache.length + jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
+  cos, sin = rope_tables(jnp.maximum(slots - cache.start[:, None], 0), 64, ONE_LAYER.rope_theta)
+  k = apply_rope(k_pre, cos, sin)
+  out, state = cache.attend(0, apply_rope(q, cos, sin), k_pre, k, v, slots, kernels)
+  return out, cache.advance([state], s), k
+
+
+def test_kivi_flush_moves_one_group_and_residual_stays_exact():
+  spec = spec_for("kivi4").replace(scale_dtype="float32")
+  cache = create_cache(spec, ONE_LAYER, 2, 160)
+  rng = np.random.default_rng(0)
+  k_all, v_all, qlens = [], [], []
+  feed = jax.jit(_feed)
+  for _ in range(100):
+    q, k_pre, v = _chunk(rng, 2, 1)
+    _, cache, k = feed(cache, q, k_pre, v)
+    k_all.append(k)
+    v_all.append(v)
+    qlens.append(int(cache.quantized_length))
+  # the window holds 32..63 tokens: a group of 32 leaves when it reaches 64
+  lengths = np.arange(1, 101)
+  np.testing.assert_array_equal(qlens, np.maximum(lengths - 32, 0) // 32 * 32)
+  assert np.all(np.diff(qlens) % 32 == 0) and np.diff(qlens).max() == 32
+  k_all = jnp.concatenate(k_all, 1).transpose(0, 2, 1, 3)  # [B, Hkv, 100, D]
+  v_all = jnp.concatenate(v_all, 1).transpose(0, 2, 1, 3)
+  layer = cache.layers[0]
+  qlen = qlens[-1]
+  np.testing.assert_array_equal(layer.k_residual[:, :, : 100 - qlen], k_all[:, :, qlen:])
+  np.testing.assert_array_equal(layer.v_residual[:, :, : 100 - qlen], v_all[:, :, qlen:])
+  want = quantize_keys(k_all[:, :, :qlen], 4, 32)
+  np.testing.assert_array_equal(layer.store.k_packed[:, :, : qlen // 2], want[0])
+  np.testing.assert_array_equal(layer.store.k_scale[:, :, : qlen // 32], want[1])
+  want = quantize_values(v_all[:, :, :qlen], 4)
+  np.testing.assert_array_equal(layer.store.v_packed[:, :, :qlen], want[0])
+
+
+@pytest.mark.parametrize("name", ["kivi2", "rotatekv2", "kivi2_no_residual"])
+def test_chunked_write_equals_token_by_token(name):
+  """A 70-token chunk leaves exactly the storage that 70 single-token writes leave."""
+  rng = np.random.default_rng(1)
+  q, k_pre, v = _chunk(rng, 2, 70)
+  start = jnp.array([3, 0], jnp.int32)
+  chunked = jax.jit(_feed)(
+    create_cache(spec_for(name), ONE_LAYER, 2, 96, start=start), q, k_pre, v
+  )[1]
+  single = create_cache(spec_for(name), ONE_LAYER, 2, 96, start=start)
+  feed = jax.jit(_feed)
+  for i in range(70):
+    single = feed(single, q[:, i : i + 1], k_pre[:, i : i + 1], v[:, i : i + 1])[1]
+  qlen = (70 - spec_for(name).residual) // 32 * 32
+  assert int(chunked.quantized_length) == int(single.quantized_length) == qlen
+  for a, b in zip(_written(chunked), _written(single)):
+    np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), atol=1e-6)
+
+
+def _written(cache):
+  """The storage that holds tokens (slots past the lengths are scratch)."""
+  layer, qlen = cache.layers[0], int(cache.quantized_length)
+  held = int(cache.length) - qlen
+  pf = 8 // cache.spec.bits
+  store = layer.store
+  return (
+    store.k_packed[:, :, : qlen // pf],
+    store.k_scale[:, :, : qlen // 32],
+    store.k_zero[:, :, : qlen // 32],
+    store.v_packed[:, :, :qlen],
+    store.v_scale[:, :, :qlen],
+    store.v_zero[:, :, :qlen],
+    layer.k_residual[:, :, :held],
+    layer.v_residual[:, :, :held],
+    layer.k_sink,
+    layer.v_sink,
+  )
+
+
+@pytest.mark.parametrize("name", ["int8", "fireq_int4_pre_rope_only", "kivi2", "rotatekv4"])
+def test_rollback_forgets_tokens(tiny_model, name):
+  """Roll back 6 tokens and feed others: same logits as feeding the new sequence directly."""
+  rng = np.random.default_rng(2)
+  cfg = tiny_model.config
+  a = rng.integers(0, cfg.vocab_size, size=(1, 50)).astype(np.int32)
+  b = a.copy()
+  b[:, 44:] = (b[:, 44:] + 7) % cfg.vocab_size
+  spec = spec_for(name)
+  run = _runner(tiny_model)
+  _, cache = run(create_cache(spec, cfg, 1, 64), a[:, :44])
+  _, cache = run(cache, a[:, 44:])
+  got, cache = run(cache.rollback(44), b[:, 44:])
+  _, fresh = run(create_cache(spec, cfg, 1, 64), b[:, :44])
+  want, fresh = run(fresh, b[:, 44:])
+  np.testing.assert_allclose(got, want, atol=1e-5)
+  assert int(cache.length) == 50
+
+
+def test_rollback_into_quantized_tokens_is_an_error():
+  rng = np.random.default_rng(3)
+  cache = create_cache(spec_for("kivi2"), ONE_LAYER, 1, 96)
+  cache = _feed(cache, *_chunk(rng, 1, 80))[1]
+  assert int(cache.quantized_length) == 32
+  assert int(cache.rollback(40).length) == 40
+  with pytest.raises(ValueError, match="already quantized"):
+    cache.rollback(20)
+
+
+def test_sink_tokens_exact():
+  """RotateKV keeps the first 4 tokens of each row (after left padding) exactly."""
+  rng = np.random.default_rng(4)
+  q, k_pre, v = _chunk(rng, 2, 90)
+  start = jnp.array([5, 0], jnp.int32)
+  cache = create_cache(spec_for("rotatekv2"), ONE_LAYER, 2, 96, start=start)
+  cache = jax.jit(_feed)(cache, q[:, :2], k_pre[:, :2], v[:, :2])[1]
+  cache = jax.jit(_feed)(cache, q[:, 2:], k_pre[:, 2:], v[:, 2:])[1]
+  layer = cache.layers[0]
+  for row, s in enumerate([5, 0]):
+    want_k = rotate(k_pre[row, s : s + 4]).transpose(1, 0, 2)
+    np.testing.assert_array_equal(layer.k_sink[row], want_k)
+    np.testing.assert_array_equal(layer.v_sink[row], rotate(v[row, s : s + 4]).transpose(1, 0, 2))
+  assert int(cache.quantized_length) == 32  # sinks sit in a quantized group, yet stay exact
+  # attention to a query that only sees sinks (row 1, slot 3) equals exact attention
+  q1 = q[:, :1]
+  k_view, v_view = _attention_view(cache)
+  cos, sin = rope_tables(jnp.arange(4)[None], 64, ONE_LAYER.rope_theta)
+  want = apply_rope(k_pre[1:2, :4], cos, sin)[0].transpose(1, 0, 2)
+  np.testing.assert_allclose(k_view[1, :, :4], want, atol=1e-5)
+  np.testing.assert_allclose(v_view[1, :, :4], v[1, :4].transpose(1, 0, 2), atol=1e-5)
+  del q1
+
+
+def _attention_view(cache):
+  """The post-RoPE K/V buffers RotateKV attends over (stored tokens, sinks restored)."""
+  captured = {}
+
+  def spy(q, k, v, q_slots, kv_start, config=ops.KernelConfig()):
+    captured["k"], captured["v"] = k, v
+    return q
+
+  rng = np.random.default_rng(5)
+  q, k_pre, v = _chunk(rng, 2, 1)
+  original = ops.attention
+  try:
+    ops.attention = spy
+    _feed(cache, q, k_pre, v)
+  finally:
+    ops.attention = original
+  return captured["k"], captured["v"]
+
+
+# ---------------------------------------------------------------- rotations, RoPE scaling
+
+
+@pytest.mark.parametrize("d", [1, 2, 8, 64, 128])
+def test_hadamard_orthogonal(d):
+  h = hadamard(d)
+  np.testing.assert_array_equal(h @ h.T, d * np.eye(d))
+  assert set(np.unique(h)) <= {-1.0, 1.0}
+
+
+@settings(max_examples=25, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1))
+def test_rotation_preserves_dot_products(seed):
+  rng = np.random.default_rng(seed)
+  q, k = (jnp.asarray(rng.standard_normal((5, 64)) * 4, jnp.float32) for _ in range(2))
+  np.testing.assert_allclose((rotate(q) * rotate(k)).sum(-1), (q * k).sum(-1), rtol=1e-4, atol=1e-3)
+  np.testing.assert_allclose(rotate(rotate(k)), k, atol=1e-5)
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+  seed=st.integers(0, 2**31 - 1),
+  pair_shared=st.booleans(),
+  position=st.integers(1, 4000),
+)
+def test_channel_scaling_commutes_with_rope_iff_pairs_share(seed, pair_shared, position):
+  rng = np.random.default_rng(seed)
+  d = 16
+  k = jnp.asarray(rng.standard_normal((1, 1, 1, d)), jnp.float32)
+  half = rng.uniform(0.25, 4.0, d // 2)
+  scale = np.concatenate([half, half]) if pair_shared else rng.uniform(0.25, 4.0, d)
+  if not pair_shared:
+    scale[d // 2] = scale[0] * 2.0  # pair (0, d/2) surely differs; its angle is `position` rad
+  cos, sin = rope_tables(jnp.full((1, 1), position), d, 10000.0)
+  scale = jnp.asarray(scale, jnp.float32)
+  before = apply_rope(k / scale, cos, sin)
+  after = apply_rope(k, cos, sin) / scale
+  if pair_shared:
+    np.testing.assert_allclose(before, after, rtol=1e-4, atol=1e-5)
+  else:
+    # pair 0 rotates by `position` radians: a mismatch unless sin(position) ~ 0
+    gap = float(jnp.abs(before - after).max())
+    assert (
+      gap > 1e-3 * abs(np.sin(position)) * float(jnp.abs(k).max()) or abs(np.sin(position)) < 1e-3
+    )
+
+
+def test_fireq_fold_preserves_logits(tiny_model, calib_tokens, tokens):
+  outlier = nnx.clone(tiny_model)  # key channels 5 and 37 (a RoPE pair) 16x larger
+  for layer in outlier.layers:
+    w = layer.attn.k.get_value()
+    layer.attn.k.set_value(w.at[:, :, jnp.array([5, 37])].multiply(16.0))
+  tiny_model = outlier
+  before = jax.tree.map(np.asarray, nnx.state(tiny_model).to_pure_dict())
+  model, calibration = prepare_model(tiny_model, spec_for("fireq_int4"), calib_tokens)
+  assert calibration["key_scale"].shape == (2, 2, 64)
+  w_old = before["layers"][0]["attn"]["k"]
+  w_new = np.asarray(model.layers[0].attn.k.get_value())
+  assert not np.array_equal(w_old, w_new)  # the fold changed W_k ...
+  np.testing.assert_array_equal(np.asarray(tiny_model.layers[0].attn.k.get_value()), w_old)
+  ratio = w_old / w_new  # ... by a power-of-2 per-channel scale, equal on RoPE pairs
+  scale = ratio[0]
+  np.testing.assert_allclose(ratio, np.broadcast_to(scale, ratio.shape), rtol=1e-6)
+  np.testing.assert_array_equal(scale[:, :32], scale[:, 32:])
+  np.testing.assert_array_equal(np.exp2(np.round(np.log2(scale))), scale)
+  want, _ = tiny_model(jnp.asarray(tokens))
+  got, _ = model(jnp.asarray(tokens))
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_fold_rejects_scale_not_shared_by_pairs(tiny_model):
+  scale = np.ones((2, 2, 64), np.float32)
+  scale[0, 0, 0] = 2.0
+  with pytest.raises(ValueError, match="RoPE pair"):
+    fold_pre_rope_key_scale(tiny_model, scale)
+
+
+# ------------------------------------------------------------------------ dispatch
+
+
+def test_kivi_decode_pallas_interpret_matches_xla(tiny_model, tokens):
+  """The model's decode through KIVI: Pallas kernel (interpret) vs fused XLA vs reference."""
+  cfg = tiny_model.config
+  results = {}
+  for impl in ("pallas", "xla", "reference"):
+    kernels = ops.KernelConfig(implementation=impl, interpret=True)
+    start = jnp.array([0, 3])
+    cache = create_cache(spec_for("kivi2"), cfg, 2, CAPACITY, start=start, kernels=kernels)
+    results[impl], _ = _decode_logits(tiny_model, cache, tokens[:, :76], prefill=66)
+  scale = np.abs(results["xla"]).max()
+  assert np.abs(results["pallas"] - results["xla"]).max() / scale <= 1e-3
+  assert np.abs(results["reference"] - results["xla"]).max() / scale <= 1e-3
+
+
+def test_kivi_decode_calls_the_kernel(tiny_model):
+  kernels = ops.KernelConfig(implementation="pallas", interpret=True)
+  cache = create_cache(spec_for("kivi4"), tiny_model.config, 1, 64, kernels=kernels)
+  graphdef, state = nnx.split(tiny_model)
+  step = lambda s, c, t: nnx.merge(graphdef, s)(t, cache=c)
+  decode = str(jax.make_jaxpr(step)(state, cache, jnp.zeros((1, 1), jnp.int32)))
+  prefill = str(jax.make_jaxpr(step)(state, cache, jnp.zeros((1, 4), jnp.int32)))
+  assert "quantized_kv_decode_attention" in decode
+  assert "quantized_kv_decode_attention" not in prefill
+
+
+def test_xla_op_matches_reference_op():
+  rng = np.random.default_rng(6)
+  cache = create_cache(spec_for("kivi4"), ONE_LAYER, 2, 128, start=jnp.array([7, 0]))
+  cache = _feed(cache, *_chunk(rng, 2, 90))[1]
+  layer = cache.layers[0]
+  q = jnp.asarray(rng.standard_normal((2, 6, 64)), jnp.float32)
+  args = (
+    q,
+    layer.store,
+    cache.start,
+    cache.quantized_length,
+    cache.length,
+    layer.k_residual,
+    layer.v_residual,
+  )
+  kw = dict(bits=4, group_size=32)
+  xla = ops.resolve("quantized_kv_attention", ops.KernelConfig("xla"))(*args, **kw)
+  ref = ops.resolve("quantized_kv_attention", ops.KernelConfig("reference"))(*args, **kw)
+  np.testing.assert_allclose(xla, ref, rtol=1e-4, atol=1e-5)
+
+
+# --------------------------------------------------------------------------- errors
+
+
+def test_unknown_method_lists_choices():
+  with pytest.raises(ValueError, match="kivi2"):
+    spec_for("kivi3")
+
+
+@pytest.mark.parametrize("bits", [1, 3, 16])
+def test_bad_bits(bits):
+  with pytest.raises(ValueError, match="bits must be one of"):
+    spec_for("kivi2").replace(bits=bits)
+
+
+def test_head_dim_the_packing_cannot_handle():
+  cfg = jaxllm.TINY.replace(name="odd", head_dim=6, num_heads=2, num_kv_heads=1)
+  with pytest.raises(ValueError, match="head_dim 6"):
+    create_cache(spec_for("kivi2"), cfg, 1, 64)
+  with pytest.raises(ValueError, match="power-of-2 head_dim"):
+    create_cache(spec_for("rotatekv4"), cfg.replace(head_dim=12), 1, 64)
+
+
+def test_group_larger_than_capacity():
+  with pytest.raises(ValueError, match="larger than the cache capacity"):
+    create_cache(spec_for("kivi4").replace(group_size=64), ONE_LAYER, 1, 48)
+
+
+@pytest.mark.parametrize("name", ["dense", "int8", "kivi2", "rotatekv2"])
+def test_overflow(name):
+  rng = np.random.default_rng(7)
+  cache = create_cache(spec_for(name), ONE_LAYER, 1, 40)
+  cache.check_room(40)
+  with pytest.raises(ValueError, match="overflow"):
+    cache.check_room(41)
+  if name != "dense":
+    cache = _feed(cache, *_chunk(rng, 1, 38))[1]
+    with pytest.raises(ValueError, match="overflow"):
+      _feed(cache, *_chunk(rng, 1, 3))
+
+
+def test_fireq_needs_calibration():
+  with pytest.raises(ValueError, match="calibration"):
+    create_cache(spec_for("fireq_int4"), ONE_LAYER, 1, 32)
+  with pytest.raises(ValueError, match="calib_tokens"):
+    prepare_model(None, spec_for("fireq_int4"), None)
