@@ -203,7 +203,7 @@ def test_kivi_flush_moves_one_group_and_residual_stays_exact():
   np.testing.assert_array_equal(layer.store.v_packed[:, :, :qlen], want[0])
 
 
-@pytest.mark.parametrize("name", ["kivi2", "rotatekv2", "kivi2_no_residual"])
+@pytest.mark.parametrize("name", ["kivi2", "rotatekv2"])
 def test_chunked_write_equals_token_by_token(name):
   """A 70-token chunk leaves exactly the storage that 70 single-token writes leave."""
   rng = np.random.default_rng(1)
@@ -242,7 +242,7 @@ def _written(cache):
   )
 
 
-@pytest.mark.parametrize("name", ["int8", "fireq_int4_pre_rope_only", "kivi2", "rotatekv4"])
+@pytest.mark.parametrize("name", ["int8", "kivi2", "rotatekv4"])
 def test_rollback_forgets_tokens(tiny_model, name):
   """Roll back 6 tokens and feed others: same logits as feeding the new sequence directly."""
   rng = np.random.default_rng(2)
@@ -264,7 +264,7 @@ def test_rollback_forgets_tokens(tiny_model, name):
 def test_rollback_into_quantized_tokens_is_an_error():
   rng = np.random.default_rng(3)
   cache = create_cache(spec_for("kivi2"), ONE_LAYER, 1, 96)
-  cache = _feed(cache, *_chunk(rng, 1, 80))[1]
+  cache = jax.jit(_feed)(cache, *_chunk(rng, 1, 80))[1]
   assert int(cache.quantized_length) == 32
   assert int(cache.rollback(40).length) == 40
   with pytest.raises(ValueError, match="already quantized"):
@@ -285,33 +285,19 @@ def test_sink_tokens_exact():
     np.testing.assert_array_equal(layer.k_sink[row], want_k)
     np.testing.assert_array_equal(layer.v_sink[row], rotate(v[row, s : s + 4]).transpose(1, 0, 2))
   assert int(cache.quantized_length) == 32  # sinks sit in a quantized group, yet stay exact
-  # attention to a query that only sees sinks (row 1, slot 3) equals exact attention
-  q1 = q[:, :1]
-  k_view, v_view = _attention_view(cache)
-  cos, sin = rope_tables(jnp.arange(4)[None], 64, ONE_LAYER.rope_theta)
-  want = apply_rope(k_pre[1:2, :4], cos, sin)[0].transpose(1, 0, 2)
-  np.testing.assert_allclose(k_view[1, :, :4], want, atol=1e-5)
-  np.testing.assert_allclose(v_view[1, :, :4], v[1, :4].transpose(1, 0, 2), atol=1e-5)
-  del q1
-
-
-def _attention_view(cache):
-  """The post-RoPE K/V buffers RotateKV attends over (stored tokens, sinks restored)."""
-  captured = {}
-
-  def spy(q, k, v, q_slots, kv_start, config=ops.KernelConfig()):
-    captured["k"], captured["v"] = k, v
-    return q
-
-  rng = np.random.default_rng(5)
-  q, k_pre, v = _chunk(rng, 2, 1)
-  original = ops.attention
-  try:
-    ops.attention = spy
-    _feed(cache, q, k_pre, v)
-  finally:
-    ops.attention = original
-  return captured["k"], captured["v"]
+  # as attention reads them, the sink slots hold the exact post-RoPE keys and values
+  k_view, v_view = jax.jit(lambda c: c.stored_view(c.layers[0]))(cache)
+  for row, s in enumerate([5, 0]):
+    cos, sin = rope_tables(jnp.arange(4)[None], 64, ONE_LAYER.rope_theta)
+    want = apply_rope(k_pre[row : row + 1, s : s + 4], cos, sin)[0].transpose(1, 0, 2)
+    np.testing.assert_allclose(k_view[row, :, s : s + 4], want, atol=1e-5)
+    np.testing.assert_allclose(
+      v_view[row, :, s : s + 4], v[row, s : s + 4].transpose(1, 0, 2), atol=1e-5
+    )
+    # the next (quantized, 2-bit) tokens are only approximate
+    assert (
+      np.abs(v_view[row, :, s + 4 : s + 8] - v[row, s + 4 : s + 8].transpose(1, 0, 2)).max() > 1e-2
+    )
 
 
 # ---------------------------------------------------------------- rotations, RoPE scaling
@@ -395,17 +381,17 @@ def test_fold_rejects_scale_not_shared_by_pairs(tiny_model):
 
 
 def test_kivi_decode_pallas_interpret_matches_xla(tiny_model, tokens):
-  """The model's decode through KIVI: Pallas kernel (interpret) vs fused XLA vs reference."""
+  """The model's decode through KIVI: Pallas kernel (interpret) vs fused XLA (the op-level
+  test below checks XLA against the kernel package's reference)."""
   cfg = tiny_model.config
   results = {}
-  for impl in ("pallas", "xla", "reference"):
+  for impl in ("pallas", "xla"):
     kernels = ops.KernelConfig(implementation=impl, interpret=True)
     start = jnp.array([0, 3])
     cache = create_cache(spec_for("kivi2"), cfg, 2, CAPACITY, start=start, kernels=kernels)
-    results[impl], _ = _decode_logits(tiny_model, cache, tokens[:, :76], prefill=66)
+    results[impl], _ = _decode_logits(tiny_model, cache, tokens[:, :70], prefill=66)
   scale = np.abs(results["xla"]).max()
   assert np.abs(results["pallas"] - results["xla"]).max() / scale <= 1e-3
-  assert np.abs(results["reference"] - results["xla"]).max() / scale <= 1e-3
 
 
 def test_kivi_decode_calls_the_kernel(tiny_model):
@@ -422,7 +408,7 @@ def test_kivi_decode_calls_the_kernel(tiny_model):
 def test_xla_op_matches_reference_op():
   rng = np.random.default_rng(6)
   cache = create_cache(spec_for("kivi4"), ONE_LAYER, 2, 128, start=jnp.array([7, 0]))
-  cache = _feed(cache, *_chunk(rng, 2, 90))[1]
+  cache = jax.jit(_feed)(cache, *_chunk(rng, 2, 90))[1]
   layer = cache.layers[0]
   q = jnp.asarray(rng.standard_normal((2, 6, 64)), jnp.float32)
   args = (
@@ -475,7 +461,7 @@ def test_overflow(name):
   with pytest.raises(ValueError, match="overflow"):
     cache.check_room(41)
   if name != "dense":
-    cache = _feed(cache, *_chunk(rng, 1, 38))[1]
+    cache = cache.replace(length=jnp.asarray(38, jnp.int32))
     with pytest.raises(ValueError, match="overflow"):
       _feed(cache, *_chunk(rng, 1, 3))
 

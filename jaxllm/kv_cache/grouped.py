@@ -273,7 +273,15 @@ class GroupedKVCache(SlotCacheMixin):
     return out[:, None]
 
   def _attend_dequantized(self, stored, q, k, v, q_slots, kernels):
-    """Dequantize store + window (+ sinks) into slot-indexed buffers, then `ops.attention`."""
+    """Dequantized stored tokens plus the exact chunk in slot-indexed buffers, then `ops.attention`."""
+    k_buf, v_buf = self.stored_view(stored)
+    k_buf, v_buf = insert_chunk(k_buf, k, self.length), insert_chunk(v_buf, v, self.length)
+    return ops.attention(q, k_buf, v_buf, q_slots, self.start, kernels)
+
+  def stored_view(self, stored: GroupedLayer):
+    """Post-RoPE keys and values [B, Hkv, Tq + Rb, D] (float32) of the stored tokens as
+    attention reads them: dequantized store, window (exact, or fake-quantized when
+    residual == 0) at `quantized_length`, exact sinks at `start`; slot = index."""
     k_buf, v_buf = self._dequantize_store(stored.store)
     k_res, v_res = self._attended_residual(stored)
     pad = ((0, 0), (0, 0), (0, self.residual_slots), (0, 0))
@@ -284,9 +292,7 @@ class GroupedKVCache(SlotCacheMixin):
       put = jax.vmap(lambda buf, sink, s: jax.lax.dynamic_update_slice(buf, sink, (0, s, 0)))
       k_buf = put(k_buf, stored.k_sink.astype(jnp.float32), self.start)
       v_buf = put(v_buf, stored.v_sink.astype(jnp.float32), self.start)
-    k_buf, v_buf = self._to_attention(k_buf, v_buf)
-    k_buf, v_buf = insert_chunk(k_buf, k, self.length), insert_chunk(v_buf, v, self.length)
-    return ops.attention(q, k_buf, v_buf, q_slots, self.start, kernels)
+    return self._to_attention(k_buf, v_buf)
 
   def _write(self, stored: GroupedLayer, k_st, v_st):
     """Appends the chunk [B, Hkv, S, D] to the window, flushing whole groups; returns
