@@ -27,6 +27,7 @@ from __future__ import annotations
 import hashlib
 import os
 import statistics
+import sys
 import time
 
 from absl import app, flags
@@ -248,6 +249,12 @@ def main(argv):
         "weight_bytes_vs_bf16": nbytes["linear_bytes"] / nbytes["linear_bf16_bytes"],
         "decode_tok_s": tok_s,
       }
+    )
+    print(
+      f"{method}: ppl {result['ppl']:.4f}, bytes/bf16 {rows[-1]['weight_bytes_vs_bf16']:.3f}, "
+      f"decode {tok_s} tok/s",
+      file=sys.stderr,
+      flush=True,
     )
     details[method] = {
       "description": recipe.description,
