@@ -317,3 +317,22 @@ def test_quantized_checkpoint_round_trip(tmp_path, tokens):
           np.asarray(qb.parts[key]).astype(np.float32), np.asarray(arr).astype(np.float32)
         )
   np.testing.assert_array_equal(model(jnp.asarray(tokens))[0], restored(jnp.asarray(tokens))[0])
+
+
+@pytest.mark.parametrize("method, group_size", [("w4a16", 128), ("fireq_w4a8", 32)])
+def test_clip_search_lowers_the_rounding_error(method, group_size):
+  """Heavy-tailed weights: clipping the rare extremes beats covering them."""
+  w = jax.random.t(jax.random.key(4), 3.0, (512, 128), jnp.float32) * 0.02
+  plain = quantize(w, method, group_size)
+  clipped = quantize(w, method, group_size, clip_search=True)
+  err = [float(jnp.sum((q.dequantize() - w) ** 2)) for q in (plain, clipped)]
+  # measured: w4a16 g128 -> well under 0.9x; fireq g32 (FP8-rounded scales) 1.857 vs 1.901
+  assert err[1] < (0.9 if method == "w4a16" else 0.99) * err[0]
+  if method == "fireq_w4a8":
+    return  # FP8 rounding of the chosen scale can cost a group a little
+  # never worse in any group: r = 1 (no clipping) is among the candidates
+  g_err = [
+    np.asarray(((q.dequantize() - w) ** 2).reshape(-1, group_size, 128).sum(1))
+    for q in (plain, clipped)
+  ]
+  assert np.all(g_err[1] <= g_err[0] * (1 + 1e-5) + 1e-12)

@@ -36,6 +36,7 @@ def quantize_with_spec(param: nnx.Param, spec: QuantSpec, contract_dims: int) ->
       pad_k=spec.pad_k,
       scale_dtype=spec.scale_dtype,
       per_tensor_scale=spec.per_tensor_scale,
+      clip_search=spec.clip_search,
     )
   )
 

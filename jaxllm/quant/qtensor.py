@@ -123,6 +123,7 @@ def quantize(
   pad_k: bool = False,
   scale_dtype: str | None = None,
   per_tensor_scale: bool = True,
+  clip_search: bool = False,
 ) -> QTensor:
   """Quantizes a float weight [*K, *out] (K = its first `contract_dims` dims).
 
@@ -139,6 +140,8 @@ def quantize(
     per_tensor_scale: fireq_w4a8 only: scales are stored relative to an f32
       per-tensor scale (FireQ); False stores them absolute, so small scales
       lose precision or underflow in FP8 (the ablation).
+    clip_search: int4 methods only: per group (or channel), clip the range to the
+      candidate (see `clip_to_best_range`) with the least squared rounding error.
 
   Raises:
     ValueError: unknown method, unsupported weight or scale dtype, or a group
@@ -169,6 +172,8 @@ def quantize(
     raise ValueError("w4a16 needs a group_size")
   k_pad = _padding(k, group_size, pad_k, method)
   w2 = jnp.pad(w2, ((0, k_pad), (0, 0)))
+  if clip_search:
+    w2 = clip_to_best_range(w2, group_size or w2.shape[0], symmetric=method == "fireq_w4a8")
   if method == "w4a16":
     values, scales, offsets = qmm.quantize_w4a16(w2, group_size, jnp.dtype(scale_dtype))
     return QTensor(values, scales, offsets, k_pad=k_pad, **common)
@@ -189,6 +194,42 @@ def _padding(k: int, group_size: int | None, pad_k: bool, method: str) -> int:
       + "; pass pad_k=True to zero-pad K (the padding is stored and counted)"
     )
   return pad
+
+
+_SHRINK = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7, 0.65, 0.6)
+
+
+def clip_to_best_range(w2: jax.Array, group: int, symmetric: bool) -> jax.Array:
+  """Clips each group of `group` rows of w2 [K, N] to the range of least int4 rounding error.
+
+  Candidates shrink the group's range: symmetric (``±r * absmax``, int4 codes in
+  [-8, 7]) or min/max with the low and high ends shrunk independently toward the
+  group's middle (codes in [0, 15]). The chosen range is then exactly the clipped
+  group's own range, so the quantizers that follow pick it up unchanged.
+  """
+  k, n = w2.shape
+  wg = w2.reshape(k // group, group, n)
+  ratios = jnp.asarray(_SHRINK, jnp.float32)
+  if symmetric:
+    amax = jnp.abs(wg).max(axis=1)  # [G, N]
+    bound = ratios[:, None, None] * amax  # [R, G, N]
+    scale = jnp.maximum(bound / 7.0, 1e-12)[:, :, None]
+    q = jnp.clip(jnp.round(wg / scale), -8, 7)
+    err = ((q * scale - wg) ** 2).sum(axis=2)  # [R, G, N]
+    best = jnp.take_along_axis(bound, err.argmin(axis=0)[None], axis=0)[0]
+    return jnp.clip(wg, -best[:, None], best[:, None]).reshape(k, n)
+  lo, hi = wg.min(axis=1), wg.max(axis=1)
+  mid = (lo + hi) / 2
+  r_lo = jnp.repeat(ratios, len(_SHRINK))[:, None, None]
+  r_hi = jnp.tile(ratios, len(_SHRINK))[:, None, None]
+  lows, highs = mid + r_lo * (lo - mid), mid + r_hi * (hi - mid)  # [R*R, G, N]
+  scale = jnp.maximum((highs - lows) / 15.0, 1e-12)[:, :, None]
+  q = jnp.clip(jnp.round((wg - lows[:, :, None]) / scale), 0, 15)
+  err = ((q * scale + lows[:, :, None] - wg) ** 2).sum(axis=2)
+  pick = err.argmin(axis=0)[None]
+  best_lo = jnp.take_along_axis(lows, pick, axis=0)[0][:, None]
+  best_hi = jnp.take_along_axis(highs, pick, axis=0)[0][:, None]
+  return jnp.clip(wg, best_lo, best_hi).reshape(k, n)
 
 
 def quantize_fireq(w2: jax.Array, group_size: int | None, scale_dtype: str, per_tensor: bool):

@@ -23,6 +23,7 @@ class QuantSpec:
   pad_k: bool = False
   scale_dtype: str | None = None
   per_tensor_scale: bool = True
+  clip_search: bool = False
 
   def __post_init__(self):
     if self.method not in METHODS:
