@@ -10,6 +10,12 @@ queries by them is exact in floating point:
   W_k / s and W_q * s, which leaves every q·k (and the logits) unchanged.
 * post-RoPE [L, Hkv, D], any per-channel value: applied by the cache at write
   time (keys / s) and multiplied into the queries at attention.
+
+The post-RoPE scale is calibrated on the folded model. Because a pair-shared
+scale commutes with RoPE, it then absorbs the pre-RoPE one (the product of the
+two equals the post-RoPE scale of the unfolded model, up to power-of-2
+rounding), so "both" and "post-RoPE only" store the same keys; the pre-RoPE
+scale alone cannot separate the two channels of a rotary pair and is weaker.
 """
 
 from __future__ import annotations

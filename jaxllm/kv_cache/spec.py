@@ -33,7 +33,10 @@ class CacheSpec:
       into W_k / W_q.
     post_rope_scale: FireQ: apply a per-channel post-RoPE key scale at write time.
     fp8_queries: FireQ: queries quantized to FP8 e4m3 (per token and head).
-    smooth_alpha: FireQ: scale = amax_k**alpha / amax_q**(1 - alpha).
+    smooth_alpha: FireQ: scale = amax_k**alpha / amax_q**(1 - alpha). Default 1:
+      the query is FP8 (floating point, so its precision per element does not
+      depend on a channel's magnitude), so the keys' whole channel range can move
+      into it (SmolLM2, one 512-token window: alpha 0.5 gave +7.7% ppl, 1.0 +3.1%).
     scale_dtype: storage dtype of scales and zero points.
   """
 
@@ -41,13 +44,13 @@ class CacheSpec:
   kind: str
   bits: int = 16
   group_size: int = 32
-  residual: int = 32
+  residual: int = 96
   per_channel_keys: bool = True
   n_sink: int = 0
   pre_rope_scale: bool = False
   post_rope_scale: bool = False
   fp8_queries: bool = False
-  smooth_alpha: float = 0.5
+  smooth_alpha: float = 1.0
   scale_dtype: str = "bfloat16"
 
   def __post_init__(self):
@@ -82,9 +85,12 @@ class CacheSpec:
     return dataclasses.replace(self, **changes)
 
 
-_KIVI = dict(kind="kivi", group_size=32, residual=32)
+# R = 96: the window buffer is then R + G = 128 slots, a power of 2 as the portable
+# kernel needs; SmolLM2, one 512-token window: KIVI-2 +13.0% ppl at R=32, +8.8% at R=96
+# (the KIVI paper uses G=32, R=128).
+_KIVI = dict(kind="kivi", group_size=32, residual=96)
 _FIREQ = dict(kind="fireq", bits=4, pre_rope_scale=True, post_rope_scale=True, fp8_queries=True)
-_ROTATEKV = dict(kind="rotatekv", group_size=32, residual=32, n_sink=4)
+_ROTATEKV = dict(kind="rotatekv", group_size=32, residual=96, n_sink=4)
 
 METHODS: dict[str, CacheSpec] = {
   s.name: s
