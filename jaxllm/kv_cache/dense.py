@@ -113,6 +113,7 @@ class KVCache(SlotCacheMixin):
       (out [B, S, Hq, D], layer state) where the state goes to `advance`.
     """
     del k_pre_rope
+    self.check_room(q.shape[1])
     k_buf, v_buf = self.write(layer, k, v)
     return ops.attention(q, k_buf, v_buf, q_slots, self.start, kernels), (k_buf, v_buf)
 
