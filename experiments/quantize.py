@@ -13,7 +13,9 @@ Methods are the recipes of `jaxllm.quant.recipes.RECIPES` (FireQ's ablations
     bf16; the embedding is not included there. model_bytes_vs_bf16 adds the
     embedding (kept float, as stored) and norms;
   * decode_tok_s: batch-1 greedy decoding with `jaxllm.decoding.Generator` on CPU:
-    (N-1) / (t(N new tokens) - t(1 new token)), medians of 3 after a warm-up.
+    (N-1) / (t(N new tokens) - t(1 new token)), medians of 3 after a warm-up;
+  * orbax_checkpoint_bytes_on_disk (JSON file): the model saved with
+    `jaxllm.checkpoint.save` (quantized linears as stored, embedding float).
 
 Calibration (for smoothing) never overlaps evaluation: the calibration windows
 are the last --calib_windows windows of --calib_file if given, else of the
@@ -28,6 +30,7 @@ import hashlib
 import os
 import statistics
 import sys
+import tempfile
 import time
 
 from absl import app, flags
@@ -198,6 +201,7 @@ def main(argv):
 
   from flax import nnx
 
+  from jaxllm import checkpoint
   from jaxllm.config import get_config
   from jaxllm.gguf_loader import default_gguf_path
   from jaxllm.perplexity import perplexity, tokenize_windows
@@ -250,6 +254,8 @@ def main(argv):
         "decode_tok_s": tok_s,
       }
     )
+    with tempfile.TemporaryDirectory() as ckpt_dir:
+      disk = checkpoint.save(model, ckpt_dir)
     print(
       f"{method}: ppl {result['ppl']:.4f}, bytes/bf16 {rows[-1]['weight_bytes_vs_bf16']:.3f}, "
       f"decode {tok_s} tok/s",
@@ -262,6 +268,7 @@ def main(argv):
       "perplexity": result,
       "bytes": nbytes,
       "model_bytes_vs_bf16": nbytes["model_bytes"] / nbytes["model_bf16_bytes"],
+      "orbax_checkpoint_bytes_on_disk": disk,
       "seconds": {"quantize": t_quant, "perplexity": t_ppl},
     }
     del model

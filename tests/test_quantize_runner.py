@@ -61,6 +61,8 @@ def test_quantize_runner_tiny(tmp_path, text_file):
   record = json.loads((out / "quantize.json").read_text())
   assert record["text"]["calibration_windows"] == 1
   assert record["methods"]["w8a8"]["perplexity"]["tokens"] == 63
+  disk = {m: d["orbax_checkpoint_bytes_on_disk"] for m, d in record["methods"].items()}
+  assert disk["fireq_w4a8"] < disk["w8a8"] < disk["fp32"]
   assert (out / "quantize.png").stat().st_size > 1000
 
 
