@@ -1,5 +1,6 @@
 """jaxllm: fast, memory-lean LLM inference in JAX/XLA with Pallas kernels."""
 
+from jaxllm import kv_cache, quant, streaming
 from jaxllm.config import SMOLLM2_135M, TINY, ModelConfig, get_config
 from jaxllm.decoding import GenerationResult, Generator
 from jaxllm.gguf_loader import default_gguf_path, load_gguf
@@ -23,6 +24,9 @@ __all__ = [
   "Pipeline",
   "SamplingConfig",
   "default_gguf_path",
+  "kv_cache",
+  "quant",
+  "streaming",
   "get_config",
   "load_gguf",
   "load_pipeline",

