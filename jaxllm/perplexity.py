@@ -42,6 +42,25 @@ def tokenize_windows(tokenizer: Any, text: str, context: int) -> np.ndarray:
   return ids[: n * context].reshape(n, context).astype(np.int32)
 
 
+def check_windows(windows, vocab_size: int | None = None) -> np.ndarray:
+  """`windows` as int32 [N >= 1, context >= 2], ids checked against `vocab_size` when given."""
+  windows = np.asarray(windows)
+  if (
+    windows.ndim != 2
+    or windows.shape[0] == 0
+    or windows.shape[1] < 2
+    or not np.issubdtype(windows.dtype, np.integer)
+  ):
+    raise ValueError(
+      f"windows must be int [N >= 1, context >= 2], got {windows.dtype}{list(windows.shape)}"
+    )
+  if vocab_size is not None and (windows.min() < 0 or windows.max() >= vocab_size):
+    raise ValueError(
+      f"token ids must lie in [0, {vocab_size}), got [{windows.min()}, {windows.max()}]"
+    )
+  return windows.astype(np.int32)
+
+
 def _nll_sums(logits: jax.Array, tokens: jax.Array) -> jax.Array:
   """Sum over positions 1..S-1 of -log p(token | prefix), per row: f32 [B]."""
   logits = logits[:, :-1].astype(jnp.float32)
@@ -85,22 +104,11 @@ def window_nll(
     batch_size: windows per forward pass; a short last batch is padded with
       copies of its last window (results dropped), so one compile serves all.
   """
-  windows = np.asarray(windows)
-  if (
-    windows.ndim != 2
-    or windows.shape[0] == 0
-    or windows.shape[1] < 2
-    or not np.issubdtype(windows.dtype, np.integer)
-  ):
-    raise ValueError(
-      f"windows must be int [N >= 1, context >= 2], got {windows.dtype}{list(windows.shape)}"
-    )
   if batch_size < 1:
     raise ValueError(f"batch_size must be >= 1, got {batch_size}")
   model = getattr(model_or_forward, "model", model_or_forward)
   vocab = getattr(getattr(model, "config", None), "vocab_size", None)
-  if vocab is not None and (windows.min() < 0 or windows.max() >= vocab):
-    raise ValueError(f"token ids must lie in [0, {vocab}), got [{windows.min()}, {windows.max()}]")
+  windows = check_windows(windows, vocab)
   return _scores(make_nll_fn(model_or_forward), windows, batch_size)
 
 

@@ -27,6 +27,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jaxllm.perplexity import check_windows
+
 CacheFactory = Callable[[int, int], Any]  # (batch, capacity) -> an empty cache
 
 
@@ -141,7 +143,7 @@ class StreamingScorer:
   def score(self, windows: np.ndarray) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """Per window, in order: (NLL [L-1], argmax [L-1]). A short last batch is
     padded with copies of its last window (results dropped)."""
-    windows = _check_windows(windows, self.vocab_size)
+    windows = check_windows(windows, self.vocab_size)
     bs = self.config.batch_size
     for lo in range(0, len(windows), bs):
       batch = windows[lo : lo + bs]
@@ -151,24 +153,6 @@ class StreamingScorer:
       nll, top1 = self.score_batch(batch)
       for i in range(real):
         yield nll[i], top1[i]
-
-
-def _check_windows(windows, vocab_size: int) -> np.ndarray:
-  windows = np.asarray(windows)
-  if (
-    windows.ndim != 2
-    or windows.shape[0] == 0
-    or windows.shape[1] < 2
-    or not np.issubdtype(windows.dtype, np.integer)
-  ):
-    raise ValueError(
-      f"windows must be int [N >= 1, context >= 2], got {windows.dtype}{list(windows.shape)}"
-    )
-  if windows.min() < 0 or windows.max() >= vocab_size:
-    raise ValueError(
-      f"token ids must lie in [0, {vocab_size}), got [{windows.min()}, {windows.max()}]"
-    )
-  return windows.astype(np.int32)
 
 
 def streaming_perplexity(
@@ -189,7 +173,7 @@ def streaming_perplexity(
   Returns:
     (dict(ppl, nll, tokens, windows, context, prefill[, top1_agree]), argmax [N, L-1]).
   """
-  windows = _check_windows(windows, scorer.vocab_size)
+  windows = check_windows(windows, scorer.vocab_size)
   if reference_top1 is not None and np.shape(reference_top1) != (
     windows.shape[0],
     windows.shape[1] - 1,
