@@ -225,17 +225,19 @@ def main(argv):
   recipes = {m: recipes_lib.RECIPES[m] for m in methods}
   if _ALPHA.value is not None:
     recipes = {
-      m: dataclasses.replace(r, smoothing_alpha=_ALPHA.value) if r.needs_calibration else r
+      m: dataclasses.replace(r, smoothing_alpha=_ALPHA.value)
+      if r.smoothing_alpha is not None
+      else r
       for m, r in recipes.items()
     }
   stats = None
-  if any(r.needs_calibration for r in recipes.values()):
+  if any(r.smoothing_alpha is not None for r in recipes.values()):
     stats = activation_absmax(pipe.model, calib, progress=True)
 
   rows, details = [], {}
   for method, recipe in recipes.items():
     t0 = time.perf_counter()
-    model = apply_recipe(nnx.clone(pipe.model), recipe, stats)
+    model = apply_recipe(nnx.clone(pipe.model), recipe, stats, calib)
     t_quant = time.perf_counter() - t0
     result = perplexity(model, evaluation, progress=True)
     t_ppl = time.perf_counter() - t0 - t_quant

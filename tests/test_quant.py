@@ -247,7 +247,7 @@ def test_smoothing_helps_fireq_on_outliers(tokens):
   stats = activation_absmax(base, tokens)
   errs = {}
   for name in ("fireq_w4a8", "fireq_w4a8_no_smoothing"):
-    model = apply_recipe(_model_with_outliers(), get_recipe(name), stats)
+    model = apply_recipe(_model_with_outliers(), get_recipe(name), stats, tokens)
     got = np.asarray(model(jnp.asarray(tokens))[0])
     errs[name] = np.abs(got - want).max() / np.abs(want).max()
   assert errs["fireq_w4a8"] < errs["fireq_w4a8_no_smoothing"]
@@ -295,7 +295,7 @@ def test_quantized_model_generates_close_to_float(method, group_size, bound):
 
 def test_quantized_checkpoint_round_trip(tmp_path, tokens):
   model = init_model(jaxllm.TINY, seed=0)
-  apply_recipe(model, get_recipe("fireq_w4a8_no_smoothing"))
+  apply_recipe(model, get_recipe("fireq_w4a8_no_smoothing"), calib_windows=tokens)
   layer1 = model.layers[1].attn
   layer1.q.set_value(
     quantize(init_model(jaxllm.TINY, seed=0).layers[1].attn.q.get_value(), "w4a16", 32)

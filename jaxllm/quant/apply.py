@@ -54,8 +54,29 @@ def quantize_model(model: Llama, method: str | QuantSpec, group_size: int | None
   return model
 
 
+# linear name -> the calibration tap that feeds it
+_INPUT_OF = {
+  "q": "attn_in",
+  "k": "attn_in",
+  "v": "attn_in",
+  "o": "o_in",
+  "gate": "mlp_in",
+  "up": "mlp_in",
+  "down": "down_in",
+}
+
+
+def input_key(path: str) -> str:
+  """Calibration key of a linear's input: ``layers.3.attn.q`` -> ``3.attn_in``."""
+  parts = path.split(".")
+  return f"{parts[1]}.{_INPUT_OF[parts[-1]]}"
+
+
 def apply_recipe(
-  model: Llama, recipe: Recipe, act_absmax: Mapping[str, np.ndarray] | None = None
+  model: Llama,
+  recipe: Recipe,
+  act_absmax: Mapping[str, np.ndarray] | None = None,
+  calib_windows=None,
 ) -> Llama:
   """Smooths (if the recipe says so) and quantizes `model` in place; returns it.
 
@@ -64,17 +85,34 @@ def apply_recipe(
     recipe: what to do (see `jaxllm.quant.recipes`).
     act_absmax: per-channel activation absmax from `jaxllm.quant.calibrate`,
       required when the recipe smooths.
+    calib_windows: int [N, length] token ids, required when the recipe uses GPTQ:
+      the Hessians are collected from the (smoothed) float model in one pass, so
+      every layer sees float inputs (not those of the already-quantized layers
+      before it, the slower sequential variant).
   """
-  if recipe.needs_calibration:
+  if recipe.smoothing_alpha is not None:
     if act_absmax is None:
       raise ValueError(f"recipe {recipe.name!r} smooths, so it needs calibration statistics")
     from jaxllm.quant.smoothing import smooth_model  # pylint: disable=import-outside-toplevel
 
     smooth_model(model, act_absmax, recipe.smoothing_alpha)
+  hessians = None
+  if recipe.gptq:
+    if calib_windows is None:
+      raise ValueError(f"recipe {recipe.name!r} uses GPTQ, so it needs calibration windows")
+    from jaxllm.quant.calibrate import input_hessians  # pylint: disable=import-outside-toplevel
+
+    hessians = input_hessians(model, calib_windows)
   for path, param, contract in linear_params(model):
     spec = recipe.spec_for(path)
-    if spec is not None and not isinstance(param.get_value(), QTensor):
+    if spec is None or isinstance(param.get_value(), QTensor):
+      continue
+    if hessians is None:
       quantize_with_spec(param, spec, contract)
+    else:
+      from jaxllm.quant.gptq import gptq_quantize  # pylint: disable=import-outside-toplevel
+
+      param.set_value(gptq_quantize(param.get_value(), hessians[input_key(path)], spec, contract))
   return model
 
 

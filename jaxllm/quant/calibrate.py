@@ -93,3 +93,46 @@ def activation_absmax(
     got = batch_absmax(state, jnp.asarray(windows[lo : lo + batch_size], jnp.int32))
     stats = got if stats is None else jax.tree.map(jnp.maximum, stats, got)
   return {k: np.asarray(v) for k, v in stats.items()}
+
+
+def input_hessians(
+  model: Llama,
+  windows,
+  batch_size: int = 1,
+  min_tokens: int = MIN_CALIBRATION_TOKENS,
+  progress: bool = False,
+) -> dict[str, np.ndarray]:
+  """GPTQ Hessians ``2 X^T X / tokens`` [C, C] of every linear layer's input.
+
+  Keys are those of `activation_absmax`; ``{i}.o_in``'s [H, D] channels are
+  flattened to H*D (the o projection's K). One jitted reduction per batch; the
+  full activations never leave it. Raises like `activation_absmax`.
+  """
+  windows = _check_windows(windows, model.config.vocab_size, min_tokens)
+  if batch_size < 1:
+    raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+  graphdef, state = nnx.split(model)
+
+  @jax.jit
+  def batch_xtx(state, tokens):
+    taps = {}
+    nnx.merge(graphdef, state)(tokens, logits_at="last", taps=taps)
+    out = {}
+    for name, x in taps.items():
+      if name.split(".", 1)[1] in LINEAR_INPUTS:
+        channels = x.shape[-2] * x.shape[-1] if name.endswith(".o_in") else x.shape[-1]
+        x2 = x.astype(jnp.float32).reshape(-1, channels)
+        out[name] = jnp.dot(x2.T, x2, precision=jax.lax.Precision.HIGHEST)
+    return out
+
+  batches = range(0, len(windows), batch_size)
+  if progress:
+    import tqdm  # pylint: disable=import-outside-toplevel
+
+    batches = tqdm.tqdm(batches, desc="hessians", unit="batch", leave=False)
+  total = None
+  for lo in batches:
+    got = batch_xtx(state, jnp.asarray(windows[lo : lo + batch_size], jnp.int32))
+    total = got if total is None else jax.tree.map(jnp.add, total, got)
+  n_tokens = windows.shape[0] * windows.shape[1]
+  return {k: np.asarray(v) * (2.0 / n_tokens) for k, v in total.items()}

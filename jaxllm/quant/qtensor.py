@@ -245,14 +245,48 @@ def quantize_fireq(w2: jax.Array, group_size: int | None, scale_dtype: str, per_
   k, n = w2.shape
   g = k if group_size is None else group_size
   wg = w2.reshape(k // g, g, n)
-  scale = jnp.maximum(jnp.abs(wg).max(axis=1) / 7.0, 1e-12)  # [K/g, N]
-  tensor_scale = scale.max() / _FP8_MAX if per_tensor else jnp.float32(1.0)
-  tensor_scale = jnp.asarray(tensor_scale, jnp.float32).reshape(1, 1)
-  rel = jnp.minimum(scale / tensor_scale, _FP8_MAX)  # f32 division may land a hair above 448
-  stored = round_up_fp8(rel) if scale_dtype == "float8_e4m3fn" else rel
-  eff = stored.astype(jnp.float32) * tensor_scale
-  codes = jnp.clip(jnp.round(wg / eff[:, None]), -8, 7)
+  tensor_scale = fireq_tensor_scale(w2, g, per_tensor)
+  stored = fireq_group_scale(wg, tensor_scale, scale_dtype)  # [K/g, N]
+  codes = fireq_codes(wg, stored, tensor_scale)
   return qmm.pack_int4(codes.reshape(k, n)), stored, tensor_scale
+
+
+def fireq_tensor_scale(w2: jax.Array, group: int, per_tensor: bool) -> jax.Array:
+  """f32 [1, 1]: ``max(group absmax / 7) / 448``, or 1 without the per-tensor scale."""
+  if not per_tensor:
+    return jnp.ones((1, 1), jnp.float32)
+  k, n = w2.shape
+  amax = jnp.abs(w2.reshape(k // group, group, n)).max(axis=1)
+  return (jnp.maximum(amax / 7.0, 1e-12).max() / _FP8_MAX).astype(jnp.float32).reshape(1, 1)
+
+
+def fireq_group_scale(wg: jax.Array, tensor_scale: jax.Array, scale_dtype: str) -> jax.Array:
+  """Stored scales [..., N] of groups wg [..., g, N] (the reduction is over axis -2).
+
+  ``absmax / 7`` relative to `tensor_scale`, rounded up to e4m3 (or kept f32).
+  """
+  scale = jnp.maximum(jnp.abs(wg).max(axis=-2) / 7.0, 1e-12)
+  rel = jnp.minimum(scale / tensor_scale[0, 0], _FP8_MAX)  # f32 division may exceed 448 a hair
+  return round_up_fp8(rel) if scale_dtype == "float8_e4m3fn" else rel
+
+
+def fireq_codes(w: jax.Array, stored: jax.Array, tensor_scale: jax.Array) -> jax.Array:
+  """int4 codes in [-8, 7] (as f32) of w [..., rows, N] on the grid of `stored` [..., N]."""
+  eff = stored.astype(jnp.float32) * tensor_scale[0, 0]
+  return jnp.clip(jnp.round(w / eff[..., None, :]), -8, 7)
+
+
+def w4a16_group_grid(wg: jax.Array, scale_dtype: str) -> tuple[jax.Array, jax.Array]:
+  """Stored (scale, minimum) [..., N] of groups wg [..., g, N], as `qmm.quantize_w4a16`."""
+  wmin, wmax = wg.min(axis=-2), wg.max(axis=-2)
+  scales = jnp.maximum((wmax - wmin) / 15.0, 1e-12).astype(scale_dtype)
+  return scales, wmin.astype(scale_dtype)
+
+
+def w4a16_codes(w: jax.Array, scales: jax.Array, mins: jax.Array) -> jax.Array:
+  """int4 codes in [0, 15] (as f32) of w [..., rows, N] on the grid (scales, mins) [..., N]."""
+  s32, m32 = scales.astype(jnp.float32)[..., None, :], mins.astype(jnp.float32)[..., None, :]
+  return jnp.clip(jnp.round((w - m32) / s32), 0, 15)
 
 
 def round_up_fp8(x: jax.Array) -> jax.Array:

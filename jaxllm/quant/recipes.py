@@ -52,16 +52,23 @@ class Recipe:
     description: one line for tables and plots.
     rules: `QuantRule`s, first match wins.
     smoothing_alpha: migration strength alpha of the channel scales
-      ``s = amax_x^alpha / amax_w^(1 - alpha)``; None: no smoothing (and no
-      calibration needed).
+      ``s = amax_x^alpha / amax_w^(1 - alpha)``; None: no smoothing.
+    gptq: quantize the int4 weights with GPTQ (`jaxllm.quant.gptq`) against the
+      Hessians of calibration inputs (of the smoothed model when smoothing),
+      instead of round-to-nearest.
   """
 
   name: str
   description: str
   rules: tuple[QuantRule, ...] = ()
   smoothing_alpha: float | None = None
+  gptq: bool = False
 
   def __post_init__(self):
+    if self.gptq and any(
+      r.spec is not None and r.spec.method not in ("w4a16", "fireq_w4a8") for r in self.rules
+    ):
+      raise ValueError(f"recipe {self.name!r}: GPTQ is implemented for int4 weights only")
     if self.smoothing_alpha is not None and not 0.0 <= self.smoothing_alpha <= 1.0:
       raise ValueError(f"smoothing_alpha must lie in [0, 1], got {self.smoothing_alpha}")
 
@@ -73,7 +80,7 @@ class Recipe:
 
   @property
   def needs_calibration(self) -> bool:
-    return self.smoothing_alpha is not None
+    return self.smoothing_alpha is not None or self.gptq
 
 
 LINEARS = r"layers\.\d+\.(attn\.(q|k|v|o)|mlp\.(gate|up|down))"
@@ -114,32 +121,48 @@ RECIPES: dict[str, Recipe] = {
     Recipe(
       "w4a16_g128",
       "int4 min/max g128 weights (bf16 scale + offset; K=576 zero-padded to 640), "
-      "activation-aware smoothing",
+      "GPTQ on activation-aware smoothed weights",
+      _all_linears(_W4A16_G128),
+      _ALPHA,
+      gptq=True,
+    ),
+    Recipe(
+      "w4a16_g128_rtn",
+      "int4 min/max g128 weights, smoothing, round-to-nearest (no GPTQ)",
       _all_linears(_W4A16_G128),
       _ALPHA,
     ),
     Recipe(
       "w4a16_g128_no_smoothing",
-      "int4 min/max g128 weights, round-to-nearest",
+      "int4 min/max g128 weights, round-to-nearest, no smoothing",
       _all_linears(_W4A16_G128),
     ),
     Recipe(
       "fireq_w4a8",
-      "FireQ: int4 g32 weights, FP8 scales under an f32 per-tensor scale, "
+      "FireQ: int4 g32 weights (GPTQ), FP8 scales under an f32 per-tensor scale, "
       "FP8 per-token activations, smoothing",
+      _all_linears(_FIREQ),
+      _ALPHA,
+      gptq=True,
+    ),
+    Recipe(
+      "fireq_w4a8_rtn",
+      "FireQ with round-to-nearest weights (no GPTQ)",
       _all_linears(_FIREQ),
       _ALPHA,
     ),
     Recipe(
       "fireq_w4a8_no_smoothing",
-      "FireQ without the channel smoothing",
+      "FireQ (GPTQ) without the channel smoothing",
       _all_linears(_FIREQ),
+      gptq=True,
     ),
     Recipe(
       "fireq_w4a8_no_per_tensor",
-      "FireQ without the per-tensor scale (FP8 scales stored absolute)",
+      "FireQ (GPTQ) without the per-tensor scale (FP8 scales stored absolute)",
       _all_linears(dataclasses.replace(_FIREQ, per_tensor_scale=False)),
       _ALPHA,
+      gptq=True,
     ),
   )
 }

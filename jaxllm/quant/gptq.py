@@ -1,0 +1,166 @@
+"""GPTQ (Frantar et al., 2022): int4 weights that minimize the layer's output error.
+
+For a linear ``y = x @ W`` with W [K, N], the error ``||X (W - W_hat)||^2`` is a
+quadratic form in the rows of W with Hessian ``H = 2 X^T X`` [K, K]. Rows (GPTQ's
+"columns") are quantized one at a time in order; each row's rounding error is
+spread over the rows not yet quantized through the upper Cholesky factor U of
+``H^-1`` (``H^-1 = U^T U``), so later rows compensate for it. Groups get their grid
+(scale, offset) when their first row is reached, from the error-updated weights,
+and the grid is computed by the same helpers `jaxllm.quant.qtensor.quantize` uses,
+so the result is a `QTensor` on exactly the grid round-to-nearest would store.
+
+Errors are applied lazily: within a group the update touches only the group's
+rows; at the group's end one matmul carries the group's errors to all later rows.
+H is dampened by ``damp * mean(diag H)``; zero-padded rows of K get that dampening
+as their Hessian diagonal (their weights are zero and stay on the grid).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxllm.quant import qtensor
+from jaxllm.quant.qtensor import QTensor
+from jaxllm.quant.recipes import QuantSpec
+from pallas_kernels import quantized_matmul as qmm
+
+GPTQ_METHODS = ("w4a16", "fireq_w4a8")
+
+
+def inverse_hessian_factor(hessian: jax.Array, k_padded: int, damp: float = 0.01) -> jax.Array:
+  """Upper Cholesky factor U of ``(H + lambda I)^-1`` [K', K'], H zero-padded to K' rows."""
+  k = hessian.shape[0]
+  h = jnp.asarray(hessian, jnp.float32)
+  lam = damp * jnp.mean(jnp.diag(h))
+  lam = jnp.where(lam > 0, lam, 1.0)  # an all-zero Hessian: plain round-to-nearest
+  h = jnp.pad(h, ((0, k_padded - k), (0, k_padded - k)))
+  h = h + lam * jnp.eye(k_padded, dtype=jnp.float32)
+  lower = jnp.linalg.cholesky(h)
+  eye = jnp.eye(k_padded, dtype=jnp.float32)
+  h_inv = jax.scipy.linalg.cho_solve((lower, True), eye)
+  return jnp.linalg.cholesky(h_inv).T
+
+
+def _grid(method, scale_dtype, wg, tensor_scale):
+  """Grid parts [..., N] of groups wg [..., g, N], by the QTensor's own helpers."""
+  if method == "fireq_w4a8":
+    return (qtensor.fireq_group_scale(wg, tensor_scale, scale_dtype),)
+  return qtensor.w4a16_group_grid(wg, scale_dtype)
+
+
+def _codes(method, w, params, tensor_scale):
+  if method == "fireq_w4a8":
+    return qtensor.fireq_codes(w, params[0], tensor_scale)
+  return qtensor.w4a16_codes(w, *params)
+
+
+def _dequantize(method, code, params, tensor_scale):
+  if method == "fireq_w4a8":
+    return code * params[0].astype(jnp.float32) * tensor_scale[0, 0]
+  scales, mins = params
+  return code * scales.astype(jnp.float32) + mins.astype(jnp.float32)
+
+
+@functools.partial(jax.jit, static_argnames=("group", "method", "scale_dtype"))
+def _gptq_rows(w2, u, tensor_scale, *, group, method, scale_dtype):
+  """Sequential GPTQ over row groups. Returns (codes [K, N] f32, grid parts [K/g, N] each)."""
+  k, n = w2.shape
+  n_groups = k // group
+  later = jnp.arange(group)[None, :] > jnp.arange(group)[:, None]  # [i, j]: j after i
+  params0 = _grid(method, scale_dtype, w2[:group][None], tensor_scale)
+  params_init = tuple(jnp.zeros((n_groups, n), p.dtype) for p in params0)
+
+  def block(b, carry):
+    w, all_codes, all_params = carry
+    start = b * group
+    wb = jax.lax.dynamic_slice(w, (start, 0), (group, n))
+    ub = jax.lax.dynamic_slice(u, (start, start), (group, group))
+    params = tuple(p[0] for p in _grid(method, scale_dtype, wb[None], tensor_scale))  # [N]
+
+    def row(i, inner):
+      wb, cb, eb = inner
+      x = wb[i]
+      c = _codes(method, x[None], params, tensor_scale)[0]
+      err = (x - _dequantize(method, c, params, tensor_scale)) / ub[i, i]
+      wb = wb - jnp.where(later[i][:, None], ub[i][:, None] * err[None, :], 0.0)
+      return wb, cb.at[i].set(c), eb.at[i].set(err)
+
+    zeros = jnp.zeros((group, n), jnp.float32)
+    _, cb, eb = jax.lax.fori_loop(0, group, row, (wb, zeros, zeros))
+    rows_u = jax.lax.dynamic_slice(u, (start, 0), (group, k))  # [g, K]
+    after = jnp.arange(k)[None, :] >= start + group
+    w = w - jnp.where(after, rows_u, 0.0).T @ eb
+    all_codes = jax.lax.dynamic_update_slice(all_codes, cb, (start, 0))
+    all_params = tuple(
+      jax.lax.dynamic_update_slice(a, p[None], (b, 0)) for a, p in zip(all_params, params)
+    )
+    return w, all_codes, all_params
+
+  init = (w2, jnp.zeros((k, n), jnp.float32), params_init)
+  _, all_codes, all_params = jax.lax.fori_loop(0, n_groups, block, init)
+  return all_codes, all_params
+
+
+def gptq_quantize(
+  w: jax.Array,
+  hessian,
+  spec: QuantSpec,
+  contract_dims: int = 1,
+  damp: float = 0.01,
+) -> QTensor:
+  """GPTQ-quantizes a float weight [*K, *out] into the `QTensor` `spec` describes.
+
+  Args:
+    w: float weight; its first `contract_dims` dims form K.
+    hessian: [K, K] ``X^T X`` (any positive multiple) of the layer's calibration inputs.
+    spec: an int4 `QuantSpec` (w4a16 or fireq_w4a8); its group size, padding and
+      scale dtype give the grid.
+    contract_dims: leading dims of `w` forming K.
+    damp: relative dampening of H's diagonal (lambda = damp * mean(diag H)).
+
+  Raises:
+    ValueError: a method GPTQ does not handle, a Hessian that is not [K, K] or not
+      finite, or the errors of `jaxllm.quant.quantize`.
+  """
+  if spec.method not in GPTQ_METHODS:
+    raise ValueError(f"GPTQ handles {GPTQ_METHODS}, not {spec.method!r}")
+  if not damp > 0:
+    raise ValueError(f"GPTQ dampening must be > 0, got {damp}")
+  # Validates dtype, group size and padding exactly as round-to-nearest would.
+  rtn = qtensor.quantize(
+    w,
+    spec.method,
+    spec.group_size,
+    contract_dims,
+    pad_k=spec.pad_k,
+    scale_dtype=spec.scale_dtype,
+    per_tensor_scale=spec.per_tensor_scale,
+  )
+  k = rtn.k
+  h = np.asarray(hessian, np.float32)
+  if h.shape != (k, k):
+    raise ValueError(
+      f"GPTQ Hessian shape {h.shape} does not match the weight: expected ({k}, {k}) "
+      f"for a weight of shape {tuple(w.shape)} contracting {contract_dims} dims"
+    )
+  if not np.isfinite(h).all():
+    raise ValueError("GPTQ Hessian has non-finite entries")
+  n = math.prod(w.shape[contract_dims:])
+  k_padded = k + rtn.k_pad
+  w2 = jnp.pad(jnp.asarray(w, jnp.float32).reshape(k, n), ((0, rtn.k_pad), (0, 0)))
+  group = spec.group_size or k_padded
+  scale_dtype = jnp.dtype(rtn.scales.dtype).name
+  u = inverse_hessian_factor(jnp.asarray(h), k_padded, damp)
+  tensor_scale = rtn.tensor_scale if spec.method == "fireq_w4a8" else jnp.ones((1, 1))
+  codes, params = _gptq_rows(
+    w2, u, tensor_scale, group=group, method=spec.method, scale_dtype=scale_dtype
+  )
+  values = qmm.pack_int4(codes.astype(jnp.int32))
+  if spec.method == "fireq_w4a8":
+    return rtn.replace(values=values, scales=params[0])
+  return rtn.replace(values=values, scales=params[0], offsets=params[1])

@@ -1,0 +1,107 @@
+"""jaxllm.quant.gptq: GPTQ beats round-to-nearest, reduces to it at H = I, stays on the grid."""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jaxllm
+from jaxllm.params import init_model
+from jaxllm.quant import QuantSpec, activation_absmax, apply_recipe, get_recipe, quantize
+from jaxllm.quant.calibrate import input_hessians
+from jaxllm.quant.gptq import gptq_quantize
+from jaxllm.quant.qtensor import fireq_codes, w4a16_codes
+
+SPECS = {
+  "w4a16_g32": QuantSpec("w4a16", group_size=32, scale_dtype="bfloat16"),
+  "w4a16_g64_padded": QuantSpec("w4a16", group_size=64, pad_k=True),
+  "fireq_g32": QuantSpec("fireq_w4a8", group_size=32, scale_dtype="float8_e4m3fn"),
+  "fireq_channel": QuantSpec("fireq_w4a8"),
+}
+K, N = 96, 48
+
+
+@pytest.fixture(scope="module")
+def layer():
+  """A weight [K, N] and correlated inputs X [M, K] (a few strong shared directions)."""
+  rng = np.random.default_rng(0)
+  w = (rng.standard_normal((K, N)) * 0.05).astype(np.float32)
+  x = rng.standard_normal((512, 8)) @ rng.standard_normal((8, K)) + 0.3 * rng.standard_normal(
+    (512, K)
+  )
+  return jnp.asarray(w), x
+
+
+def _rtn(w, spec):
+  return quantize(w, spec.method, spec.group_size, pad_k=spec.pad_k, scale_dtype=spec.scale_dtype)
+
+
+@pytest.mark.parametrize("name", sorted(SPECS))
+def test_gptq_lowers_output_error(layer, name):
+  w, x = layer
+  spec = SPECS[name]
+  out_err = {}
+  for label, q in (("rtn", _rtn(w, spec)), ("gptq", gptq_quantize(w, x.T @ x, spec))):
+    out_err[label] = np.linalg.norm(x @ (np.asarray(w) - np.asarray(q.dequantize())))
+  assert out_err["gptq"] < 0.85 * out_err["rtn"], out_err
+
+
+@pytest.mark.parametrize("name", sorted(SPECS))
+def test_identity_hessian_is_round_to_nearest(layer, name):
+  w, _ = layer
+  spec = SPECS[name]
+  got, want = gptq_quantize(w, np.eye(K), spec), _rtn(w, spec)
+  for part, value in want.parts.items():
+    np.testing.assert_array_equal(np.asarray(got.parts[part]), np.asarray(value), err_msg=part)
+  assert (got.k_pad, got.method, got.shape) == (want.k_pad, want.method, want.shape)
+
+
+@pytest.mark.parametrize("name", sorted(SPECS))
+def test_gptq_weights_lie_on_the_stored_grid(layer, name):
+  """Re-coding the dequantized weight against the stored scales gives it back exactly."""
+  w, x = layer
+  q = gptq_quantize(w, x.T @ x, SPECS[name])
+  dq = q.dequantize_padded()
+  g = dq.shape[0] // q.scales.shape[0]
+  groups = dq.reshape(q.scales.shape[0], g, -1)
+  if q.method == "w4a16":
+    codes = w4a16_codes(groups, q.scales, q.offsets)
+    again = codes * q.scales.astype(jnp.float32)[:, None] + q.offsets.astype(jnp.float32)[:, None]
+  else:
+    codes = fireq_codes(groups, q.scales, q.tensor_scale)
+    again = codes * q.scales.astype(jnp.float32)[:, None] * q.tensor_scale[0, 0]
+  np.testing.assert_allclose(np.asarray(again.reshape(dq.shape)), np.asarray(dq), rtol=1e-6, atol=0)
+
+
+def test_gptq_bad_input(layer, tiny_model):
+  w, _ = layer
+  spec = SPECS["w4a16_g32"]
+  with pytest.raises(ValueError, match=r"Hessian shape \(95, 95\) does not match.*\(96, 96\)"):
+    gptq_quantize(w, np.eye(K - 1), spec)
+  with pytest.raises(ValueError, match="non-finite"):
+    gptq_quantize(w, np.full((K, K), np.nan), spec)
+  with pytest.raises(ValueError, match="GPTQ handles"):
+    gptq_quantize(w, np.eye(K), QuantSpec("w8a8"))
+  with pytest.raises(ValueError, match="calibration set is empty"):
+    input_hessians(tiny_model, np.zeros((0, 32), np.int32))
+  with pytest.raises(ValueError, match="uses GPTQ, so it needs calibration windows"):
+    apply_recipe(init_model(jaxllm.TINY, seed=0), get_recipe("fireq_w4a8_no_smoothing"))
+
+
+def test_hessians_and_gptq_recipe_on_the_tiny_model(tiny_model):
+  tokens = np.random.default_rng(3).integers(0, 512, size=(2, 24)).astype(np.int32)
+  hessians = input_hessians(tiny_model, tokens)
+  cfg = tiny_model.config
+  assert hessians["0.o_in"].shape == (cfg.num_heads * cfg.head_dim,) * 2
+  h = hessians["0.attn_in"]
+  np.testing.assert_allclose(h, h.T, rtol=1e-5, atol=1e-6)
+  assert np.linalg.eigvalsh(h.astype(np.float64)).min() > -1e-3 * np.abs(h).max()
+  want = np.asarray(tiny_model(jnp.asarray(tokens))[0])
+  stats = activation_absmax(tiny_model, tokens)
+  errs = {}
+  for name in ("w4a16_g128", "w4a16_g128_rtn"):
+    model = apply_recipe(init_model(jaxllm.TINY, seed=0), get_recipe(name), stats, tokens)
+    got = np.asarray(model(jnp.asarray(tokens))[0])
+    errs[name] = np.abs(got - want).mean()
+  assert errs["w4a16_g128"] < errs["w4a16_g128_rtn"], errs
