@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 import jaxllm
 from jaxllm import ops
-from jaxllm.kv_cache import METHODS, create_cache, prepare_model, spec_for
+from jaxllm.kv_cache import METHODS, create_cache, prepare_model, spec_for, symmetric
 from jaxllm.kv_cache.fireq import fold_pre_rope_key_scale
 from jaxllm.kv_cache.hadamard import hadamard, rotate
 from jaxllm.kv_cache.quantize import pack_along, quantize_asymmetric
@@ -95,13 +95,13 @@ def test_more_bits_closer_to_dense(decode_errors):
 SMOLLM2 = jaxllm.SMOLLM2_135M  # 30 layers, 3 KV heads, head_dim 64
 HEADS = 30 * 3
 # per (token, KV head), bf16 scales/zeros: codes D*bits/8 for K and V, plus
-#   symmetric: 1 scale each; KIVI keys: scale+zero per channel per 32 tokens; values: scale+zero
+#   int8: 1 scale each; FireQ: scale + zero point each; KIVI keys: scale+zero per channel per 32 tokens; values: scale+zero
 EXPECTED_BYTES = {
   "dense": HEADS * 64 * 2 * 4,  # float32 storage
   "int8": HEADS * (64 + 2) * 2,
-  "fireq_int4": HEADS * (32 + 2) * 2,
-  "fireq_int4_pre_rope_only": HEADS * (32 + 2) * 2,
-  "fireq_int4_post_rope_only": HEADS * (32 + 2) * 2,
+  "fireq_int4": HEADS * (32 + 4) * 2,  # asymmetric: scale + zero point per token
+  "fireq_int4_pre_rope_only": HEADS * (32 + 4) * 2,
+  "fireq_int4_post_rope_only": HEADS * (32 + 4) * 2,
   "kivi4": HEADS * ((32 + 64 * 2 * 2 / 32) + (32 + 4)),
   "rotatekv4": HEADS * ((32 + 8) + (32 + 4)),
   "kivi2": HEADS * ((16 + 8) + (16 + 4)),
@@ -352,12 +352,19 @@ def test_channel_scaling_commutes_with_rope_iff_pairs_share(seed, pair_shared, p
       assert not np.allclose(before, after, rtol=1e-4, atol=1e-5)
 
 
-def test_fireq_fold_preserves_logits(tiny_model, calib_tokens, tokens):
-  outlier = nnx.clone(tiny_model)  # key channels 5 and 37 (a RoPE pair) 16x larger
+@pytest.fixture(scope="module")
+def outlier_model(tiny_model):
+  """The tiny model with key channels 5 and 37 (a RoPE pair) 16x larger, 9 alone 8x."""
+  outlier = nnx.clone(tiny_model)
   for layer in outlier.layers:
     w = layer.attn.k.get_value()
-    layer.attn.k.set_value(w.at[:, :, jnp.array([5, 37])].multiply(16.0))
-  tiny_model = outlier
+    w = w.at[:, :, jnp.array([5, 37])].multiply(16.0)
+    layer.attn.k.set_value(w.at[:, :, 9].multiply(8.0))
+  return outlier
+
+
+def test_fireq_fold_preserves_logits(outlier_model, calib_tokens, tokens):
+  tiny_model = outlier_model
   before = jax.tree.map(np.asarray, nnx.state(tiny_model).to_pure_dict())
   model, calibration = prepare_model(tiny_model, spec_for("fireq_int4"), calib_tokens)
   assert calibration["key_scale"].shape == (2, 2, 64)
@@ -373,6 +380,23 @@ def test_fireq_fold_preserves_logits(tiny_model, calib_tokens, tokens):
   want, _ = tiny_model(jnp.asarray(tokens))
   got, _ = model(jnp.asarray(tokens))
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_fireq_ablations_store_different_keys(outlier_model, calib_tokens, tokens):
+  """Both scales, pre-RoPE only and post-RoPE only are three different configurations:
+  the keys each stores (dequantized, [B, Hkv, T, D]) differ pairwise."""
+  names = ["fireq_int4", "fireq_int4_pre_rope_only", "fireq_int4_post_rope_only"]
+  stored = {}
+  for name in names:
+    model, calibration = prepare_model(outlier_model, spec_for(name), calib_tokens)
+    cache = create_cache(spec_for(name), model.config, 2, 64, calibration=calibration)
+    _, cache = _runner(model)(cache, tokens[:, :48])
+    layer = cache.layers[0]
+    stored[name] = np.asarray(symmetric.decode(layer.k_codes, layer.k_scale, layer.k_zero, 4))
+    stored[name] = stored[name][:, :, :48]
+  for i, a in enumerate(names):
+    for b in names[i + 1 :]:
+      assert not np.allclose(stored[a], stored[b], rtol=1e-3, atol=1e-3), (a, b)
 
 
 def test_fold_rejects_scale_not_shared_by_pairs(tiny_model):

@@ -11,11 +11,11 @@ queries by them is exact in floating point:
 * post-RoPE [L, Hkv, D], any per-channel value: applied by the cache at write
   time (keys / s) and multiplied into the queries at attention.
 
-The post-RoPE scale is calibrated on the folded model. Because a pair-shared
-scale commutes with RoPE, it then absorbs the pre-RoPE one (the product of the
-two equals the post-RoPE scale of the unfolded model, up to power-of-2
-rounding), so "both" and "post-RoPE only" store the same keys; the pre-RoPE
-scale alone cannot separate the two channels of a rotary pair and is weaker.
+With both scales, the post-RoPE one only corrects the residual imbalance
+*within* each RoPE pair (see `calibrate`): a full per-channel post-RoPE smoothing
+scale calibrated on the folded model would absorb the pre-RoPE one (a
+pair-shared scale commutes with RoPE), and "both" would store the same keys as
+"post-RoPE only".
 """
 
 from __future__ import annotations
@@ -124,16 +124,48 @@ def fold_pre_rope_key_scale(model: Llama, scale) -> Llama:
   return folded
 
 
+def pair_residual(k_amax) -> np.ndarray:
+  """Power-of-2 within-pair residual scale [layers, Hkv, D]: each channel's |max|
+  over the larger |max| of its RoPE pair (i, i + D/2), so in (0, 1] and 1 on the
+  larger channel of every pair.
+
+  Args:
+    k_amax: [layers, Hkv, D] post-RoPE key |max| per channel (of the folded model).
+  """
+  k_amax = np.maximum(np.asarray(k_amax, np.float32), _EPS)
+  half = k_amax.shape[-1] // 2
+  pair = np.tile(np.maximum(k_amax[..., :half], k_amax[..., half:]), 2)
+  return np.exp2(np.round(np.log2(k_amax / pair))).astype(np.float32)
+
+
 def calibrate(model: Llama, spec: CacheSpec, calib_tokens):
-  """FireQ calibration: returns (model with the pre-RoPE scale folded in, or the
-  caller's model; {"key_scale": post-RoPE scale [L, Hkv, D]} or None)."""
+  """FireQ calibration.
+
+  Three genuinely different configurations:
+
+  * pre-RoPE only: the pair-shared smoothing scale of the pre-RoPE keys/queries
+    is folded into W_k / W_q; the cache stores those keys with no further scale.
+  * post-RoPE only: a per-channel smoothing scale calibrated on the *un-folded*
+    model's post-RoPE keys/queries, applied by the cache.
+  * both: the pre-RoPE scale (folded) does the pair-shared part, measured before
+    RoPE mixes the two channels of a pair; the post-RoPE scale does only the
+    residual per-channel part within each pair (`pair_residual` of the folded
+    model's post-RoPE keys, <= 1). The per-pair magnitude then comes from the
+    pre-RoPE statistics, not the post-RoPE ones as in "post-RoPE only".
+
+  Returns:
+    (model with the pre-RoPE scale folded in, or the caller's model;
+    {"key_scale": post-RoPE scale [L, Hkv, D]} or None).
+  """
+  amax = activation_amax(model, calib_tokens)
   if spec.pre_rope_scale:
-    amax = activation_amax(model, calib_tokens)
     pre = smooth_scale(amax["k_pre_rope"], amax["q_pre_rope"], spec.smooth_alpha, True)
     model = fold_pre_rope_key_scale(model, pre)
   calibration = None
   if spec.post_rope_scale:
-    amax = activation_amax(model, calib_tokens)
-    post = smooth_scale(amax["k"], amax["q"], spec.smooth_alpha, False)
+    if spec.pre_rope_scale:
+      post = pair_residual(activation_amax(model, calib_tokens)["k"])
+    else:
+      post = smooth_scale(amax["k"], amax["q"], spec.smooth_alpha, False)
     calibration = {"key_scale": jnp.asarray(post)}
   return model, calibration

@@ -32,6 +32,7 @@ from jaxllm.kv_cache.base import (
 from jaxllm.kv_cache.quantize import (
   fp8_quantize_dequantize,
   pack_along,
+  quantize_asymmetric,
   quantize_symmetric,
   unpack_along,
 )
@@ -39,30 +40,52 @@ from jaxllm.kv_cache.spec import CacheSpec
 
 
 class SymmetricLayer(NamedTuple):
-  """One layer's codes and scales; [B, Hkv, T, D * bits / 8] codes, [B, Hkv, T] scales."""
+  """One layer: codes [B, Hkv, T, D * bits / 8]; scales (and zero points, or None)
+  [B, Hkv, T, channel_groups]."""
 
   k_codes: jax.Array
   k_scale: jax.Array
+  k_zero: jax.Array | None
   v_codes: jax.Array
   v_scale: jax.Array
+  v_zero: jax.Array | None
 
 
-def encode(x: jax.Array, bits: int, scale_dtype):
-  """[..., D] float -> (codes [..., D * bits / 8], scale [...])."""
-  codes, scale = quantize_symmetric(x, bits, -1, scale_dtype)
+def encode(x: jax.Array, spec: CacheSpec):
+  """[..., D] float -> (codes [..., D * bits / 8], scale [..., groups], zero [..., groups] or None).
+
+  Each of the `spec.channel_groups` equal channel sub-groups of a row gets its own
+  scale (and zero point when `spec.zero_point`).
+  """
+  bits, groups = spec.bits, spec.channel_groups
+  *lead, d = x.shape
+  xg = x.reshape(*lead, groups, d // groups)
+  if spec.zero_point:
+    codes, scale, zero = quantize_asymmetric(xg, bits, -1, spec.scale_jnp_dtype)
+    codes, zero = codes.reshape(*lead, d), zero[..., 0]
+    return pack_along(codes, bits, -1), scale[..., 0], zero
+  codes, scale = quantize_symmetric(xg, bits, -1, spec.scale_jnp_dtype)
+  codes = codes.reshape(*lead, d)
   if bits == 8:
-    return codes.astype(jnp.int8), scale[..., 0]
+    return codes.astype(jnp.int8), scale[..., 0], None
   offset = 2 ** (bits - 1)
-  return pack_along((codes + offset).astype(jnp.uint8), bits, -1), scale[..., 0]
+  return pack_along((codes + offset).astype(jnp.uint8), bits, -1), scale[..., 0], None
 
 
-def decode(codes: jax.Array, scale: jax.Array, bits: int) -> jax.Array:
+def decode(codes: jax.Array, scale: jax.Array, zero: jax.Array | None, bits: int) -> jax.Array:
   """Inverse of `encode` up to rounding: float32 [..., D]."""
-  if bits == 8:
+  if codes.dtype == jnp.int8:
     values = codes.astype(jnp.float32)
   else:
-    values = (unpack_along(codes, bits, -1) - 2 ** (bits - 1)).astype(jnp.float32)
-  return values * scale.astype(jnp.float32)[..., None]
+    values = unpack_along(codes, bits, -1).astype(jnp.float32)
+    if zero is None and bits < 8:
+      values = values - 2 ** (bits - 1)
+  *lead, d = values.shape
+  groups = scale.shape[-1]
+  values = values.reshape(*lead, groups, d // groups) * scale.astype(jnp.float32)[..., None]
+  if zero is not None:
+    values = values + zero.astype(jnp.float32)[..., None]
+  return values.reshape(*lead, d)
 
 
 @flax.struct.dataclass
@@ -89,16 +112,21 @@ class SymmetricKVCache(SlotCacheMixin):
     d, bits = config.head_dim, spec.bits
     if d % (8 // bits):
       raise ValueError(f"{spec.name}: head_dim {d} cannot be packed {8 // bits} codes per byte")
+    if d % spec.channel_groups:
+      raise ValueError(
+        f"{spec.name}: head_dim {d} does not split into {spec.channel_groups} channel groups"
+      )
     if key_scale is not None and key_scale.shape != (config.num_layers, config.num_kv_heads, d):
       raise ValueError(
         f"{spec.name}: key scale shape {key_scale.shape}, expected "
         f"{(config.num_layers, config.num_kv_heads, d)}"
       )
     rows = (batch, config.num_kv_heads, capacity)
-    code_dtype = jnp.int8 if bits == 8 else jnp.uint8
+    code_dtype = jnp.int8 if bits == 8 and not spec.zero_point else jnp.uint8
     codes = jnp.zeros((*rows, d * bits // 8), code_dtype)
-    scale = jnp.zeros(rows, spec.scale_jnp_dtype)
-    layer = SymmetricLayer(codes, scale, codes, scale)
+    scale = jnp.zeros((*rows, spec.channel_groups), spec.scale_jnp_dtype)
+    zero = scale if spec.zero_point else None
+    layer = SymmetricLayer(codes, scale, zero, codes, scale, zero)
     return cls(
       layers=tuple(layer for _ in range(config.num_layers)),
       key_scale=None if key_scale is None else jnp.asarray(key_scale, jnp.float32),
@@ -124,20 +152,24 @@ class SymmetricKVCache(SlotCacheMixin):
       q = q.astype(jnp.float32) * repeat_kv_heads(scale, self.config)
     if self.spec.fp8_queries:
       q = fp8_quantize_dequantize(q)
-    k_buf = insert_chunk(decode(stored.k_codes, stored.k_scale, bits), k, self.length)
-    v_buf = insert_chunk(decode(stored.v_codes, stored.v_scale, bits), v, self.length)
+    k_buf = insert_chunk(
+      decode(stored.k_codes, stored.k_scale, stored.k_zero, bits), k, self.length
+    )
+    v_buf = insert_chunk(
+      decode(stored.v_codes, stored.v_scale, stored.v_zero, bits), v, self.length
+    )
     out = ops.attention(q.astype(jnp.float32), k_buf, v_buf, q_slots, self.start, kernels)
 
-    def write(codes_buf, scale_buf, x):
-      codes, scale = encode(x.transpose(0, 2, 1, 3), bits, self.spec.scale_jnp_dtype)
-      at = (0, 0, self.length)
-      return (
-        jax.lax.dynamic_update_slice(codes_buf, codes, (*at, 0)),
-        jax.lax.dynamic_update_slice(scale_buf, scale, at),
-      )
+    def write(codes_buf, scale_buf, zero_buf, x):
+      codes, scale, zero = encode(x.transpose(0, 2, 1, 3), self.spec)
+      at = (0, 0, self.length, 0)
+      put = jax.lax.dynamic_update_slice
+      zero_buf = None if zero is None else put(zero_buf, zero, at)
+      return put(codes_buf, codes, at), put(scale_buf, scale, at), zero_buf
 
     new = SymmetricLayer(
-      *write(stored.k_codes, stored.k_scale, k), *write(stored.v_codes, stored.v_scale, v)
+      *write(stored.k_codes, stored.k_scale, stored.k_zero, k),
+      *write(stored.v_codes, stored.v_scale, stored.v_zero, v),
     )
     return out.astype(v.dtype), new
 
@@ -145,10 +177,11 @@ class SymmetricKVCache(SlotCacheMixin):
     return self.replace(layers=tuple(layer_states), length=self.length + num_tokens)
 
   def memory(self) -> dict:
-    """Exact bytes: per token and KV head, D*bits/8 code bytes + one scale, for K and V."""
-    c = self.config
-    scale_bytes = jnp.dtype(self.spec.scale_dtype).itemsize
-    per_head = 2 * (c.head_dim * self.spec.bits // 8 + scale_bytes)
+    """Exact bytes: per token and KV head, for K and V each: D*bits/8 code bytes
+    + one scale (and one zero point with `zero_point`) per channel group."""
+    c, spec = self.config, self.spec
+    scale_bytes = jnp.dtype(spec.scale_dtype).itemsize * (2 if spec.zero_point else 1)
+    per_head = 2 * (c.head_dim * spec.bits // 8 + spec.channel_groups * scale_bytes)
     bf16 = bf16_bytes_per_token(c.num_layers, c.num_kv_heads, c.head_dim)
     total = tree_bytes((self.layers, self.key_scale))
     return memory_report(bf16, c.num_layers * c.num_kv_heads * per_head, 0, total)
