@@ -10,7 +10,8 @@ Methods (`METHODS`, by name):
   * dense: float K/V (`KVCache`).
   * int8: K and V int8, symmetric, one scale per (token, KV head).
   * fireq_int4: FireQ: pre-RoPE pair-shared key scale folded into W_k / W_q,
-    post-RoPE per-channel key scale, K/V INT4 per token, FP8 e4m3 queries.
+    post-RoPE per-channel key scale, K/V INT4 per token (asymmetric, scale and
+    zero point), FP8 e4m3 queries.
   * kivi4 / kivi2: KIVI: keys per channel in groups of G tokens, values per
     token, asymmetric, full-precision residual window; decode runs the
     ``quantized_kv_attention`` op (Pallas kernel / fused XLA / reference).

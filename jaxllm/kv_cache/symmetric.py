@@ -1,12 +1,16 @@
-"""Per-token symmetric caches: INT8 (K, V) and FireQ INT4 (K, V) with FP8 queries.
+"""Per-token caches: INT8 (K, V, symmetric) and FireQ INT4 (K, V) with FP8 queries.
 
-Each (token, KV head) has one scale for its key and one for its value. FireQ
+Each (token, KV head) has, for its key and for its value, one scale per channel
+group (`CacheSpec.channel_groups`, default 1) and, with `CacheSpec.zero_point`
+(FireQ's default), one zero point per scale (asymmetric min/max: a 4-bit code
+then spans the row's actual range instead of a symmetric +-amax). FireQ
 adds a per-channel post-RoPE key scale ``s`` [L, Hkv, D]: keys are stored as
 ``k / s`` and queries multiplied by ``s`` (so q·k is unchanged), and queries
 are rounded to FP8 e4m3 for the score product. Its pre-RoPE scale lives in the
 weights (see `jaxllm.kv_cache.fireq`), so the cache never sees it.
 
-Codes: 8-bit as int8; 4-bit as ``code + 8`` nibbles packed two per uint8 along
+Codes: 8-bit symmetric as int8; asymmetric as uint8 in [0, 2**bits); 4-bit
+symmetric as ``code + 8``; 4-bit nibbles packed two per uint8 along
 channels (lane c holds channels c and c + D/2).
 """
 
