@@ -7,11 +7,21 @@ import jax.numpy as jnp
 import numpy as np
 
 
+def _inv_freq(head_dim: int, theta: float) -> np.ndarray:
+  return theta ** (-np.arange(0, head_dim, 2, dtype=np.float32) / head_dim)
+
+
 def rope_tables(positions: jax.Array, head_dim: int, theta: float):
   """cos/sin tables [B, S, D/2] in f32 for integer positions [B, S]."""
-  inv_freq = theta ** (-np.arange(0, head_dim, 2, dtype=np.float32) / head_dim)
-  angles = positions.astype(jnp.float32)[..., None] * inv_freq
+  angles = positions.astype(jnp.float32)[..., None] * _inv_freq(head_dim, theta)
   return jnp.cos(angles), jnp.sin(angles)
+
+
+def rope_table_constants(num_positions: int, head_dim: int, theta: float):
+  """NumPy cos/sin tables [num_positions, D/2] (f32) of positions 0..num_positions-1:
+  trace-time constants, the same values `rope_tables` computes."""
+  angles = np.arange(num_positions, dtype=np.float32)[:, None] * _inv_freq(head_dim, theta)
+  return np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
 
 
 def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:

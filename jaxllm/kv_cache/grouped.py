@@ -60,7 +60,7 @@ from jaxllm.kv_cache.base import (
 from jaxllm.kv_cache.dispatch import QUANTIZED_KV_ATTENTION
 from jaxllm.kv_cache.quantize import fake_quantize_asymmetric, pack_along, quantize_asymmetric
 from jaxllm.kv_cache.spec import CacheSpec
-from jaxllm.rope import apply_rope, rope_tables
+from jaxllm.rope import rope_table_constants
 from pallas_kernels.quantized_kv_attention import QuantizedKV, dequantize_keys, dequantize_values
 
 _TPU_BLOCK = 256  # the TPU kernel's default block_t: Tq is a multiple of it once larger
@@ -184,9 +184,16 @@ class GroupedKVCache(SlotCacheMixin):
     if self.spec.kind != "rotatekv":
       return k, v
     t = k.shape[2]
+    # The cos/sin table of positions 0..T-1 is a trace-time constant; each row
+    # gathers its own positions from it, so no step evaluates a transcendental.
+    cos_table, sin_table = rope_table_constants(t, self.config.head_dim, self.config.rope_theta)
     positions = jnp.maximum(jnp.arange(t, dtype=jnp.int32)[None] - self.start[:, None], 0)
-    cos, sin = rope_tables(positions, self.config.head_dim, self.config.rope_theta)
-    k = apply_rope(hadamard.rotate(k).transpose(0, 2, 1, 3), cos, sin).transpose(0, 2, 1, 3)
+    cos = jnp.take(cos_table, positions, axis=0)[:, None]  # [B, 1, T, D/2]
+    sin = jnp.take(sin_table, positions, axis=0)[:, None]
+    k = hadamard.rotate(k).astype(jnp.float32)
+    half = k.shape[-1] // 2
+    k1, k2 = k[..., :half], k[..., half:]
+    k = jnp.concatenate([k1 * cos - k2 * sin, k2 * cos + k1 * sin], axis=-1)
     return k, hadamard.rotate(v)
 
   # -- quantization --------------------------------------------------------------------
