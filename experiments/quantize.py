@@ -20,7 +20,8 @@ Methods are the recipes of `jaxllm.quant.recipes.RECIPES` (FireQ's ablations
 Calibration (for smoothing) never overlaps evaluation: the calibration windows
 are the last --calib_windows windows of --calib_file if given, else of the
 evaluation text, and then the evaluation windows are taken from the windows
-before them. Without --text_file the text is the standard library's docstrings
+before them. Without --text_file the text is WikiText-2's test split when
+../shared/data holds it, else the standard library's docstrings
 (`experiments.common.default_text`), labelled as such.
 """
 
@@ -60,26 +61,6 @@ FLAGS = flags.FLAGS
 _DECODE_PROMPT = "The history of the city begins in"
 
 
-class _ModuloTokenizer:
-  """`--model=tiny`: the SmolLM2 tokenizer's ids taken modulo the tiny vocabulary."""
-
-  def __init__(self, tokenizer, vocab_size: int):
-    self.tokenizer, self.vocab_size = tokenizer, vocab_size
-
-  def encode(self, text: str) -> list[int]:
-    return [i % self.vocab_size for i in self.tokenizer.encode(text)]
-
-
-def _read(path: str) -> str:
-  if not os.path.isfile(path):
-    common.fail(f"text file not found: {path}")
-  try:
-    with open(path, "rb") as f:
-      return f.read().decode("utf-8")
-  except (OSError, UnicodeDecodeError) as e:
-    common.fail(f"cannot read text file {path}: {e}")
-
-
 def _check_flags(recipes) -> list[str]:
   methods = [m.strip() for m in _METHODS.value if m.strip()]
   if not methods:
@@ -100,10 +81,7 @@ def _check_flags(recipes) -> list[str]:
 
 def _windows(tokenizer, tokenize_windows):
   """(eval windows, calibration windows, text record)."""
-  if FLAGS.text_file is None:
-    text, label = common.default_text()
-  else:
-    text, label = _read(FLAGS.text_file), FLAGS.text_file
+  text, label, path = common.read_eval_text(FLAGS.text_file)
   try:
     windows = tokenize_windows(tokenizer, text, FLAGS.context)
   except ValueError as e:
@@ -111,7 +89,9 @@ def _windows(tokenizer, tokenize_windows):
   n_calib = _CALIB_WINDOWS.value
   if _CALIB_FILE.value is not None:
     try:
-      calib_all = tokenize_windows(tokenizer, _read(_CALIB_FILE.value), FLAGS.context)
+      calib_all = tokenize_windows(
+        tokenizer, common.read_eval_text(_CALIB_FILE.value)[0], FLAGS.context
+      )
     except ValueError as e:
       common.fail(f"calibration file {_CALIB_FILE.value}: {e}")
     calib, available = calib_all[-n_calib:], len(windows)
@@ -130,7 +110,7 @@ def _windows(tokenizer, tokenize_windows):
     evaluation = evaluation[: FLAGS.max_windows]
   record = {
     "label": label,
-    "path": os.path.abspath(FLAGS.text_file) if FLAGS.text_file else None,
+    "path": os.path.abspath(path) if path else None,
     "sha256_utf8": hashlib.sha256(text.encode("utf-8")).hexdigest(),
     "windows_total": len(windows),
     "windows_available_for_eval": available,
@@ -217,7 +197,7 @@ def main(argv):
     common.fail(f"--context={FLAGS.context} exceeds {cfg.name}'s max_seq_len={cfg.max_seq_len}")
   tokenizer = Tokenizer.from_gguf(FLAGS.gguf or default_gguf_path())
   if FLAGS.model == "tiny":
-    tokenizer = _ModuloTokenizer(tokenizer, cfg.vocab_size)
+    tokenizer = common.ModuloTokenizer(tokenizer, cfg.vocab_size)
   evaluation, calib, text_record = _windows(tokenizer, tokenize_windows)
 
   pipe = load_pipeline(FLAGS.model, FLAGS.gguf, FLAGS.dtype, FLAGS.seed)

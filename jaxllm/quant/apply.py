@@ -126,27 +126,27 @@ def weight_bytes(model: Llama) -> dict:
   """
   import jax  # pylint: disable=import-outside-toplevel
 
-  linear, linear_bf16 = 0, 0
-  for _, param, _ in linear_params(model):
-    value = param.get_value()
-    if isinstance(value, QTensor):
-      linear += value.num_bytes
-      linear_bf16 += value.bf16_bytes
-    else:
-      linear += value.size * value.dtype.itemsize
-      linear_bf16 += 2 * value.size
-  total, total_bf16 = 0, 0
+  linear, linear_bf16 = _stored_and_bf16_bytes(p.get_value() for _, p, _ in linear_params(model))
   state = nnx.state(model, nnx.Param).to_pure_dict()
-  for leaf in jax.tree.leaves(state, is_leaf=lambda x: isinstance(x, QTensor)):
-    if isinstance(leaf, QTensor):
-      total += leaf.num_bytes
-      total_bf16 += leaf.bf16_bytes
-    else:
-      total += leaf.size * leaf.dtype.itemsize
-      total_bf16 += 2 * leaf.size
+  total, total_bf16 = _stored_and_bf16_bytes(
+    jax.tree.leaves(state, is_leaf=lambda x: isinstance(x, QTensor))
+  )
   return {
     "linear_bytes": linear,
     "linear_bf16_bytes": linear_bf16,
     "model_bytes": total,
     "model_bf16_bytes": total_bf16,
   }
+
+
+def _stored_and_bf16_bytes(values) -> tuple[int, int]:
+  """(bytes as stored, bytes in bf16) summed over arrays and `QTensor`s."""
+  stored, bf16 = 0, 0
+  for value in values:
+    if isinstance(value, QTensor):
+      stored += value.num_bytes
+      bf16 += value.bf16_bytes
+    else:
+      stored += value.size * value.dtype.itemsize
+      bf16 += 2 * value.size
+  return stored, bf16

@@ -44,6 +44,47 @@ def _check_windows(windows, vocab_size: int, min_tokens: int) -> np.ndarray:
   return windows
 
 
+def _reduce_linear_inputs(model: Llama, windows, batch_size, reduce, combine, desc, progress):
+  """Runs `model` over `windows` in batches inside one jit, applies
+  ``reduce(name, x)`` to every tapped linear input and folds the batches with
+  `combine`; returns name -> jax array."""
+  if batch_size < 1:
+    raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+  graphdef, state = nnx.split(model)
+
+  @jax.jit
+  def batch_stats(state, tokens):
+    taps = {}
+    nnx.merge(graphdef, state)(tokens, logits_at="last", taps=taps)
+    return {
+      name: reduce(name, x.astype(jnp.float32))
+      for name, x in taps.items()
+      if name.split(".", 1)[1] in LINEAR_INPUTS
+    }
+
+  batches = range(0, len(windows), batch_size)
+  if progress:
+    import tqdm  # pylint: disable=import-outside-toplevel
+
+    batches = tqdm.tqdm(batches, desc=desc, unit="batch", leave=False)
+  total = None
+  for lo in batches:
+    got = batch_stats(state, jnp.asarray(windows[lo : lo + batch_size], jnp.int32))
+    total = got if total is None else jax.tree.map(combine, total, got)
+  return total
+
+
+def _channel_absmax(name: str, x: jax.Array) -> jax.Array:
+  channel_axes = 2 if name.endswith(".o_in") else 1
+  return jnp.max(jnp.abs(x), axis=tuple(range(x.ndim - channel_axes)))
+
+
+def _gram(name: str, x: jax.Array) -> jax.Array:
+  channels = x.shape[-2] * x.shape[-1] if name.endswith(".o_in") else x.shape[-1]
+  x2 = x.reshape(-1, channels)
+  return jnp.dot(x2.T, x2, precision=jax.lax.Precision.HIGHEST)
+
+
 def activation_absmax(
   model: Llama,
   windows,
@@ -67,31 +108,9 @@ def activation_absmax(
     ValueError: empty set, windows too short, or ids outside the vocabulary.
   """
   windows = _check_windows(windows, model.config.vocab_size, min_tokens)
-  if batch_size < 1:
-    raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-  graphdef, state = nnx.split(model)
-
-  @jax.jit
-  def batch_absmax(state, tokens):
-    taps = {}
-    nnx.merge(graphdef, state)(tokens, logits_at="last", taps=taps)
-    out = {}
-    for name, x in taps.items():
-      if name.split(".", 1)[1] in LINEAR_INPUTS:
-        channel_axes = 2 if name.endswith(".o_in") else 1
-        axes = tuple(range(x.ndim - channel_axes))
-        out[name] = jnp.max(jnp.abs(x.astype(jnp.float32)), axis=axes)
-    return out
-
-  batches = range(0, len(windows), batch_size)
-  if progress:
-    import tqdm  # pylint: disable=import-outside-toplevel
-
-    batches = tqdm.tqdm(batches, desc="calibration", unit="batch", leave=False)
-  stats = None
-  for lo in batches:
-    got = batch_absmax(state, jnp.asarray(windows[lo : lo + batch_size], jnp.int32))
-    stats = got if stats is None else jax.tree.map(jnp.maximum, stats, got)
+  stats = _reduce_linear_inputs(
+    model, windows, batch_size, _channel_absmax, jnp.maximum, "calibration", progress
+  )
   return {k: np.asarray(v) for k, v in stats.items()}
 
 
@@ -109,30 +128,6 @@ def input_hessians(
   full activations never leave it. Raises like `activation_absmax`.
   """
   windows = _check_windows(windows, model.config.vocab_size, min_tokens)
-  if batch_size < 1:
-    raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-  graphdef, state = nnx.split(model)
-
-  @jax.jit
-  def batch_xtx(state, tokens):
-    taps = {}
-    nnx.merge(graphdef, state)(tokens, logits_at="last", taps=taps)
-    out = {}
-    for name, x in taps.items():
-      if name.split(".", 1)[1] in LINEAR_INPUTS:
-        channels = x.shape[-2] * x.shape[-1] if name.endswith(".o_in") else x.shape[-1]
-        x2 = x.astype(jnp.float32).reshape(-1, channels)
-        out[name] = jnp.dot(x2.T, x2, precision=jax.lax.Precision.HIGHEST)
-    return out
-
-  batches = range(0, len(windows), batch_size)
-  if progress:
-    import tqdm  # pylint: disable=import-outside-toplevel
-
-    batches = tqdm.tqdm(batches, desc="hessians", unit="batch", leave=False)
-  total = None
-  for lo in batches:
-    got = batch_xtx(state, jnp.asarray(windows[lo : lo + batch_size], jnp.int32))
-    total = got if total is None else jax.tree.map(jnp.add, total, got)
+  total = _reduce_linear_inputs(model, windows, batch_size, _gram, jnp.add, "hessians", progress)
   n_tokens = windows.shape[0] * windows.shape[1]
   return {k: np.asarray(v) * (2.0 / n_tokens) for k, v in total.items()}
