@@ -55,5 +55,19 @@ def _int_keys(tree):
 
 
 def logical_axes(model: Llama):
-  """Pure-dict tree of logical axis-name tuples, parallel to the model's params."""
-  return nnx.get_partition_spec(nnx.state(model)).to_pure_dict()
+  """Pure-dict tree of logical axis-name tuples, parallel to the model's params.
+
+  A quantized weight (`jaxllm.quant.QTensor`) gets a QTensor of names, one tuple
+  per part (`QTensor.logical_axes`), so `sharding.shard_params` places its codes
+  and scales exactly as it would the float weight.
+  """
+  from jaxllm.quant.qtensor import QTensor  # pylint: disable=import-outside-toplevel
+
+  state = nnx.state(model)
+  names = nnx.get_partition_spec(state).to_pure_dict()
+  return jax.tree.map(
+    lambda n, v: v.logical_axes(tuple(n)) if isinstance(v, QTensor) else n,
+    names,
+    state.to_pure_dict(),
+    is_leaf=lambda v: isinstance(v, QTensor),
+  )

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import jax
 import jax.numpy as jnp
 import ml_dtypes
@@ -125,6 +129,55 @@ def test_parts_shard_like_the_weight(weight_and_input):
   assert f_axes.scales == (None, "kv_heads") and f_axes.tensor_scale == (None, None)
 
 
+_SHARDED_QUANTIZED_FORWARD = """
+import jax, numpy as np
+from flax import nnx
+import jaxllm, sharding
+from jaxllm.params import init_model, logical_axes
+from jaxllm.quant import quantize_model
+tokens = np.random.default_rng(0).integers(0, 512, size=(4, 16)).astype(np.int32)
+mesh = sharding.make_mesh({"data": 4, "tensor": 2})
+for method, group in (("w8a8", None), ("w4a16", 32), ("fireq_w4a8", 32)):
+  model = quantize_model(init_model(jaxllm.TINY, seed=0), method, group)
+  graphdef, state = nnx.split(model)
+  forward = jax.jit(lambda s, t: nnx.merge(graphdef, s)(t)[0])
+  want = np.asarray(forward(state, tokens))
+  state.replace_by_pure_dict(
+    sharding.shard_params(state.to_pure_dict(), logical_axes(model), mesh)
+  )
+  up = state.to_pure_dict()["layers"][0]["mlp"]["up"]
+  with jax.set_mesh(mesh):
+    got = np.asarray(forward(state, tokens))
+  print(method, up.values.sharding.spec, up.scales.sharding.spec,
+        np.abs(got - want).max() / np.abs(want).max(),
+        (got.argmax(-1) == want.argmax(-1)).mean())
+"""
+
+
+def test_quantized_model_shards_like_the_float_one():
+  """8 fake CPU devices (data=4 x tensor=2): every QTensor part is placed by the float
+  weight's rules (codes and group scales split on the same axes) and the logits match
+  one device. FireQ rounds activations to FP8 per token, so a different summation
+  order under sharding can flip an FP8 rounding: it gets a looser bound."""
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+  out = subprocess.run(
+    [sys.executable, "-c", _SHARDED_QUANTIZED_FORWARD],
+    capture_output=True,
+    text=True,
+    env=env,
+    timeout=300,
+  )
+  assert out.returncode == 0, out.stderr[-3000:]
+  rows = {line.split()[0]: line for line in out.stdout.splitlines()}
+  assert set(rows) == {"w8a8", "w4a16", "fireq_w4a8"}, out.stdout
+  for method, line in rows.items():
+    assert "P('fsdp', 'tensor')" in line, line  # codes sharded like up's [embed, mlp]
+    *_, rel_err, top1 = line.split()
+    assert float(rel_err) < (5e-3 if method == "fireq_w4a8" else 1e-5), line
+    assert float(top1) >= (0.95 if method == "fireq_w4a8" else 1.0), line
+  assert "P(None, 'tensor')" in rows["w8a8"]  # per-channel scales: split on N only
+
+
 # ------------------------------------------------------------------ FireQ scales
 
 
@@ -239,6 +292,36 @@ def test_smoothing_alone_leaves_logits_unchanged(tokens):
   group = jaxllm.TINY.num_heads // jaxllm.TINY.num_kv_heads
   per_head = np.repeat(scales["1.o_in"], group, axis=0)
   np.testing.assert_allclose(after["1.o_in"], stats["1.o_in"] / per_head, rtol=1e-4)
+
+
+def test_smoothing_per_input_alpha(tokens):
+  """A per-input table smooths only the inputs it names, each with its own alpha."""
+  model = _model_with_outliers()
+  want = np.asarray(model(jnp.asarray(tokens))[0])
+  stats = activation_absmax(model, tokens)
+  table = (("attn_in", 0.8), ("o_in", 0.5), ("mlp_in", 0.5), ("down_in", None))
+  scales = smooth_model(model, stats, alpha=table)
+  assert {k.split(".", 1)[1] for k in scales} == {"attn_in", "o_in", "mlp_in"}
+  at_08 = smooth_model(_model_with_outliers(), stats, alpha=0.8)
+  at_05 = smooth_model(_model_with_outliers(), stats, alpha=0.5)
+  np.testing.assert_array_equal(scales["0.attn_in"], at_08["0.attn_in"])
+  np.testing.assert_array_equal(scales["1.mlp_in"], at_05["1.mlp_in"])
+  assert not np.array_equal(at_08["1.mlp_in"], at_05["1.mlp_in"])
+  # an input left out of a table is not smoothed either
+  assert set(smooth_model(_model_with_outliers(), stats, (("o_in", 0.5),))) == {
+    f"{i}.o_in" for i in range(jaxllm.TINY.num_layers)
+  }
+  got = np.asarray(model(jnp.asarray(tokens))[0])
+  np.testing.assert_allclose(got, want, rtol=0, atol=2e-5 * np.abs(want).max())
+  after = activation_absmax(model, tokens)
+  np.testing.assert_allclose(after["1.down_in"], stats["1.down_in"], rtol=1e-4)
+
+
+def test_smoothing_alpha_table_bad_input():
+  with pytest.raises(ValueError, match=r"unknown inputs \['attn'\]"):
+    Recipe("x", "", (), (("attn", 0.5),))
+  with pytest.raises(ValueError, match=r"alpha for down_in must lie in \[0, 1\], got 1.5"):
+    Recipe("x", "", (), (("down_in", 1.5),))
 
 
 def test_smoothing_helps_fireq_on_outliers(tokens):

@@ -240,7 +240,10 @@ def quantize_fireq(w2: jax.Array, group_size: int | None, scale_dtype: str, per_
   the top of the FP8 range so none underflows. Each stored scale is rounded *up*
   to an e4m3 value (never clipping a weight), and codes are chosen against it.
   With `per_tensor` False the tensor scale is 1 and the scales are stored as they
-  are: SmolLM2's (~1e-3..5e-2) then sit in e4m3's coarse subnormal range.
+  are; a scale under 2^-6 then falls in e4m3's coarse subnormal range. (SmolLM2's
+  weights are large: 0.28% of its unsmoothed g32 scales are under 2^-6, and the
+  mean round-up of a scale is 4.7% either way, so the per-tensor scale barely
+  matters there.)
   """
   k, n = w2.shape
   g = k if group_size is None else group_size

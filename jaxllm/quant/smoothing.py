@@ -15,6 +15,10 @@ the op that produces the activation, so nothing is added at run time:
     scale, so statistics are pooled over the group.
   * down: its input is silu(gate) * up, linear in up's columns; columns of up /= s
     and rows of down *= s.
+
+alpha may differ per linear input (`SMOOTHED_INPUTS`): a float applies to all
+four, a mapping names each input's alpha, None (or an input left out) leaves
+that input unsmoothed.
 """
 
 from __future__ import annotations
@@ -27,6 +31,27 @@ import numpy as np
 from jaxllm.model import Llama
 
 _MIN_SCALE, _MAX_SCALE = 1e-4, 1e4
+# The linear inputs smoothing can move ranges out of, as calibration names them.
+SMOOTHED_INPUTS = ("attn_in", "o_in", "mlp_in", "down_in")
+
+Alpha = float | Mapping[str, float | None] | tuple[tuple[str, float | None], ...]
+
+
+def alphas_per_input(alpha: Alpha) -> dict[str, float | None]:
+  """`alpha` as {input: alpha or None} over `SMOOTHED_INPUTS`; raises on unknown
+  inputs or an alpha outside [0, 1]."""
+  if isinstance(alpha, (int, float)):
+    table = dict.fromkeys(SMOOTHED_INPUTS, float(alpha))
+  else:
+    table = dict(alpha)
+    unknown = sorted(set(table) - set(SMOOTHED_INPUTS))
+    if unknown:
+      raise ValueError(f"smoothing alpha names unknown inputs {unknown}; use {SMOOTHED_INPUTS}")
+    table = {name: table.get(name) for name in SMOOTHED_INPUTS}
+  for name, a in table.items():
+    if a is not None and not 0.0 <= a <= 1.0:
+      raise ValueError(f"alpha for {name} must lie in [0, 1], got {a}")
+  return table
 
 
 def smoothing_scales(act_absmax, weight_absmax, alpha: float) -> np.ndarray:
@@ -62,7 +87,7 @@ def _stat(act_absmax: Mapping[str, np.ndarray], key: str) -> np.ndarray:
 
 
 def smooth_model(
-  model: Llama, act_absmax: Mapping[str, np.ndarray], alpha: float = 0.5
+  model: Llama, act_absmax: Mapping[str, np.ndarray], alpha: Alpha = 0.5
 ) -> dict[str, np.ndarray]:
   """Migrates activation ranges into the weights of every decoder layer, in place.
 
@@ -72,45 +97,45 @@ def smooth_model(
   Args:
     model: float `Llama`.
     act_absmax: statistics of the *unsmoothed* model from `calibrate.activation_absmax`.
-    alpha: migration strength in [0, 1] (0.5 balances the two ranges).
+    alpha: migration strength in [0, 1] (0.5 balances the two ranges), one for
+      all inputs or per input (see the module docstring).
 
   Returns:
-    the scales applied, keyed like the statistics.
+    the scales applied, keyed like the statistics (inputs left unsmoothed absent).
   """
-  if not 0.0 <= alpha <= 1.0:
-    raise ValueError(f"alpha must lie in [0, 1], got {alpha}")
+  alphas = alphas_per_input(alpha)
   cfg = model.config
   group = cfg.num_heads // cfg.num_kv_heads
   applied = {}
   for i, layer in enumerate(model.layers):
     attn, mlp = layer.attn, layer.mlp
-    # q/k/v <- attn_norm
-    w_amax = _rows_absmax(attn.q.get_value(), attn.k.get_value(), attn.v.get_value())
-    s = smoothing_scales(_stat(act_absmax, f"{i}.attn_in"), w_amax, alpha)
-    _scale_param(layer.attn_norm.scale, 1.0 / s)
-    for p in (attn.q, attn.k, attn.v):
-      _scale_param(p, s[:, None, None])
-    applied[f"{i}.attn_in"] = s
-    # gate/up <- mlp_norm
-    w_amax = _rows_absmax(mlp.gate.get_value(), mlp.up.get_value())
-    s = smoothing_scales(_stat(act_absmax, f"{i}.mlp_in"), w_amax, alpha)
-    _scale_param(layer.mlp_norm.scale, 1.0 / s)
-    for p in (mlp.gate, mlp.up):
-      _scale_param(p, s[:, None])
-    applied[f"{i}.mlp_in"] = s
-    # o <- v (one scale per (kv head, d), shared by the query heads of its group)
-    x_amax = _stat(act_absmax, f"{i}.o_in")  # [H, D]
-    x_amax = x_amax.reshape(cfg.num_kv_heads, group, -1).max(axis=1)
-    w_amax = _rows_absmax(attn.o.get_value(), contract_dims=2)  # [H, D]
-    w_amax = w_amax.reshape(cfg.num_kv_heads, group, -1).max(axis=1)
-    s = smoothing_scales(x_amax, w_amax, alpha)  # [H_kv, D]
-    _scale_param(attn.v, 1.0 / s[None])
-    _scale_param(attn.o, np.repeat(s, group, axis=0)[:, :, None])
-    applied[f"{i}.o_in"] = s
-    # down <- up
-    w_amax = _rows_absmax(mlp.down.get_value())
-    s = smoothing_scales(_stat(act_absmax, f"{i}.down_in"), w_amax, alpha)
-    _scale_param(mlp.up, 1.0 / s[None])
-    _scale_param(mlp.down, s[:, None])
-    applied[f"{i}.down_in"] = s
+    if alphas["attn_in"] is not None:  # q/k/v <- attn_norm
+      w_amax = _rows_absmax(attn.q.get_value(), attn.k.get_value(), attn.v.get_value())
+      s = smoothing_scales(_stat(act_absmax, f"{i}.attn_in"), w_amax, alphas["attn_in"])
+      _scale_param(layer.attn_norm.scale, 1.0 / s)
+      for p in (attn.q, attn.k, attn.v):
+        _scale_param(p, s[:, None, None])
+      applied[f"{i}.attn_in"] = s
+    if alphas["mlp_in"] is not None:  # gate/up <- mlp_norm
+      w_amax = _rows_absmax(mlp.gate.get_value(), mlp.up.get_value())
+      s = smoothing_scales(_stat(act_absmax, f"{i}.mlp_in"), w_amax, alphas["mlp_in"])
+      _scale_param(layer.mlp_norm.scale, 1.0 / s)
+      for p in (mlp.gate, mlp.up):
+        _scale_param(p, s[:, None])
+      applied[f"{i}.mlp_in"] = s
+    if alphas["o_in"] is not None:  # o <- v, one scale per (kv head, d) shared by its group
+      x_amax = _stat(act_absmax, f"{i}.o_in")  # [H, D]
+      x_amax = x_amax.reshape(cfg.num_kv_heads, group, -1).max(axis=1)
+      w_amax = _rows_absmax(attn.o.get_value(), contract_dims=2)  # [H, D]
+      w_amax = w_amax.reshape(cfg.num_kv_heads, group, -1).max(axis=1)
+      s = smoothing_scales(x_amax, w_amax, alphas["o_in"])  # [H_kv, D]
+      _scale_param(attn.v, 1.0 / s[None])
+      _scale_param(attn.o, np.repeat(s, group, axis=0)[:, :, None])
+      applied[f"{i}.o_in"] = s
+    if alphas["down_in"] is not None:  # down <- up
+      w_amax = _rows_absmax(mlp.down.get_value())
+      s = smoothing_scales(_stat(act_absmax, f"{i}.down_in"), w_amax, alphas["down_in"])
+      _scale_param(mlp.up, 1.0 / s[None])
+      _scale_param(mlp.down, s[:, None])
+      applied[f"{i}.down_in"] = s
   return applied
