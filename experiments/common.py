@@ -200,3 +200,39 @@ def read_eval_text(path: str | None) -> tuple[str, str, str | None]:
       return f.read().decode("utf-8"), label, path
   except (OSError, UnicodeDecodeError) as e:
     fail(f"cannot read text file {path}: {e}")
+
+
+def model_config(name: str, context: int):
+  """The `ModelConfig` preset `name`, checked against `context`; exits with a
+  one-line error for an unknown model or a context beyond its max_seq_len."""
+  from jaxllm.config import get_config  # pylint: disable=import-outside-toplevel
+
+  try:
+    cfg = get_config(name)
+  except ValueError as e:
+    fail(str(e))
+  if context > cfg.max_seq_len:
+    fail(f"--context={context} exceeds {cfg.name}'s max_seq_len={cfg.max_seq_len}")
+  return cfg
+
+
+def scatter_plot(rows, x: str, y: str, path: str, *, title: str, xlabel: str, ylabel: str):
+  """One labelled point per row (``row["method"]`` at ``(row[x], row[y])``), saved as a PNG."""
+  import matplotlib  # pylint: disable=import-outside-toplevel
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+
+  fig, ax = plt.subplots(figsize=(7, 4.5))
+  for row in rows:
+    ax.scatter(row[x], row[y], s=30)
+    ax.annotate(
+      row["method"], (row[x], row[y]), fontsize=7, xytext=(3, 3), textcoords="offset points"
+    )
+  ax.set_xlabel(xlabel)
+  ax.set_ylabel(ylabel)
+  ax.set_title(title, fontsize=9)
+  ax.grid(alpha=0.3)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)

@@ -74,31 +74,6 @@ def _check_flags() -> None:
     common.fail(f"GGUF file not found: {FLAGS.gguf}")
 
 
-def _plot(rows: list[dict], path: str, title: str) -> None:
-  import matplotlib  # pylint: disable=import-outside-toplevel
-
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
-
-  fig, ax = plt.subplots(figsize=(7, 4.5))
-  for row in rows:
-    ax.scatter(row["bits_per_value"], row["ppl"], s=30)
-    ax.annotate(
-      row["method"],
-      (row["bits_per_value"], row["ppl"]),
-      fontsize=7,
-      xytext=(3, 3),
-      textcoords="offset points",
-    )
-  ax.set_xlabel("cache bits per K/V value (scales and zero points included, residual excluded)")
-  ax.set_ylabel("streaming perplexity")
-  ax.set_title(title, fontsize=9)
-  ax.grid(alpha=0.3)
-  fig.tight_layout()
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
-
-
 def main(argv):
   del argv
   _check_flags()
@@ -108,23 +83,20 @@ def main(argv):
   import jax.numpy as jnp
 
   from jaxllm import kv_cache, ops
-  from jaxllm.config import get_config
   from jaxllm.gguf_loader import default_gguf_path
   from jaxllm.perplexity import tokenize_windows
   from jaxllm.pipeline import load_pipeline
   from jaxllm.streaming import StreamingConfig, StreamingScorer, streaming_perplexity
   from jaxllm.tokenizer import Tokenizer
 
+  cfg = common.model_config(FLAGS.model, FLAGS.context)
   try:
     specs = {m: kv_cache.spec_for(m) for m in methods}
-    cfg = get_config(FLAGS.model)
     stream_cfg = StreamingConfig(
       prefill=_PREFILL.value, block=_BLOCK.value, batch_size=_BATCH.value
     )
   except ValueError as e:
     common.fail(str(e))
-  if FLAGS.context > cfg.max_seq_len:
-    common.fail(f"--context={FLAGS.context} exceeds {cfg.name}'s max_seq_len={cfg.max_seq_len}")
 
   tokenizer = Tokenizer.from_gguf(FLAGS.gguf or default_gguf_path())
   if FLAGS.model == "tiny":
@@ -200,10 +172,14 @@ def main(argv):
 
   os.makedirs(FLAGS.out_dir, exist_ok=True)
   plot_path = os.path.join(FLAGS.out_dir, f"{NAME}.png")
-  _plot(
+  common.scatter_plot(
     rows,
+    "bits_per_value",
+    "ppl",
     plot_path,
-    f"{cfg.name}, {label}, context {FLAGS.context}, {len(windows)} windows, streaming",
+    title=f"{cfg.name}, {label}, context {FLAGS.context}, {len(windows)} windows, streaming",
+    xlabel="cache bits per K/V value (scales and zero points included, residual excluded)",
+    ylabel="streaming perplexity",
   )
   keys = ("method", "ppl", "delta_pct", "bytes_per_token_vs_bf16", "top1_agree")
   summary = {"results": [{k: row[k] for k in keys} for row in rows]}

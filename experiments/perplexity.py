@@ -44,18 +44,12 @@ def main(argv):
   t_start = time.perf_counter()
   # Heavy imports (jax) only once the input looks sane.
   # pylint: disable=import-outside-toplevel
-  from jaxllm.config import get_config
   from jaxllm.gguf_loader import default_gguf_path
   from jaxllm.perplexity import perplexity, tokenize_windows
   from jaxllm.pipeline import load_pipeline
   from jaxllm.tokenizer import Tokenizer
 
-  try:
-    cfg = get_config(FLAGS.model)
-  except ValueError as e:
-    common.fail(str(e))
-  if FLAGS.context > cfg.max_seq_len:
-    common.fail(f"--context={FLAGS.context} exceeds {cfg.name}'s max_seq_len={cfg.max_seq_len}")
+  cfg = common.model_config(FLAGS.model, FLAGS.context)
 
   # Tokenize before loading the model, so a text too short fails fast.
   gguf = FLAGS.gguf or default_gguf_path()

@@ -144,31 +144,6 @@ def _fmt(x: float) -> str:
   return f"{x:.3f}" if abs(x) < 1e5 else f"{x:.3e}"
 
 
-def _plot(rows, path: str, title: str) -> None:
-  import matplotlib  # pylint: disable=import-outside-toplevel
-
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
-
-  fig, ax = plt.subplots(figsize=(7, 4.5))
-  for r in rows:
-    ax.scatter(r["weight_bytes_vs_bf16"], r["ppl"], s=40)
-    ax.annotate(
-      r["method"],
-      (r["weight_bytes_vs_bf16"], r["ppl"]),
-      fontsize=8,
-      xytext=(4, 4),
-      textcoords="offset points",
-    )
-  ax.set_xlabel("decoder linear weight bytes / bf16 (scales, offsets, padding included)")
-  ax.set_ylabel("perplexity")
-  ax.set_title(title, fontsize=9)
-  ax.grid(alpha=0.3)
-  fig.tight_layout()
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
-
-
 def main(argv):
   del argv
   # Heavy imports (jax) only once the flags look sane.
@@ -182,19 +157,13 @@ def main(argv):
   from flax import nnx
 
   from jaxllm import checkpoint
-  from jaxllm.config import get_config
   from jaxllm.gguf_loader import default_gguf_path
   from jaxllm.perplexity import perplexity, tokenize_windows
   from jaxllm.pipeline import load_pipeline
   from jaxllm.quant import activation_absmax, apply_recipe, weight_bytes
   from jaxllm.tokenizer import Tokenizer
 
-  try:
-    cfg = get_config(FLAGS.model)
-  except ValueError as e:
-    common.fail(str(e))
-  if FLAGS.context > cfg.max_seq_len:
-    common.fail(f"--context={FLAGS.context} exceeds {cfg.name}'s max_seq_len={cfg.max_seq_len}")
+  cfg = common.model_config(FLAGS.model, FLAGS.context)
   tokenizer = Tokenizer.from_gguf(FLAGS.gguf or default_gguf_path())
   if FLAGS.model == "tiny":
     tokenizer = common.ModuloTokenizer(tokenizer, cfg.vocab_size)
@@ -276,11 +245,15 @@ def main(argv):
     )
   os.makedirs(FLAGS.out_dir, exist_ok=True)
   plot_path = os.path.join(FLAGS.out_dir, f"{NAME}.png")
-  _plot(
+  common.scatter_plot(
     rows,
+    "weight_bytes_vs_bf16",
+    "ppl",
     plot_path,
-    f"{pipe.config.name}, {text_record['label']}, context {FLAGS.context}, "
+    title=f"{pipe.config.name}, {text_record['label']}, context {FLAGS.context}, "
     f"{len(evaluation)} windows",
+    xlabel="decoder linear weight bytes / bf16 (scales, offsets, padding included)",
+    ylabel="perplexity",
   )
   summary = {
     "results": rows,

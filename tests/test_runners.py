@@ -151,3 +151,44 @@ def test_fail_is_one_line(capsys):
     common.fail("bad\ninput  here")
   assert e.value.code != 0
   assert capsys.readouterr().err == "error: bad input here\n"
+
+
+def test_kv_compression_tiny(tmp_path, text_file):
+  """The streaming KV runner end to end: the dense cache is its own baseline, int8
+  stays close to it, every row has the issue's keys, and the plot is written."""
+  out = tmp_path / "out"
+  summary = last_json(
+    run(
+      "kv_compression",
+      "--model=tiny",
+      f"--text_file={text_file}",
+      "--methods=dense,int8,kivi2,fireq_int4",
+      "--noablations",
+      "--context=160",
+      "--prefill=15",
+      "--block=16",
+      "--max_windows=2",
+      "--batch_size=2",
+      "--calib_windows=1",
+      f"--out_dir={out}",
+    )
+  )
+  rows = {r["method"]: r for r in summary["results"]}
+  assert list(rows) == ["dense", "int8", "kivi2", "fireq_int4"]
+  keys = {"method", "ppl", "delta_pct", "bytes_per_token_vs_bf16", "top1_agree"}
+  assert all(r.keys() == keys for r in rows.values())
+  assert rows["dense"]["delta_pct"] == 0.0 and rows["dense"]["top1_agree"] == 1.0
+  assert rows["dense"]["bytes_per_token_vs_bf16"] == 2.0  # float32 cache
+  # int8: 64 code bytes + one bf16 scale per head, for K and V, over 2 x 64 bf16 bytes
+  assert rows["int8"]["bytes_per_token_vs_bf16"] == pytest.approx(66 / 128)
+  assert abs(rows["int8"]["delta_pct"]) < 2.0 and rows["int8"]["top1_agree"] > 0.9
+  assert rows["kivi2"]["bytes_per_token_vs_bf16"] < 0.18
+  record = json.loads((out / "kv_compression.json").read_text())
+  assert record["text"]["scored_tokens_per_method"] == 2 * (160 - 1)
+  assert (out / "kv_compression.png").stat().st_size > 0
+
+
+def test_kv_compression_prefill_must_leave_decode_steps(text_file):
+  proc = run("kv_compression", f"--text_file={text_file}", "--context=64", "--prefill=63")
+  assert proc.returncode != 0
+  assert "--prefill must be in [1, context - 1)" in proc.stderr.strip().splitlines()[-1]
