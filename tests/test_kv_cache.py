@@ -99,9 +99,10 @@ HEADS = 30 * 3
 EXPECTED_BYTES = {
   "dense": HEADS * 64 * 2 * 4,  # float32 storage
   "int8": HEADS * (64 + 2) * 2,
-  "fireq_int4": HEADS * (32 + 4) * 2,  # asymmetric: scale + zero point per token
-  "fireq_int4_pre_rope_only": HEADS * (32 + 4) * 2,
-  "fireq_int4_post_rope_only": HEADS * (32 + 4) * 2,
+  # asymmetric: scale + zero point per token and channel group; keys in 2 groups, values in 1
+  "fireq_int4": HEADS * ((32 + 8) + (32 + 4)),
+  "fireq_int4_pre_rope_only": HEADS * ((32 + 8) + (32 + 4)),
+  "fireq_int4_post_rope_only": HEADS * ((32 + 8) + (32 + 4)),
   "kivi4": HEADS * ((32 + 64 * 2 * 2 / 32) + (32 + 4)),
   "rotatekv4": HEADS * ((32 + 8) + (32 + 4)),
   "kivi2": HEADS * ((16 + 8) + (16 + 4)),
@@ -504,3 +505,25 @@ def test_fireq_needs_calibration():
     create_cache(spec_for("fireq_int4"), ONE_LAYER, 1, 32)
   with pytest.raises(ValueError, match="calib_tokens"):
     prepare_model(None, spec_for("fireq_int4"), None)
+
+
+def test_fireq_key_and_value_channel_groups():
+  """FireQ's keys have 2 scales per row and values 1: each group's range is its own,
+  so a key row whose halves differ in scale by 100x keeps its small half."""
+  spec = spec_for("fireq_int4")
+  assert (spec.key_groups, spec.channel_groups) == (2, 1)
+  key_scale = jnp.ones((1, ONE_LAYER.num_kv_heads, ONE_LAYER.head_dim))
+  cache = create_cache(spec, ONE_LAYER, 1, 8, calibration={"key_scale": key_scale})
+  layer = cache.layers[0]
+  assert layer.k_scale.shape[-1] == 2 and layer.v_scale.shape[-1] == 1
+  row = np.concatenate([np.linspace(-1, 1, 32), np.linspace(-100, 100, 32)]).astype(np.float32)
+  err = {}
+  for groups in (2, 1):
+    codes, scale, zero = symmetric.encode(jnp.asarray(row), spec, groups)
+    err[groups] = np.abs(np.asarray(symmetric.decode(codes, scale, zero, 4))[:32] - row[:32]).max()
+  assert err[2] <= 0.5 * 2 / 15 + 0.01  # half a step of the small half's own range (2 / 15)
+  assert err[1] > 0.5  # one scale: the small half is rounded on the large half's grid
+  with pytest.raises(ValueError, match="head_dim 64 does not split into 3 channel groups"):
+    create_cache(
+      spec.replace(key_channel_groups=3), ONE_LAYER, 1, 8, calibration={"key_scale": key_scale}
+    )

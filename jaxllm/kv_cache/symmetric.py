@@ -1,7 +1,7 @@
 """Per-token caches: INT8 (K, V, symmetric) and FireQ INT4 (K, V) with FP8 queries.
 
 Each (token, KV head) has, for its key and for its value, one scale per channel
-group (`CacheSpec.channel_groups`, default 1) and, with `CacheSpec.zero_point`
+group (`CacheSpec.key_groups` / `channel_groups`, default 1) and, with `CacheSpec.zero_point`
 (FireQ's default), one zero point per scale (asymmetric min/max: a 4-bit code
 then spans the row's actual range instead of a symmetric +-amax). FireQ
 adds a per-channel post-RoPE key scale ``s`` [L, Hkv, D]: keys are stored as
@@ -45,7 +45,7 @@ from jaxllm.kv_cache.spec import CacheSpec
 
 class SymmetricLayer(NamedTuple):
   """One layer: codes [B, Hkv, T, D * bits / 8]; scales (and zero points, or None)
-  [B, Hkv, T, channel_groups]."""
+  [B, Hkv, T, groups] (the spec's key groups for k_*, channel groups for v_*)."""
 
   k_codes: jax.Array
   k_scale: jax.Array
@@ -55,13 +55,13 @@ class SymmetricLayer(NamedTuple):
   v_zero: jax.Array | None
 
 
-def encode(x: jax.Array, spec: CacheSpec):
+def encode(x: jax.Array, spec: CacheSpec, groups: int = 1):
   """[..., D] float -> (codes [..., D * bits / 8], scale [..., groups], zero [..., groups] or None).
 
-  Each of the `spec.channel_groups` equal channel sub-groups of a row gets its own
-  scale (and zero point when `spec.zero_point`).
+  Each of the `groups` equal channel sub-groups of a row gets its own scale (and
+  zero point when `spec.zero_point`).
   """
-  bits, groups = spec.bits, spec.channel_groups
+  bits = spec.bits
   *lead, d = x.shape
   xg = x.reshape(*lead, groups, d // groups)
   if spec.zero_point:
@@ -116,10 +116,9 @@ class SymmetricKVCache(SlotCacheMixin):
     d, bits = config.head_dim, spec.bits
     if d % (8 // bits):
       raise ValueError(f"{spec.name}: head_dim {d} cannot be packed {8 // bits} codes per byte")
-    if d % spec.channel_groups:
-      raise ValueError(
-        f"{spec.name}: head_dim {d} does not split into {spec.channel_groups} channel groups"
-      )
+    for groups in {spec.key_groups, spec.channel_groups}:
+      if d % groups:
+        raise ValueError(f"{spec.name}: head_dim {d} does not split into {groups} channel groups")
     if key_scale is not None and key_scale.shape != (config.num_layers, config.num_kv_heads, d):
       raise ValueError(
         f"{spec.name}: key scale shape {key_scale.shape}, expected "
@@ -128,9 +127,10 @@ class SymmetricKVCache(SlotCacheMixin):
     rows = (batch, config.num_kv_heads, capacity)
     code_dtype = jnp.int8 if bits == 8 and not spec.zero_point else jnp.uint8
     codes = jnp.zeros((*rows, d * bits // 8), code_dtype)
-    scale = jnp.zeros((*rows, spec.channel_groups), spec.scale_jnp_dtype)
-    zero = scale if spec.zero_point else None
-    layer = SymmetricLayer(codes, scale, zero, codes, scale, zero)
+    k_scale = jnp.zeros((*rows, spec.key_groups), spec.scale_jnp_dtype)
+    v_scale = jnp.zeros((*rows, spec.channel_groups), spec.scale_jnp_dtype)
+    k_zero, v_zero = (k_scale, v_scale) if spec.zero_point else (None, None)
+    layer = SymmetricLayer(codes, k_scale, k_zero, codes, v_scale, v_zero)
     return cls(
       layers=tuple(layer for _ in range(config.num_layers)),
       key_scale=None if key_scale is None else jnp.asarray(key_scale, jnp.float32),
@@ -165,7 +165,8 @@ class SymmetricKVCache(SlotCacheMixin):
     out = ops.attention(q.astype(jnp.float32), k_buf, v_buf, q_slots, self.start, kernels)
 
     def write(codes_buf, scale_buf, zero_buf, x):
-      codes, scale, zero = encode(x.transpose(0, 2, 1, 3), self.spec)
+      groups = scale_buf.shape[-1]
+      codes, scale, zero = encode(x.transpose(0, 2, 1, 3), self.spec, groups)
       at = (0, 0, self.length, 0)
       put = jax.lax.dynamic_update_slice
       zero_buf = None if zero is None else put(zero_buf, zero, at)
@@ -185,7 +186,8 @@ class SymmetricKVCache(SlotCacheMixin):
     + one scale (and one zero point with `zero_point`) per channel group."""
     c, spec = self.config, self.spec
     scale_bytes = jnp.dtype(spec.scale_dtype).itemsize * (2 if spec.zero_point else 1)
-    per_head = 2 * (c.head_dim * spec.bits // 8 + spec.channel_groups * scale_bytes)
+    groups = spec.key_groups + spec.channel_groups
+    per_head = 2 * c.head_dim * spec.bits // 8 + groups * scale_bytes
     bf16 = bf16_bytes_per_token(c.num_layers, c.num_kv_heads, c.head_dim)
     total = tree_bytes((self.layers, self.key_scale))
     return memory_report(bf16, c.num_layers * c.num_kv_heads * per_head, 0, total)
