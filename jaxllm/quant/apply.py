@@ -8,7 +8,7 @@ import numpy as np
 from flax import nnx
 
 from jaxllm.model import Llama
-from jaxllm.quant.qtensor import QTensor, quantize
+from jaxllm.quant.qtensor import QTensor
 from jaxllm.quant.recipes import QuantSpec, Recipe
 
 # param name -> number of leading dims contracted by its matmul
@@ -27,18 +27,7 @@ def linear_params(model: Llama) -> Iterator[tuple[str, nnx.Param, int]]:
 
 
 def quantize_with_spec(param: nnx.Param, spec: QuantSpec, contract_dims: int) -> None:
-  param.set_value(
-    quantize(
-      param.get_value(),
-      spec.method,
-      spec.group_size,
-      contract_dims,
-      pad_k=spec.pad_k,
-      scale_dtype=spec.scale_dtype,
-      per_tensor_scale=spec.per_tensor_scale,
-      clip_search=spec.clip_search,
-    )
-  )
+  param.set_value(spec.quantize(param.get_value(), contract_dims))
 
 
 def quantize_model(model: Llama, method: str | QuantSpec, group_size: int | None = 128) -> Llama:

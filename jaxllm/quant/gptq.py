@@ -132,15 +132,7 @@ def gptq_quantize(
   if not damp > 0:
     raise ValueError(f"GPTQ dampening must be > 0, got {damp}")
   # Validates dtype, group size and padding exactly as round-to-nearest would.
-  rtn = qtensor.quantize(
-    w,
-    spec.method,
-    spec.group_size,
-    contract_dims,
-    pad_k=spec.pad_k,
-    scale_dtype=spec.scale_dtype,
-    per_tensor_scale=spec.per_tensor_scale,
-  )
+  rtn = spec.quantize(w, contract_dims, clip_search=False)
   k = rtn.k
   h = np.asarray(hessian, np.float32)
   if h.shape != (k, k):

@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import re
 
-from jaxllm.quant.qtensor import METHODS
+from jaxllm.quant.qtensor import METHODS, QTensor, quantize
 from jaxllm.quant.smoothing import alphas_per_input
 
 
@@ -25,6 +25,19 @@ class QuantSpec:
   scale_dtype: str | None = None
   per_tensor_scale: bool = True
   clip_search: bool = False
+
+  def quantize(self, w, contract_dims: int, clip_search: bool | None = None) -> QTensor:
+    """`w` quantized round-to-nearest as this spec says (`clip_search` overrides the spec's)."""
+    return quantize(
+      w,
+      self.method,
+      self.group_size,
+      contract_dims,
+      pad_k=self.pad_k,
+      scale_dtype=self.scale_dtype,
+      per_tensor_scale=self.per_tensor_scale,
+      clip_search=self.clip_search if clip_search is None else clip_search,
+    )
 
   def __post_init__(self):
     if self.method not in METHODS:
