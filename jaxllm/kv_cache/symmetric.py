@@ -55,7 +55,7 @@ class SymmetricLayer(NamedTuple):
   v_zero: jax.Array | None
 
 
-def encode(x: jax.Array, spec: CacheSpec, groups: int = 1):
+def encode(x: jax.Array, spec: CacheSpec, groups: int):
   """[..., D] float -> (codes [..., D * bits / 8], scale [..., groups], zero [..., groups] or None).
 
   Each of the `groups` equal channel sub-groups of a row gets its own scale (and

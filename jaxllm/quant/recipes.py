@@ -68,7 +68,7 @@ class Recipe:
     smoothing_alpha: migration strength alpha of the channel scales
       ``s = amax_x^alpha / amax_w^(1 - alpha)``: one float for every linear
       input, or ``((input, alpha or None), ...)`` per input of
-      `jaxllm.quant.smoothing.SMOOTHED_INPUTS`; None: no smoothing.
+      `jaxllm.quant.calibrate.LINEAR_INPUTS`; None: no smoothing.
     gptq: quantize the int4 weights with GPTQ (`jaxllm.quant.gptq`) against the
       Hessians of calibration inputs (of the smoothed model when smoothing),
       instead of round-to-nearest.

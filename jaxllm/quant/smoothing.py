@@ -16,7 +16,7 @@ the op that produces the activation, so nothing is added at run time:
   * down: its input is silu(gate) * up, linear in up's columns; columns of up /= s
     and rows of down *= s.
 
-alpha may differ per linear input (`SMOOTHED_INPUTS`): a float applies to all
+alpha may differ per linear input (`LINEAR_INPUTS`): a float applies to all
 four, a mapping names each input's alpha, None (or an input left out) leaves
 that input unsmoothed.
 """
@@ -29,25 +29,23 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxllm.model import Llama
+from jaxllm.quant.calibrate import LINEAR_INPUTS
 
 _MIN_SCALE, _MAX_SCALE = 1e-4, 1e4
-# The linear inputs smoothing can move ranges out of, as calibration names them.
-SMOOTHED_INPUTS = ("attn_in", "o_in", "mlp_in", "down_in")
-
 Alpha = float | Mapping[str, float | None] | tuple[tuple[str, float | None], ...]
 
 
 def alphas_per_input(alpha: Alpha) -> dict[str, float | None]:
-  """`alpha` as {input: alpha or None} over `SMOOTHED_INPUTS`; raises on unknown
+  """`alpha` as {input: alpha or None} over `LINEAR_INPUTS`; raises on unknown
   inputs or an alpha outside [0, 1]."""
   if isinstance(alpha, (int, float)):
-    table = dict.fromkeys(SMOOTHED_INPUTS, float(alpha))
+    table = dict.fromkeys(LINEAR_INPUTS, float(alpha))
   else:
     table = dict(alpha)
-    unknown = sorted(set(table) - set(SMOOTHED_INPUTS))
+    unknown = sorted(set(table) - set(LINEAR_INPUTS))
     if unknown:
-      raise ValueError(f"smoothing alpha names unknown inputs {unknown}; use {SMOOTHED_INPUTS}")
-    table = {name: table.get(name) for name in SMOOTHED_INPUTS}
+      raise ValueError(f"smoothing alpha names unknown inputs {unknown}; use {LINEAR_INPUTS}")
+    table = {name: table.get(name) for name in LINEAR_INPUTS}
   for name, a in table.items():
     if a is not None and not 0.0 <= a <= 1.0:
       raise ValueError(f"alpha for {name} must lie in [0, 1], got {a}")
