@@ -192,3 +192,44 @@ def test_kv_compression_prefill_must_leave_decode_steps(text_file):
   proc = run("kv_compression", f"--text_file={text_file}", "--context=64", "--prefill=63")
   assert proc.returncode != 0
   assert "--prefill must be in [1, context - 1)" in proc.stderr.strip().splitlines()[-1]
+
+
+def test_bench_kernels_tiny_interpret(tmp_path):
+  """The kernel benchmark on tiny shapes: Pallas (interpret) and XLA rows for each
+  matmul recipe and KIVI cache, with errors against the reference small and the
+  quantization error itself of the expected size."""
+  summary = last_json(
+    run(
+      "bench_kernels",
+      "--shapes=tiny",
+      "--m=1,8",
+      "--kv_models=tiny",
+      "--kv_context=256",
+      "--kv_batch=2",
+      "--implementations=pallas,xla",
+      "--interpret",
+      "--reps=3",
+      "--copies=2",
+      f"--out_dir={tmp_path}",
+    )
+  )
+  assert summary["errors"] == 0
+  rows = summary["results"]
+  matmul = [r for r in rows if r["op"] == "matmul"]
+  kv = [r for r in rows if r["op"] == "kv_attention"]
+  # 2 shapes x 2 M x 3 recipes x 2 implementations, + the bf16 peer rows
+  assert len([r for r in matmul if r["method"] != "bf16"]) == 24
+  assert {r["method"] for r in kv} >= {"kivi4", "kivi2"}
+  for r in rows:
+    assert r["us"] > 0, r
+    if r["method"] != "bf16" and r["rel_err_vs_reference"] is not None:
+      assert r["rel_err_vs_reference"] < 2e-2, r
+  record = json.loads((tmp_path / "bench_kernels.json").read_text())
+  f32_errs = {
+    r["method"]: r["rel_err_vs_f32"] for r in record["rows"] if r.get("rel_err_vs_f32") is not None
+  }
+  assert 1e-4 < f32_errs["w8a8"] < 0.05 and 0.02 < f32_errs["fireq_w4a8"] < 0.3, f32_errs
+
+
+def test_bench_kernels_rejects_unknown_op():
+  assert "--ops" in _one_line_error(run("bench_kernels", "--ops=conv"))

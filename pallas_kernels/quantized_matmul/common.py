@@ -30,9 +30,15 @@ def is_triton(compiler_params) -> bool:
 
 
 def default_compiler_params(compiler_params):
-  """TPU (Mosaic) parameters unless the caller passed some (e.g. Triton's)."""
+  """The caller's parameters, else Triton's on a GPU backend, else Mosaic TPU's.
+
+  CPU (interpret mode, and export for another platform) gets the TPU defaults, so
+  block choices there follow TPU rules unless Triton parameters are passed.
+  """
   if compiler_params is not None:
     return compiler_params
+  if jax.default_backend() in ("gpu", "cuda", "rocm"):
+    return triton_params()
   return pltpu.CompilerParams(
     dimension_semantics=("parallel", "parallel"), vmem_limit_bytes=_VMEM_LIMIT_BYTES
   )

@@ -180,14 +180,15 @@ def w4a16_matmul(
     out_dtype: output dtype (default x.dtype).
     block_sizes: tile sizes; defaults depend on the backend.
     interpret: run the kernel in Pallas interpret mode (CPU).
-    compiler_params: backend params; default Mosaic TPU. Pass
-      `common.triton_params()` to lower for Triton.
+    compiler_params: default: Triton's on a GPU backend, else Mosaic TPU's; pass
+      `common.triton_params()` to export for Triton from another backend.
 
   Returns:
     [M, N] array of `out_dtype`.
   """
   g = _validate(x, w_q, scales, mins)
   bs = block_sizes or BlockSizes()
+  compiler_params = common.default_compiler_params(compiler_params)
   triton = common.is_triton(compiler_params)
   m, k = x.shape
   n = w_q.shape[1]
@@ -216,7 +217,7 @@ def w4a16_matmul(
       pl.BlockSpec((n_groups, 1, bn), lambda i, j: (0, 0, j)),
     ],
     out_specs=pl.BlockSpec((bm, bn), lambda i, j: (i, j)),
-    compiler_params=common.default_compiler_params(compiler_params),
+    compiler_params=compiler_params,
     interpret=interpret,
     name="w4a16_matmul",
   )(common.pad_rows(x, m_pad), w_q, s3, m3)

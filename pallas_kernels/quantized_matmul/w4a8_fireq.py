@@ -181,7 +181,7 @@ def w4a8_fireq_matmul_quantized(
     dot_dtype: bf16 (portable) or float8_e4m3fn (native fp8 dot).
     block_sizes: tile sizes; defaults depend on the backend.
     interpret: Pallas interpret mode.
-    compiler_params: default Mosaic TPU; `common.triton_params()` for Triton.
+    compiler_params: default: Triton's on a GPU backend, else Mosaic TPU's.
 
   Returns:
     [M, N] array of `out_dtype`.
@@ -190,6 +190,7 @@ def w4a8_fireq_matmul_quantized(
   common.check_dtype(_NAME, "out_dtype", out_dtype, _OUT_DTYPES)
   common.check_dtype(_NAME, "dot_dtype", dot_dtype, _DOT_DTYPES)
   bs = block_sizes or BlockSizes()
+  compiler_params = common.default_compiler_params(compiler_params)
   triton = common.is_triton(compiler_params)
   m, k = x_fp8.shape
   n = w_q.shape[1]
@@ -224,7 +225,7 @@ def w4a8_fireq_matmul_quantized(
       pl.BlockSpec((n_sc, 1, bn), lambda i, j: (0, 0, j)),
     ],
     out_specs=pl.BlockSpec((bm, bn), lambda i, j: (i, j)),
-    compiler_params=common.default_compiler_params(compiler_params),
+    compiler_params=compiler_params,
     interpret=interpret,
     name="w4a8_fireq_matmul",
   )(common.pad_rows(x_fp8, m_pad), common.pad_rows(x_scale, m_pad), w_q, ws3)

@@ -129,6 +129,7 @@ def _kernel(*refs, block_k: int, n_steps: int, scaled: bool):
 
 def _call(x_q, w_q, scales, out_dtype, block_sizes, interpret, compiler_params, name):
   bs = block_sizes or BlockSizes()
+  compiler_params = common.default_compiler_params(compiler_params)
   triton = common.is_triton(compiler_params)
   m, k = x_q.shape
   n = w_q.shape[1]
@@ -158,7 +159,7 @@ def _call(x_q, w_q, scales, out_dtype, block_sizes, interpret, compiler_params, 
     grid=(m_pad // bm, n // bn),
     in_specs=in_specs,
     out_specs=pl.BlockSpec((bm, bn), lambda i, j: (i, j)),
-    compiler_params=common.default_compiler_params(compiler_params),
+    compiler_params=compiler_params,
     interpret=interpret,
     name=name,
   )(*args)
@@ -192,7 +193,7 @@ def w8a8_matmul_quantized(
     out_dtype: f32 or bf16.
     block_sizes: tile sizes; defaults depend on the backend.
     interpret: Pallas interpret mode.
-    compiler_params: default Mosaic TPU; `common.triton_params()` for Triton.
+    compiler_params: default: Triton's on a GPU backend, else Mosaic TPU's.
 
   Returns:
     [M, N] array of `out_dtype`.

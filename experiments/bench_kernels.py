@@ -1,0 +1,381 @@
+"""Speed and error of the quantized hot paths, Pallas beside fused XLA and bf16 peers.
+
+  python -m experiments.bench_kernels [--ops=matmul,kv_attention] [--reps=5]
+
+Two ops, each through the public dispatch (`jaxllm.ops`), on random data of
+named real-model shapes:
+  * matmul: rows [M, K] @ a `jaxllm.quant` QTensor [K, N] for each --methods
+    recipe (w8a8, w4a16_g128, fireq_w4a8); peer: the bf16 weight through the
+    ``linear`` op. Shapes: SmolLM2-135M's and Llama-3-8B's linears, M in --m.
+  * kv_attention: one decode step of the ``quantized_kv_attention`` op over a
+    --kv_context-token KIVI cache (store + full-precision window) per
+    --kv_methods; peer: the ``attention`` op over a dense bf16 cache.
+
+Timing (CONTRACT): one untimed call (its wall time, compile included, is
+``first_call_s``), then the median of --reps calls. Each call runs the op on
+--copies distinct weight sets or caches (like successive layers, so a small
+operand is not re-read from cache) inside one jitted function; figures are per
+op. Ratios: ``x_vs_bf16`` (peer time / this time; > 1 is faster) and
+``x_vs_xla``. Error: ``rel_err_vs_reference`` against the ``reference``
+implementation, and for matmul ``rel_err_vs_f32`` against the unquantized f32
+product (the quantization error itself), both as ||out - ref|| / ||ref||.
+Pallas runs compiled on GPU/TPU; on CPU only with --interpret (slow, for tests).
+"""
+
+from __future__ import annotations
+
+import functools
+import statistics
+import time
+
+from absl import app, flags
+
+from experiments import common
+
+NAME = "bench_kernels"
+common.define_common_flags(NAME, ("out_dir", "seed", "dtype"))
+_OPS = flags.DEFINE_list("ops", ["matmul", "kv_attention"], "Ops to measure.")
+_METHODS = flags.DEFINE_list(
+  "methods", ["w8a8", "w4a16_g128", "fireq_w4a8"], "Weight recipes (jaxllm.quant.RECIPES)."
+)
+_SHAPES = flags.DEFINE_list("shapes", ["smollm2", "llama3_8b"], "Matmul shape sets: " + "")
+_M = flags.DEFINE_list("m", ["1", "8", "128"], "Activation rows M.")
+_KV_MODELS = flags.DEFINE_list("kv_models", ["smollm2", "llama3_8b"], "Attention head shapes.")
+_KV_METHODS = flags.DEFINE_list("kv_methods", ["kivi4", "kivi2"], "KIVI cache specs.")
+_KV_CONTEXT = flags.DEFINE_list("kv_context", ["1024", "8192"], "Cached tokens per row.")
+_KV_BATCH = flags.DEFINE_integer("kv_batch", 8, "Decode rows.", lower_bound=1)
+_IMPLS = flags.DEFINE_list(
+  "implementations",
+  None,
+  "Of pallas, xla, reference; default: pallas and xla on an accelerator, xla on CPU.",
+)
+_INTERPRET = flags.DEFINE_bool("interpret", False, "Run Pallas in interpret mode (CPU tests).")
+_REPS = flags.DEFINE_integer("reps", 5, "Timed calls per figure (median).", lower_bound=3)
+_COPIES = flags.DEFINE_integer(
+  "copies", None, "Weight sets / caches per call; default: enough for 256 MiB of bf16, 2..16."
+)
+FLAGS = flags.FLAGS
+
+# (name, K, N) of each linear; M comes from --m.
+MATMUL_SHAPES = {
+  "smollm2": (
+    ("smollm2.attn_q_o", 576, 576),
+    ("smollm2.attn_k_v", 576, 192),
+    ("smollm2.mlp_gate_up", 576, 1536),
+    ("smollm2.mlp_down", 1536, 576),
+    ("smollm2.lm_head", 576, 49152),
+  ),
+  "llama3_8b": (("llama3_8b.attn_q_o", 4096, 4096), ("llama3_8b.mlp_gate_up", 4096, 14336)),
+  "tiny": (("tiny.square", 256, 256), ("tiny.wide", 256, 512)),
+}
+# (num_heads, num_kv_heads, head_dim)
+KV_HEADS = {"smollm2": (9, 3, 64), "llama3_8b": (32, 8, 128), "tiny": (4, 2, 64)}
+_BUDGET_BYTES = 256 << 20
+
+
+def _copies(bf16_bytes: int) -> int:
+  if _COPIES.value is not None:
+    return _COPIES.value
+  return max(2, min(16, _BUDGET_BYTES // max(bf16_bytes, 1)))
+
+
+def _implementations(backend: str) -> tuple[str, ...]:
+  impls = _IMPLS.value or (("pallas", "xla") if backend != "cpu" or _INTERPRET.value else ("xla",))
+  bad = sorted(set(impls) - {"pallas", "xla", "reference"})
+  if bad:
+    common.fail(f"--implementations: unknown {bad}; choose from pallas, xla, reference")
+  return tuple(impls)
+
+
+def _time(fn, *args) -> tuple[float, list[float]]:
+  """(first-call seconds, per-rep seconds) of fn(*args), synced to the device."""
+  import jax  # pylint: disable=import-outside-toplevel
+
+  t0 = time.perf_counter()
+  jax.block_until_ready(fn(*args))
+  first = time.perf_counter() - t0
+  reps = []
+  for _ in range(_REPS.value):
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    reps.append(time.perf_counter() - t0)
+  return first, reps
+
+
+def _rel_err(out, ref) -> float:
+  import numpy as np  # pylint: disable=import-outside-toplevel
+
+  out, ref = np.asarray(out, np.float64), np.asarray(ref, np.float64)
+  return float(np.linalg.norm(out - ref) / max(np.linalg.norm(ref), 1e-30))
+
+
+def _measure(name: str, run, args, copies: int, row: dict) -> dict:
+  """Times `run(*args)` (one call = `copies` ops) into `row`; errors become row["error"]."""
+  try:
+    first, reps = _time(run, *args)
+  except Exception as e:  # pylint: disable=broad-except  # reported per case, run goes on
+    row["error"] = f"{type(e).__name__}: {' '.join(str(e).split())[:400]}"
+    print(f"  {name}: {row['error']}", flush=True)
+    return row
+  row["first_call_s"] = first
+  row["us"] = statistics.median(reps) / copies * 1e6
+  row["us_spread"] = (max(reps) - min(reps)) / copies * 1e6
+  return row
+
+
+# ----------------------------------------------------------------------------- matmul
+
+
+def _matmul_rows(backend: str, dtype, impls) -> list[dict]:
+  import jax  # pylint: disable=import-outside-toplevel
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+
+  from jaxllm import ops  # pylint: disable=import-outside-toplevel
+  from jaxllm.quant import get_recipe  # pylint: disable=import-outside-toplevel
+
+  specs = {}
+  for method in _METHODS.value:
+    try:
+      specs[method] = get_recipe(method).spec_for("layers.0.attn.q")
+    except ValueError as e:
+      common.fail(f"--methods: {e}")
+    if specs[method] is None:
+      common.fail(f"--methods: recipe {method!r} quantizes no linear")
+  key = jax.random.key(FLAGS.seed)
+  rows = []
+  for shape_set in _SHAPES.value:
+    if shape_set not in MATMUL_SHAPES:
+      common.fail(f"--shapes: unknown {shape_set!r}; choose from {sorted(MATMUL_SHAPES)}")
+    for shape_name, k, n in MATMUL_SHAPES[shape_set]:
+      copies = _copies(2 * k * n)
+      kw, kx = jax.random.split(jax.random.fold_in(key, k * 100003 + n))
+      ws = [0.02 * jax.random.normal(jax.random.fold_in(kw, i), (k, n)) for i in range(copies)]
+      for m in (int(v) for v in _M.value):
+        xs = jax.random.normal(kx, (copies, m, k), jnp.float32).astype(dtype)
+        exact = jnp.dot(xs[0].astype(jnp.float32), ws[0], precision=jax.lax.Precision.HIGHEST)
+
+        def chain(xs, ws, cfg):
+          return [ops.linear(xs[i], w, cfg) for i, w in enumerate(ws)]
+
+        peer_ws = [w.astype(jnp.bfloat16) for w in ws]
+        base = dict(op="matmul", shape=shape_name, m=m, k=k, n=n, copies=copies)
+        peer = _measure(
+          "bf16",
+          jax.jit(lambda xs, ws: chain(xs, ws, ops.KernelConfig("xla"))),
+          (xs.astype(jnp.bfloat16), peer_ws),
+          copies,
+          dict(base, method="bf16", implementation="xla", weight_bytes=2 * k * n),
+        )
+        peer["rel_err_vs_f32"] = _rel_err(ops.linear(xs[0].astype(jnp.bfloat16), peer_ws[0]), exact)
+        rows.append(peer)
+        _print_row(peer)
+        for method, spec in specs.items():
+          qws = [spec.quantize(w, 1) for w in ws]
+          ref = ops.linear(xs[0], qws[0], ops.KernelConfig("reference"))
+          by_impl = {}
+          for impl in impls:
+            cfg = ops.KernelConfig(impl, interpret=_INTERPRET.value)
+            row = dict(base, method=method, implementation=impl, weight_bytes=qws[0].num_bytes)
+            row = _measure(
+              f"{method}/{impl}",
+              jax.jit(lambda xs, ws, cfg=cfg: chain(xs, ws, cfg)),
+              (xs, qws),
+              copies,
+              row,
+            )
+            if "error" not in row:
+              out = ops.linear(xs[0], qws[0], cfg)
+              row["rel_err_vs_reference"] = _rel_err(out, ref)
+              row["rel_err_vs_f32"] = _rel_err(out, exact)
+            by_impl[impl] = row
+          _add_ratios(by_impl, peer)
+          for row in by_impl.values():
+            rows.append(row)
+            _print_row(row)
+  del backend
+  return rows
+
+
+def _add_ratios(by_impl: dict, peer: dict) -> None:
+  xla = by_impl.get("xla", {})
+  for row in by_impl.values():
+    if "us" not in row:
+      continue
+    if "us" in peer:
+      row["x_vs_bf16"] = peer["us"] / row["us"]
+    if "us" in xla:
+      row["x_vs_xla"] = xla["us"] / row["us"]
+
+
+# ------------------------------------------------------------------------ kv attention
+
+
+def _random_layer(key, cache, context: int):
+  """The cache's first layer filled with random codes, scales and window for `context` tokens."""
+  import jax  # pylint: disable=import-outside-toplevel
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+
+  layer = cache.layers[0]
+  store = layer.store
+  keys = iter(jax.random.split(key, 8))
+
+  def codes(a):
+    return jax.random.randint(next(keys), a.shape, 0, 256, jnp.int32).astype(a.dtype)
+
+  def uniform(a, lo, hi):
+    return jax.random.uniform(next(keys), a.shape, jnp.float32, lo, hi).astype(a.dtype)
+
+  store = store._replace(
+    k_packed=codes(store.k_packed),
+    k_scale=uniform(store.k_scale, 0.02, 0.2),
+    k_zero=uniform(store.k_zero, -1.0, 1.0),
+    v_packed=codes(store.v_packed),
+    v_scale=uniform(store.v_scale, 0.02, 0.2),
+    v_zero=uniform(store.v_zero, -1.0, 1.0),
+  )
+  window = jax.random.normal(next(keys), (2,) + layer.k_residual.shape, jnp.float32)
+  return store, window[0].astype(layer.k_residual.dtype), window[1].astype(layer.v_residual.dtype)
+
+
+def _kv_rows(backend: str, dtype, impls) -> list[dict]:
+  import jax  # pylint: disable=import-outside-toplevel
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+
+  from jaxllm import kv_cache, ops  # pylint: disable=import-outside-toplevel
+  from jaxllm.config import SMOLLM2_135M  # pylint: disable=import-outside-toplevel
+  from jaxllm.kv_cache.dispatch import (  # pylint: disable=import-outside-toplevel
+    QUANTIZED_KV_ATTENTION,
+    portable_kernel_supports,
+  )
+
+  b = _KV_BATCH.value
+  key = jax.random.key(FLAGS.seed)
+  rows = []
+  for model in _KV_MODELS.value:
+    if model not in KV_HEADS:
+      common.fail(f"--kv_models: unknown {model!r}; choose from {sorted(KV_HEADS)}")
+    hq, hkv, d = KV_HEADS[model]
+    cfg = SMOLLM2_135M.replace(num_layers=1, num_heads=hq, num_kv_heads=hkv, head_dim=d)
+    for context in (int(v) for v in _KV_CONTEXT.value):
+      bf16_cache_bytes = 2 * 2 * b * hkv * context * d
+      copies = _copies(bf16_cache_bytes)
+      kq, kd = jax.random.split(jax.random.fold_in(key, context * 131 + hq))
+      q = jax.random.normal(kq, (copies, b, hq, d), jnp.float32).astype(dtype)
+      dense = jax.random.normal(kd, (copies, 2, b, hkv, context, d), jnp.bfloat16)
+      q_slots = jnp.full((b, 1), context - 1, jnp.int32)
+      starts = jnp.zeros((b,), jnp.int32)
+
+      def dense_chain(q, dense, q_slots=q_slots, starts=starts):
+        cfg_x = ops.KernelConfig("xla")
+        return [
+          ops.attention(q[i][:, None].astype(jnp.bfloat16), kv[0], kv[1], q_slots, starts, cfg_x)
+          for i, kv in enumerate(dense)
+        ]
+
+      base = dict(op="kv_attention", shape=f"{model}.b{b}.t{context}", m=b, copies=copies)
+      peer = _measure(
+        "dense bf16",
+        jax.jit(dense_chain),
+        (q, list(dense)),
+        copies,
+        dict(base, method="dense_bf16", implementation="xla", cache_bytes=bf16_cache_bytes),
+      )
+      rows.append(peer)
+      _print_row(peer)
+      for method in _KV_METHODS.value:
+        spec = kv_cache.spec_for(method)
+        if spec.kind != "kivi" or not spec.per_channel_keys:
+          common.fail(f"--kv_methods: {method!r} does not decode through quantized_kv_attention")
+        cache = kv_cache.create_cache(spec, cfg, b, context, dtype)
+        g = spec.group_size
+        qlen = ((context - spec.residual) // g) * g
+        layers = [_random_layer(jax.random.fold_in(key, i), cache, context) for i in range(copies)]
+        window = layers[0][1].shape[2]
+        kw = dict(bits=spec.bits, group_size=g)
+        cache_bytes = sum(x.nbytes for x in jax.tree.leaves(layers[0]))
+
+        def chain(q, layers, impl, starts=starts, qlen=qlen, context=context, kw=kw):
+          attend = ops.resolve(QUANTIZED_KV_ATTENTION, ops.KernelConfig(impl, _INTERPRET.value))
+          return [
+            attend(q[i], st, starts, qlen, context, kr, vr, **kw)
+            for i, (st, kr, vr) in enumerate(layers)
+          ]
+
+        ref = chain(q[:1], layers[:1], "reference")[0]
+        by_impl = {}
+        for impl in impls:
+          ran = impl
+          if impl == "pallas" and backend in ("gpu", "cuda"):
+            ran = "pallas" if portable_kernel_supports(d, window, spec.bits, g) else "xla_fallback"
+          row = dict(base, method=method, implementation=impl, ran=ran, cache_bytes=cache_bytes)
+          row = _measure(
+            f"{method}/{impl}",
+            jax.jit(functools.partial(chain, impl=impl)),
+            (q, layers),
+            copies,
+            row,
+          )
+          if "error" not in row:
+            row["rel_err_vs_reference"] = _rel_err(chain(q[:1], layers[:1], impl)[0], ref)
+          by_impl[impl] = row
+        _add_ratios(by_impl, peer)
+        for row in by_impl.values():
+          rows.append(row)
+          _print_row(row)
+  return rows
+
+
+# ------------------------------------------------------------------------------ output
+
+
+def _fmt(v, spec: str) -> str:
+  return "-" if v is None else format(v, spec)
+
+
+def _print_row(row: dict) -> None:
+  if "error" in row:
+    return
+  gbs = row.get("weight_bytes", row.get("cache_bytes", 0)) / (row["us"] * 1e-6) / 1e9
+  print(
+    f"{row['op']:12s} {row['shape']:24s} m={row['m']:<5d} {row['method']:12s} "
+    f"{row.get('ran', row['implementation']):13s} {row['us']:10.1f} us  {gbs:8.1f} GB/s  "
+    f"x_vs_bf16 {_fmt(row.get('x_vs_bf16'), '6.2f')}  x_vs_xla {_fmt(row.get('x_vs_xla'), '6.2f')}  "
+    f"err_ref {_fmt(row.get('rel_err_vs_reference'), '.1e')}  "
+    f"err_f32 {_fmt(row.get('rel_err_vs_f32'), '.1e')}",
+    flush=True,
+  )
+
+
+def main(argv):
+  del argv
+  import jax  # pylint: disable=import-outside-toplevel
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+
+  bad = sorted(set(_OPS.value) - {"matmul", "kv_attention"})
+  if bad:
+    common.fail(f"--ops: unknown {bad}; choose from matmul, kv_attention")
+  backend = jax.default_backend()
+  impls = _implementations(backend)
+  if "pallas" in impls and backend == "cpu" and not _INTERPRET.value:
+    common.fail("Pallas kernels need --interpret on CPU")
+  dtype = jnp.dtype(FLAGS.dtype)
+  info = common.run_info()
+  print(f"# {NAME}: backend {backend} ({info['device_kind']}), jax {jax.__version__}", flush=True)
+  rows = []
+  if "matmul" in _OPS.value:
+    rows += _matmul_rows(backend, dtype, impls)
+  if "kv_attention" in _OPS.value:
+    rows += _kv_rows(backend, dtype, impls)
+  errors = [r for r in rows if "error" in r]
+  record = dict(info=info, flags={f: FLAGS[f].value for f in ("ops", "methods", "m")}, rows=rows)
+  keep = ("op", "shape", "m", "method", "implementation", "us", "x_vs_bf16", "x_vs_xla")
+  summary = {
+    "results": [{k: r.get(k) for k in keep + ("rel_err_vs_reference", "error")} for r in rows],
+    "errors": len(errors),
+    "device_kind": info["device_kind"],
+  }
+  common.finish(FLAGS.out_dir, NAME, record, summary)
+
+
+if __name__ == "__main__":
+  app.run(main)
