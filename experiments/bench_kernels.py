@@ -188,12 +188,17 @@ def _matmul_rows(backend: str, dtype, impls) -> list[dict]:
               row["rel_err_vs_reference"] = _rel_err(out, ref)
               row["rel_err_vs_f32"] = _rel_err(out, exact)
             by_impl[impl] = row
-          _add_ratios(by_impl, peer)
-          for row in by_impl.values():
-            rows.append(row)
-            _print_row(row)
+          rows += _finish_rows(by_impl, peer)
   del backend
   return rows
+
+
+def _finish_rows(by_impl: dict, peer: dict) -> list[dict]:
+  """The rows of one case with their ratios, printed."""
+  _add_ratios(by_impl, peer)
+  for row in by_impl.values():
+    _print_row(row)
+  return list(by_impl.values())
 
 
 def _add_ratios(by_impl: dict, peer: dict) -> None:
@@ -318,10 +323,7 @@ def _kv_rows(backend: str, dtype, impls) -> list[dict]:
           if "error" not in row:
             row["rel_err_vs_reference"] = _rel_err(chain(q[:1], layers[:1], impl)[0], ref)
           by_impl[impl] = row
-        _add_ratios(by_impl, peer)
-        for row in by_impl.values():
-          rows.append(row)
-          _print_row(row)
+        rows += _finish_rows(by_impl, peer)
   return rows
 
 

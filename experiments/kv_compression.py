@@ -1,7 +1,7 @@
 """Compressed KV caches measured by streaming perplexity (issue 4).
 
   python -m experiments.kv_compression \\
-    --methods=dense,int8,fireq_int4,kivi4,kivi2,rotatekv2 --text_file=F \\
+    --methods=dense,int8,fireq_int4,fireq_int4_r96_s4,kivi4,kivi2,rotatekv2 --text_file=F \\
     [--context=1024] [--max_windows=N] [--ablations]
 
 Each window is prefilled for `--prefill` tokens and then decoded token by token
@@ -26,7 +26,15 @@ from absl import app, flags
 from experiments import common
 
 NAME = "kv_compression"
-MAIN_METHODS = ("dense", "int8", "fireq_int4", "kivi4", "kivi2", "rotatekv2")
+MAIN_METHODS = (
+  "dense",
+  "int8",
+  "fireq_int4",
+  "fireq_int4_r96_s4",
+  "kivi4",
+  "kivi2",
+  "rotatekv2",
+)
 ABLATIONS = (
   "kivi2_per_token_keys",
   "kivi2_no_residual",

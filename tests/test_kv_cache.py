@@ -26,8 +26,10 @@ FOUR_BIT = [
   "rotatekv4",
   "fireq_int4_pre_rope_only",
   "fireq_int4_post_rope_only",
+  "fireq_int4_r96_s4",
+  "fireq_int4_rot",
 ]
-TWO_BIT = ["kivi2", "rotatekv2", "kivi2_per_token_keys", "kivi2_no_residual"]
+TWO_BIT = ["kivi2", "rotatekv2", "kivi2_per_token_keys", "kivi2_no_residual", "kivi2_r128"]
 # max |logits - dense| / max |dense| over prefill + decode on the tiny model (measured ~x0.5)
 TOLERANCE = {"int8": 3e-3, **{n: 5e-2 for n in FOUR_BIT}, **{n: 0.12 for n in TWO_BIT}}
 TOLERANCE["kivi2_no_residual"] = 0.25
@@ -88,6 +90,7 @@ def test_more_bits_closer_to_dense(decode_errors):
   assert e["int8"] < min(e[n] for n in FOUR_BIT), e
   assert max(e[n] for n in FOUR_BIT) < min(e[n] for n in TWO_BIT), e
   assert e["kivi2"] < e["kivi2_no_residual"], e
+  assert e["fireq_int4_r96_s4"] < e["fireq_int4"], e  # the exact window and sinks help
 
 
 # -------------------------------------------------------------------------- memory
@@ -109,9 +112,19 @@ EXPECTED_BYTES = {
   "rotatekv2": HEADS * ((16 + 8) + (16 + 4)),
   "kivi2_no_residual": HEADS * ((16 + 8) + (16 + 4)),
   "kivi2_per_token_keys": HEADS * ((16 + 4) + (16 + 4)),
+  "fireq_int4_r96_s4": HEADS * ((32 + 8) + (32 + 4)),
+  "fireq_int4_rot": HEADS * ((32 + 8) + (32 + 4)),
+  "kivi2_r128": HEADS * ((16 + 8) + (16 + 4)),
 }
-# fixed float32 slots per (layer, KV head): residual (96) + G window, + 4 sinks for RotateKV
-EXPECTED_FIXED_SLOTS = {"kivi": 128, "rotatekv": 132, "kivi2_no_residual": 32}
+# fixed float32 slots per (layer, KV head): residual (96) + G window, + 4 sinks for RotateKV;
+# FireQ's exact window: a ring of R + 32 (rollback slack) slots, + 4 sinks
+EXPECTED_FIXED_SLOTS = {
+  "kivi": 128,
+  "rotatekv": 132,
+  "kivi2_no_residual": 32,
+  "kivi2_r128": 160,
+  "fireq_int4_r96_s4": 132,
+}
 
 
 @pytest.mark.parametrize("name", list(METHODS))
@@ -301,6 +314,58 @@ def test_sink_tokens_exact():
     assert (
       np.abs(v_view[row, :, s + 4 : s + 8] - v[row, s + 4 : s + 8].transpose(1, 0, 2)).max() > 1e-2
     )
+
+
+def test_per_token_cache_exact_window_and_sinks():
+  """int8 with R=8 and 2 sinks: as attention reads the cache, the 8 newest slots and the
+  first 2 of each row (after left padding) are the exact keys/values, the others only
+  int8-close; a 5-token rollback keeps the window exact, now ending at the new length."""
+  rng = np.random.default_rng(5)
+  q, k_pre, v = _chunk(rng, 2, 40)
+  start = jnp.array([3, 0], jnp.int32)
+  cache = create_cache(
+    spec_for("int8").replace(residual=8, n_sink=2), ONE_LAYER, 2, 48, start=start
+  )
+  feed = jax.jit(_feed)
+  _, cache, k13 = feed(cache, q[:, :13], k_pre[:, :13], v[:, :13])
+  keys = [k13]
+  for i in range(13, 40):
+    _, cache, k = feed(cache, q[:, i : i + 1], k_pre[:, i : i + 1], v[:, i : i + 1])
+    keys.append(k)
+  k_all = jnp.concatenate(keys, axis=1).transpose(0, 2, 1, 3)  # [B, Hkv, 40, D]
+  v_all = v.transpose(0, 2, 1, 3)
+
+  def exact_slots(c):
+    k_view, v_view = jax.jit(lambda c: c.stored_view(c.layers[0]))(c)
+    n = int(c.length)
+    err = np.maximum(
+      np.abs(k_view[:, :, :n] - k_all[:, :, :n]).max(axis=(1, 3)),
+      np.abs(v_view[:, :, :n] - v_all[:, :, :n]).max(axis=(1, 3)),
+    )
+    assert err.max() < 0.05  # int8: every slot close
+    return [set(np.flatnonzero(row == 0).tolist()) for row in err]
+
+  window = set(range(32, 40))
+  assert exact_slots(cache) == [window | {3, 4}, window | {0, 1}]
+  window = set(range(27, 35))
+  assert exact_slots(cache.rollback(35)) == [window | {3, 4}, window | {0, 1}]
+  mem = cache.memory()
+  assert mem["residual_bytes"] == 2 * 64 * 2 * (8 + 32 + 2) * 4  # Hkv x D x (K, V) x slots x f32
+
+
+def test_rotated_keys_leave_attention_unchanged():
+  """With every token held exactly (R >= tokens), a Hadamard rotation of keys and queries
+  gives the same attention output as no rotation: q·k is invariant."""
+  rng = np.random.default_rng(6)
+  q, k_pre, v = _chunk(rng, 2, 24)
+  outs = []
+  for rotate_keys in (False, True):
+    spec = spec_for("int8").replace(residual=32, rotate_keys=rotate_keys)
+    cache = create_cache(spec, ONE_LAYER, 2, 32)
+    feed = jax.jit(_feed)
+    _, cache, _ = feed(cache, q[:, :20], k_pre[:, :20], v[:, :20])
+    outs.append(feed(cache, q[:, 20:], k_pre[:, 20:], v[:, 20:])[0])
+  np.testing.assert_allclose(outs[1], outs[0], atol=2e-5)
 
 
 # ---------------------------------------------------------------- rotations, RoPE scaling

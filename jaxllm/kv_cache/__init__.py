@@ -15,10 +15,13 @@ Methods (`METHODS`, by name):
   * kivi4 / kivi2: KIVI: keys per channel in groups of G tokens, values per
     token, asymmetric, full-precision residual window; decode runs the
     ``quantized_kv_attention`` op (Pallas kernel / fused XLA / reference).
+  * fireq_int4_r96_s4: FireQ's codes, plus the 96 newest tokens and the first
+    4 of each row read exactly (from float buffers beside the codes).
   * rotatekv2 / rotatekv4: KIVI storage of Hadamard-rotated pre-RoPE keys and
     rotated values, attention-sink tokens kept exact.
-  * ablations: kivi2_per_token_keys, kivi2_no_residual,
-    fireq_int4_pre_rope_only, fireq_int4_post_rope_only.
+  * ablations: kivi2_per_token_keys, kivi2_no_residual, kivi2_r128,
+    fireq_int4_pre_rope_only, fireq_int4_post_rope_only, fireq_int4_rot
+    (keys and queries Hadamard-rotated after the post-RoPE scale).
 
 Typical use::
 
@@ -98,7 +101,7 @@ def create_cache(
           f"{spec.name} needs the post-RoPE key scale: pass prepare_model's calibration"
         )
       key_scale = calibration["key_scale"]
-    return SymmetricKVCache.create(spec, config, batch, capacity, start, key_scale)
+    return SymmetricKVCache.create(spec, config, batch, capacity, start, key_scale, dtype)
   return GroupedKVCache.create(spec, config, batch, capacity, start, dtype, kernels)
 
 

@@ -6,8 +6,21 @@ group (`CacheSpec.key_groups` / `channel_groups`, default 1) and, with `CacheSpe
 then spans the row's actual range instead of a symmetric +-amax). FireQ
 adds a per-channel post-RoPE key scale ``s`` [L, Hkv, D]: keys are stored as
 ``k / s`` and queries multiplied by ``s`` (so q·k is unchanged), and queries
-are rounded to FP8 e4m3 for the score product. Its pre-RoPE scale lives in the
+are rounded to FP8 e4m3 for the score product. With `CacheSpec.rotate_keys`,
+keys and queries are then both rotated by a normalized Hadamard matrix (q·k
+unchanged again), which spreads a token's outlier channels over the whole row
+before its per-token quantization. Its pre-RoPE scale lives in the
 weights (see `jaxllm.kv_cache.fireq`), so the cache never sees it.
+
+Exact tokens (`CacheSpec.residual` R, `CacheSpec.n_sink`, both 0 by default for
+these caches): every token is quantized when written, and besides, the newest
+tokens sit in a float ring buffer of ``R + ROLLBACK_SLACK`` slots (position p in
+slot ``p % slots``) and the first `n_sink` tokens of each row in a sink buffer;
+attention reads the R newest and the sinks exactly. The slack keeps a rollback of
+up to ROLLBACK_SLACK tokens exact (the R tokens before the new length are still
+in the ring); after a deeper one, the ring entries that discarded tokens
+overwrote fall back to their quantized copies (the ring records which position
+each slot holds).
 
 Codes: 8-bit symmetric as int8; asymmetric as uint8 in [0, 2**bits); 4-bit
 symmetric as ``code + 8``; 4-bit nibbles packed two per uint8 along
@@ -24,6 +37,7 @@ import jax.numpy as jnp
 
 from jaxllm import ops
 from jaxllm.config import ModelConfig
+from jaxllm.kv_cache import hadamard
 from jaxllm.kv_cache.base import (
   SlotCacheMixin,
   bf16_bytes_per_token,
@@ -42,10 +56,14 @@ from jaxllm.kv_cache.quantize import (
 )
 from jaxllm.kv_cache.spec import CacheSpec
 
+ROLLBACK_SLACK = 32  # ring slots beyond R: rollbacks this deep keep the window exact
+
 
 class SymmetricLayer(NamedTuple):
   """One layer: codes [B, Hkv, T, D * bits / 8]; scales (and zero points, or None)
-  [B, Hkv, T, groups] (the spec's key groups for k_*, channel groups for v_*)."""
+  [B, Hkv, T, groups] (the spec's key groups for k_*, channel groups for v_*);
+  exact recent ring [B, Hkv, R + ROLLBACK_SLACK (0 if R = 0), D] and sinks [B, Hkv, n_sink, D] (keys as stored:
+  divided by the post-RoPE key scale)."""
 
   k_codes: jax.Array
   k_scale: jax.Array
@@ -53,6 +71,10 @@ class SymmetricLayer(NamedTuple):
   v_codes: jax.Array
   v_scale: jax.Array
   v_zero: jax.Array | None
+  k_recent: jax.Array
+  v_recent: jax.Array
+  k_sink: jax.Array
+  v_sink: jax.Array
 
 
 def encode(x: jax.Array, spec: CacheSpec, groups: int):
@@ -99,6 +121,7 @@ class SymmetricKVCache(SlotCacheMixin):
   Attributes:
     layers: one `SymmetricLayer` per layer.
     key_scale: [L, Hkv, D] post-RoPE per-channel key scale, or None.
+    recent_pos: [ring slots] int32, the position each ring entry holds; -1 = none.
     length: int32 scalar, slots written.
     start: [B] int32 first valid slot per row.
     spec, config: static.
@@ -106,16 +129,21 @@ class SymmetricKVCache(SlotCacheMixin):
 
   layers: tuple[SymmetricLayer, ...]
   key_scale: jax.Array | None
+  recent_pos: jax.Array
   length: jax.Array
   start: jax.Array
   spec: CacheSpec = flax.struct.field(pytree_node=False)
   config: ModelConfig = flax.struct.field(pytree_node=False)
 
   @classmethod
-  def create(cls, spec, config, batch, capacity, start, key_scale=None) -> "SymmetricKVCache":
+  def create(
+    cls, spec, config, batch, capacity, start, key_scale=None, dtype=jnp.float32
+  ) -> "SymmetricKVCache":
     d, bits = config.head_dim, spec.bits
     if d % (8 // bits):
       raise ValueError(f"{spec.name}: head_dim {d} cannot be packed {8 // bits} codes per byte")
+    if spec.rotate_keys:
+      hadamard.hadamard(d)  # raises for a head_dim that is not a power of 2
     for groups in {spec.key_groups, spec.channel_groups}:
       if d % groups:
         raise ValueError(f"{spec.name}: head_dim {d} does not split into {groups} channel groups")
@@ -130,10 +158,16 @@ class SymmetricKVCache(SlotCacheMixin):
     k_scale = jnp.zeros((*rows, spec.key_groups), spec.scale_jnp_dtype)
     v_scale = jnp.zeros((*rows, spec.channel_groups), spec.scale_jnp_dtype)
     k_zero, v_zero = (k_scale, v_scale) if spec.zero_point else (None, None)
-    layer = SymmetricLayer(codes, k_scale, k_zero, codes, v_scale, v_zero)
+    ring = spec.residual + ROLLBACK_SLACK if spec.residual else 0
+    recent = jnp.zeros((batch, config.num_kv_heads, ring, d), dtype)
+    sink = jnp.zeros((batch, config.num_kv_heads, spec.n_sink, d), dtype)
+    layer = SymmetricLayer(
+      codes, k_scale, k_zero, codes, v_scale, v_zero, recent, recent, sink, sink
+    )
     return cls(
       layers=tuple(layer for _ in range(config.num_layers)),
       key_scale=None if key_scale is None else jnp.asarray(key_scale, jnp.float32),
+      recent_pos=jnp.full((ring,), -1, jnp.int32),
       length=jnp.zeros((), jnp.int32),
       start=start,
       spec=spec,
@@ -149,19 +183,17 @@ class SymmetricKVCache(SlotCacheMixin):
     (full precision, causal), then writes the chunk; returns (out [B, S, Hq, D], layer state)."""
     del k_pre_rope
     check_room(self.length, q.shape[1], self.capacity)
-    bits, stored = self.spec.bits, self.layers[layer]
+    stored = self.layers[layer]
     if self.key_scale is not None:
       scale = self.key_scale[layer]  # [Hkv, D]
       k = k.astype(jnp.float32) / scale
       q = q.astype(jnp.float32) * repeat_kv_heads(scale, self.config)
+    if self.spec.rotate_keys:  # q·k is unchanged: the rotation is orthogonal
+      k, q = hadamard.rotate(k), hadamard.rotate(q)
     if self.spec.fp8_queries:
       q = fp8_quantize_dequantize(q)
-    k_buf = insert_chunk(
-      decode(stored.k_codes, stored.k_scale, stored.k_zero, bits), k, self.length
-    )
-    v_buf = insert_chunk(
-      decode(stored.v_codes, stored.v_scale, stored.v_zero, bits), v, self.length
-    )
+    k_buf, v_buf = self.stored_view(stored)
+    k_buf, v_buf = insert_chunk(k_buf, k, self.length), insert_chunk(v_buf, v, self.length)
     out = ops.attention(q.astype(jnp.float32), k_buf, v_buf, q_slots, self.start, kernels)
 
     def write(codes_buf, scale_buf, zero_buf, x):
@@ -175,19 +207,78 @@ class SymmetricKVCache(SlotCacheMixin):
     new = SymmetricLayer(
       *write(stored.k_codes, stored.k_scale, stored.k_zero, k),
       *write(stored.v_codes, stored.v_scale, stored.v_zero, v),
+      *self._write_exact(stored, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)),
     )
     return out.astype(v.dtype), new
 
+  def stored_view(self, stored: SymmetricLayer):
+    """Keys and values [B, Hkv, T, D] (float32, keys divided by the post-RoPE scale)
+    as attention reads them: dequantized codes, with the R newest slots and the
+    sinks replaced by their exact copies; slot = index, slots >= length unspecified."""
+    bits = self.spec.bits
+    k_buf = decode(stored.k_codes, stored.k_scale, stored.k_zero, bits)
+    v_buf = decode(stored.v_codes, stored.v_scale, stored.v_zero, bits)
+    t = jnp.arange(self.capacity, dtype=jnp.int32)
+    r, n = self.spec.residual, self.spec.n_sink
+    if r:
+      ring = t % self.recent_pos.shape[0]
+      newest = (t >= self.length - r) & (t < self.length)
+      use = ((self.recent_pos[ring] == t) & newest)[None, None, :, None]
+      k_buf = jnp.where(use, stored.k_recent[:, :, ring].astype(jnp.float32), k_buf)
+      v_buf = jnp.where(use, stored.v_recent[:, :, ring].astype(jnp.float32), v_buf)
+    if n:
+      rel = t[None] - self.start[:, None]  # [B, T]
+      use = ((rel >= 0) & (rel < n) & (t[None] < self.length))[:, None, :, None]
+      idx = jnp.clip(rel, 0, n - 1)[:, None, :, None]
+      k_sink = jnp.take_along_axis(stored.k_sink, idx, axis=2).astype(jnp.float32)
+      v_sink = jnp.take_along_axis(stored.v_sink, idx, axis=2).astype(jnp.float32)
+      k_buf, v_buf = jnp.where(use, k_sink, k_buf), jnp.where(use, v_sink, v_buf)
+    return k_buf, v_buf
+
+  def _write_exact(self, stored: SymmetricLayer, k_st, v_st):
+    """New (k_recent, v_recent, k_sink, v_sink) with the chunk [B, Hkv, S, D] (slots
+    length .. length + S - 1) written: its newest tokens into the ring, and the
+    tokens at start + i (i < n_sink) into the sinks."""
+    s = k_st.shape[2]
+    r, n = self.recent_pos.shape[0], self.spec.n_sink
+    k_recent, v_recent = stored.k_recent, stored.v_recent
+    if r:
+      pos = self.length + jnp.arange(s, dtype=jnp.int32)
+      ring = jnp.where(pos >= self.length + s - r, pos % r, r)  # r: dropped (overwritten)
+      k_recent = k_recent.at[:, :, ring].set(k_st.astype(k_recent.dtype), mode="drop")
+      v_recent = v_recent.at[:, :, ring].set(v_st.astype(v_recent.dtype), mode="drop")
+    k_sink, v_sink = stored.k_sink, stored.v_sink
+    if n:
+      offset = self.start[:, None] + jnp.arange(n, dtype=jnp.int32)[None] - self.length  # [B, n]
+      hit = ((offset >= 0) & (offset < s))[:, None, :, None]
+      idx = jnp.clip(offset, 0, s - 1)[:, None, :, None]
+      k_new = jnp.take_along_axis(k_st, idx, axis=2).astype(k_sink.dtype)
+      v_new = jnp.take_along_axis(v_st, idx, axis=2).astype(v_sink.dtype)
+      k_sink, v_sink = jnp.where(hit, k_new, k_sink), jnp.where(hit, v_new, v_sink)
+    return k_recent, v_recent, k_sink, v_sink
+
   def advance(self, layer_states, num_tokens: int) -> "SymmetricKVCache":
-    return self.replace(layers=tuple(layer_states), length=self.length + num_tokens)
+    recent_pos = self.recent_pos
+    r = recent_pos.shape[0]
+    if r:
+      last = self.length + num_tokens - 1
+      newest = last - (last - jnp.arange(r, dtype=jnp.int32)) % r  # newest slot on each entry
+      recent_pos = jnp.where(newest >= self.length, newest, recent_pos)
+    return self.replace(
+      layers=tuple(layer_states), recent_pos=recent_pos, length=self.length + num_tokens
+    )
 
   def memory(self) -> dict:
     """Exact bytes: per token and KV head, for K and V each: D*bits/8 code bytes
-    + one scale (and one zero point with `zero_point`) per channel group."""
+    + one scale (and one zero point with `zero_point`) per channel group;
+    residual_bytes: the exact recent ring and sinks, all layers, per row."""
     c, spec = self.config, self.spec
     scale_bytes = jnp.dtype(spec.scale_dtype).itemsize * (2 if spec.zero_point else 1)
     groups = spec.key_groups + spec.channel_groups
     per_head = 2 * c.head_dim * spec.bits // 8 + groups * scale_bytes
     bf16 = bf16_bytes_per_token(c.num_layers, c.num_kv_heads, c.head_dim)
     total = tree_bytes((self.layers, self.key_scale))
-    return memory_report(bf16, c.num_layers * c.num_kv_heads * per_head, 0, total)
+    exact = self.layers[0].k_recent
+    slots = self.recent_pos.shape[0] + spec.n_sink
+    residual = c.num_layers * c.num_kv_heads * slots * c.head_dim * 2 * exact.dtype.itemsize
+    return memory_report(bf16, c.num_layers * c.num_kv_heads * per_head, residual, total)

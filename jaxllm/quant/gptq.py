@@ -1,4 +1,4 @@
-"""GPTQ (Frantar et al., 2022): int4 weights that minimize the layer's output error.
+"""GPTQ (Frantar et al., 2022): int4 / int8 weights that minimize the layer's output error.
 
 For a linear ``y = x @ W`` with W [K, N], the error ``||X (W - W_hat)||^2`` is a
 quadratic form in the rows of W with Hessian ``H = 2 X^T X`` [K, K]. Rows (GPTQ's
@@ -8,6 +8,9 @@ spread over the rows not yet quantized through the upper Cholesky factor U of
 (scale, offset) when their first row is reached, from the error-updated weights,
 and the grid is computed by the same helpers `jaxllm.quant.qtensor.quantize` uses,
 so the result is a `QTensor` on exactly the grid round-to-nearest would store.
+W8A8's grid is one symmetric scale per output channel over all of K: it is taken
+from the original weight once, and rows are processed in blocks of
+gcd(K, `W8_BLOCK`) for the lazy updates.
 
 Errors are applied lazily: within a group the update touches only the group's
 rows; at the group's end one matmul carries the group's errors to all later rows.
@@ -29,7 +32,8 @@ from jaxllm.quant.qtensor import QTensor
 from jaxllm.quant.recipes import QuantSpec
 from pallas_kernels import quantized_matmul as qmm
 
-GPTQ_METHODS = ("w4a16", "fireq_w4a8")
+GPTQ_METHODS = ("w4a16", "fireq_w4a8", "w8a8")
+W8_BLOCK = 128  # rows per lazy-update block for w8a8 (its grid spans all of K)
 
 
 def inverse_hessian_factor(hessian: jax.Array, k_padded: int, damp: float = 0.01) -> jax.Array:
@@ -48,18 +52,26 @@ def inverse_hessian_factor(hessian: jax.Array, k_padded: int, damp: float = 0.01
 
 def _grid(method, scale_dtype, wg, tensor_scale):
   """Grid parts [..., N] of groups wg [..., g, N], by the QTensor's own helpers."""
+  if method == "w8a8":
+    return (
+      qmm.quantize_w8(wg.reshape(-1, wg.shape[-1]))[1].reshape(wg.shape[:-2] + wg.shape[-1:]),
+    )
   if method == "fireq_w4a8":
     return (qtensor.fireq_group_scale(wg, tensor_scale, scale_dtype),)
   return qtensor.w4a16_group_grid(wg, scale_dtype)
 
 
 def _codes(method, w, params, tensor_scale):
+  if method == "w8a8":
+    return jnp.clip(jnp.round(w / params[0]), -127, 127)
   if method == "fireq_w4a8":
     return qtensor.fireq_codes(w, params[0], tensor_scale)
   return qtensor.w4a16_codes(w, *params)
 
 
 def _dequantize(method, code, params, tensor_scale):
+  if method == "w8a8":
+    return code * params[0]
   if method == "fireq_w4a8":
     return code * params[0].astype(jnp.float32) * tensor_scale[0, 0]
   scales, mins = params
@@ -72,6 +84,7 @@ def _gptq_rows(w2, u, tensor_scale, *, group, method, scale_dtype):
   k, n = w2.shape
   n_groups = k // group
   later = jnp.arange(group)[None, :] > jnp.arange(group)[:, None]  # [i, j]: j after i
+  whole = _grid(method, scale_dtype, w2[None], tensor_scale) if method == "w8a8" else None
   params0 = _grid(method, scale_dtype, w2[:group][None], tensor_scale)
   params_init = tuple(jnp.zeros((n_groups, n), p.dtype) for p in params0)
 
@@ -80,7 +93,8 @@ def _gptq_rows(w2, u, tensor_scale, *, group, method, scale_dtype):
     start = b * group
     wb = jax.lax.dynamic_slice(w, (start, 0), (group, n))
     ub = jax.lax.dynamic_slice(u, (start, start), (group, group))
-    params = tuple(p[0] for p in _grid(method, scale_dtype, wb[None], tensor_scale))  # [N]
+    grid = whole if whole is not None else _grid(method, scale_dtype, wb[None], tensor_scale)
+    params = tuple(p[0] for p in grid)  # [N]
 
     def row(i, inner):
       wb, cb, eb = inner
@@ -118,8 +132,8 @@ def gptq_quantize(
   Args:
     w: float weight; its first `contract_dims` dims form K.
     hessian: [K, K] ``X^T X`` (any positive multiple) of the layer's calibration inputs.
-    spec: an int4 `QuantSpec` (w4a16 or fireq_w4a8); its group size, padding and
-      scale dtype give the grid.
+    spec: a `QuantSpec` of `GPTQ_METHODS`; its group size, padding and scale
+      dtype give the grid (w8a8: per output channel, from `w`).
     contract_dims: leading dims of `w` forming K.
     damp: relative dampening of H's diagonal (lambda = damp * mean(diag H)).
 
@@ -145,13 +159,18 @@ def gptq_quantize(
   n = math.prod(w.shape[contract_dims:])
   k_padded = k + rtn.k_pad
   w2 = jnp.pad(jnp.asarray(w, jnp.float32).reshape(k, n), ((0, rtn.k_pad), (0, 0)))
-  group = spec.group_size or k_padded
+  if spec.method == "w8a8":
+    group = math.gcd(k_padded, W8_BLOCK)
+  else:
+    group = spec.group_size or k_padded
   scale_dtype = jnp.dtype(rtn.scales.dtype).name
   u = inverse_hessian_factor(jnp.asarray(h), k_padded, damp)
   tensor_scale = rtn.tensor_scale if spec.method == "fireq_w4a8" else jnp.ones((1, 1))
   codes, params = _gptq_rows(
     w2, u, tensor_scale, group=group, method=spec.method, scale_dtype=scale_dtype
   )
+  if spec.method == "w8a8":
+    return rtn.replace(values=codes.astype(jnp.int8), scales=rtn.scales)
   values = qmm.pack_int4(codes.astype(jnp.int32))
   if spec.method == "fireq_w4a8":
     return rtn.replace(values=values, scales=params[0])
