@@ -128,8 +128,7 @@ RECIPES: dict[str, Recipe] = {
     Recipe("fp32", "float32 weights (the GGUF's Q4_1/Q8_0 dequantized): the baseline"),
     Recipe(
       "w8a8",
-      "SmoothQuant W8A8: int8 per-channel weights (GPTQ) x int8 per-token activations, "
-      "smoothing",
+      "SmoothQuant W8A8: int8 per-channel weights (GPTQ) x int8 per-token activations, smoothing",
       _all_linears(QuantSpec("w8a8")),
       _W8A8_ALPHA,
       gptq=True,
