@@ -6,11 +6,11 @@ group (`CacheSpec.key_groups` / `channel_groups`, default 1) and, with `CacheSpe
 then spans the row's actual range instead of a symmetric +-amax). FireQ
 adds a per-channel post-RoPE key scale ``s`` [L, Hkv, D]: keys are stored as
 ``k / s`` and queries multiplied by ``s`` (so q·k is unchanged), and queries
-are rounded to FP8 e4m3 for the score product. With `CacheSpec.rotate_keys`,
-keys and queries are then both rotated by a normalized Hadamard matrix (q·k
-unchanged again), which spreads a token's outlier channels over the whole row
-before its per-token quantization. Its pre-RoPE scale lives in the
-weights (see `jaxllm.kv_cache.fireq`), so the cache never sees it.
+are rounded to FP8 e4m3 for the score product. FireQ's pre-RoPE scale lives in
+the weights (see `jaxllm.kv_cache.fireq`), so the cache never sees it. With
+`CacheSpec.rotate_keys` (an ablation), keys and queries are also rotated by a
+normalized Hadamard matrix (q·k unchanged again), which spreads a token's
+outlier channels over the whole row before its per-token quantization.
 
 Exact tokens (`CacheSpec.residual` R, `CacheSpec.n_sink`, both 0 by default for
 these caches): every token is quantized when written, and besides, the newest
@@ -62,8 +62,8 @@ ROLLBACK_SLACK = 32  # ring slots beyond R: rollbacks this deep keep the window 
 class SymmetricLayer(NamedTuple):
   """One layer: codes [B, Hkv, T, D * bits / 8]; scales (and zero points, or None)
   [B, Hkv, T, groups] (the spec's key groups for k_*, channel groups for v_*);
-  exact recent ring [B, Hkv, R + ROLLBACK_SLACK (0 if R = 0), D] and sinks [B, Hkv, n_sink, D] (keys as stored:
-  divided by the post-RoPE key scale)."""
+  the exact ring [B, Hkv, R + ROLLBACK_SLACK (none if R = 0), D] and sinks
+  [B, Hkv, n_sink, D], keys as stored (divided by the post-RoPE key scale)."""
 
   k_codes: jax.Array
   k_scale: jax.Array
@@ -219,10 +219,10 @@ class SymmetricKVCache(SlotCacheMixin):
     k_buf = decode(stored.k_codes, stored.k_scale, stored.k_zero, bits)
     v_buf = decode(stored.v_codes, stored.v_scale, stored.v_zero, bits)
     t = jnp.arange(self.capacity, dtype=jnp.int32)
-    r, n = self.spec.residual, self.spec.n_sink
-    if r:
+    window, n = self.spec.residual, self.spec.n_sink
+    if window:
       ring = t % self.recent_pos.shape[0]
-      newest = (t >= self.length - r) & (t < self.length)
+      newest = (t >= self.length - window) & (t < self.length)
       use = ((self.recent_pos[ring] == t) & newest)[None, None, :, None]
       k_buf = jnp.where(use, stored.k_recent[:, :, ring].astype(jnp.float32), k_buf)
       v_buf = jnp.where(use, stored.v_recent[:, :, ring].astype(jnp.float32), v_buf)
@@ -240,11 +240,12 @@ class SymmetricKVCache(SlotCacheMixin):
     length .. length + S - 1) written: its newest tokens into the ring, and the
     tokens at start + i (i < n_sink) into the sinks."""
     s = k_st.shape[2]
-    r, n = self.recent_pos.shape[0], self.spec.n_sink
+    slots, n = self.recent_pos.shape[0], self.spec.n_sink
     k_recent, v_recent = stored.k_recent, stored.v_recent
-    if r:
+    if slots:
       pos = self.length + jnp.arange(s, dtype=jnp.int32)
-      ring = jnp.where(pos >= self.length + s - r, pos % r, r)  # r: dropped (overwritten)
+      # tokens older than the newest `slots` of the chunk go to index `slots`: dropped
+      ring = jnp.where(pos >= self.length + s - slots, pos % slots, slots)
       k_recent = k_recent.at[:, :, ring].set(k_st.astype(k_recent.dtype), mode="drop")
       v_recent = v_recent.at[:, :, ring].set(v_st.astype(v_recent.dtype), mode="drop")
     k_sink, v_sink = stored.k_sink, stored.v_sink
@@ -259,10 +260,11 @@ class SymmetricKVCache(SlotCacheMixin):
 
   def advance(self, layer_states, num_tokens: int) -> "SymmetricKVCache":
     recent_pos = self.recent_pos
-    r = recent_pos.shape[0]
-    if r:
+    slots = recent_pos.shape[0]
+    if slots:
       last = self.length + num_tokens - 1
-      newest = last - (last - jnp.arange(r, dtype=jnp.int32)) % r  # newest slot on each entry
+      entry = jnp.arange(slots, dtype=jnp.int32)
+      newest = last - (last - entry) % slots  # the newest position written to each entry
       recent_pos = jnp.where(newest >= self.length, newest, recent_pos)
     return self.replace(
       layers=tuple(layer_states), recent_pos=recent_pos, length=self.length + num_tokens
