@@ -202,7 +202,7 @@ def test_bench_kernels_tiny_interpret(tmp_path):
     run(
       "bench_kernels",
       "--shapes=tiny",
-      "--m=1,8",
+      "--m=8",
       "--kv_models=tiny",
       "--kv_context=256",
       "--kv_batch=2",
@@ -217,8 +217,8 @@ def test_bench_kernels_tiny_interpret(tmp_path):
   rows = summary["results"]
   matmul = [r for r in rows if r["op"] == "matmul"]
   kv = [r for r in rows if r["op"] == "kv_attention"]
-  # 2 shapes x 2 M x 3 recipes x 2 implementations, + the bf16 peer rows
-  assert len([r for r in matmul if r["method"] != "bf16"]) == 24
+  # 2 shapes x 3 recipes x 2 implementations, + the bf16 peer rows
+  assert len([r for r in matmul if r["method"] != "bf16"]) == 12
   assert {r["method"] for r in kv} >= {"kivi4", "kivi2"}
   for r in rows:
     assert r["us"] > 0, r

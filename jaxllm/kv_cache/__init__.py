@@ -15,11 +15,12 @@ Methods (`METHODS`, by name):
   * kivi4 / kivi2: KIVI: keys per channel in groups of G tokens, values per
     token, asymmetric, full-precision residual window; decode runs the
     ``quantized_kv_attention`` op (Pallas kernel / fused XLA / reference).
-  * fireq_int4_r96_s4: FireQ's codes, plus the 96 newest tokens and the first
-    4 of each row read exactly (from float buffers beside the codes).
+  * fireq_int4_r128_s4: FireQ's codes, plus the 128 newest tokens (KIVI's R)
+    and the first 4 of each row read exactly (from float buffers beside the codes).
   * rotatekv2 / rotatekv4: KIVI storage of Hadamard-rotated pre-RoPE keys and
     rotated values, attention-sink tokens kept exact.
-  * ablations: kivi2_per_token_keys, kivi2_no_residual, kivi2_r128,
+  * ablations: kivi2_per_token_keys, kivi2_no_residual, kivi2_r128, kivi2_s4
+    (4 exact sinks), fireq_int4_r96_s4 (a 96-token window),
     fireq_int4_pre_rope_only, fireq_int4_post_rope_only, fireq_int4_rot
     (keys and queries Hadamard-rotated after the post-RoPE scale).
 

@@ -9,7 +9,8 @@ Storage per layer (``pf = 8 // bits``; Tq quantized slots, Rb = residual + G):
   ``v_scale``/``v_zero`` [B, Hkv, Tq]); asymmetric ``x ~= code * scale + zero``.
 * residual window [B, Hkv, Rb, D] in the cache dtype: slot r holds position
   ``quantized_length + r`` (the kernel's convention).
-* RotateKV only: sink buffer [B, Hkv, n_sink, D], the first n_sink tokens of each row.
+* sink buffer [B, Hkv, n_sink, D] (RotateKV; KIVI as an ablation): the first n_sink
+  tokens of each row, exact, left out of key statistics.
 
 Flush rule: after every write the window holds ``n = length - quantized_length``
 tokens with ``residual <= n < residual + G`` (once ``length >= residual``): when
@@ -26,7 +27,8 @@ quantize-dequantized (keys per channel over the tokens present so far, values
 per token); only tokens of the same `attend` call see each other exactly.
 
 KIVI stores keys after RoPE; its decode step (one token) runs the
-``quantized_kv_attention`` op through `jaxllm.ops`. RotateKV stores keys
+``quantized_kv_attention`` op through `jaxllm.ops` (without sinks: the kernel
+reads no sink buffer, so KIVI with sinks attends through the XLA path). RotateKV stores keys
 *before* RoPE rotated by a per-head Hadamard matrix (SmolLM2's 3 KV heads of 64
 channels do not form a power-of-2 grouped-head block, so each head is rotated
 on its own), values rotated too; attention dequantizes, un-rotates and applies
@@ -145,7 +147,7 @@ class GroupedKVCache(SlotCacheMixin):
     v_store = (jnp.zeros((batch, hkv, tq, d // pf), jnp.uint8),)
     v_store += (jnp.zeros((batch, hkv, tq), sdt),) * 2
     residual = jnp.zeros((batch, hkv, rb, d), dtype)
-    sink = jnp.zeros((batch, hkv, spec.n_sink if spec.kind == "rotatekv" else 0, d), dtype)
+    sink = jnp.zeros((batch, hkv, spec.n_sink, d), dtype)
     layer = GroupedLayer(QuantizedKV(*k_store, *v_store), residual, residual, sink, sink)
     return cls(
       layers=tuple(layer for _ in range(config.num_layers)),
@@ -252,7 +254,13 @@ class GroupedKVCache(SlotCacheMixin):
     check_room(self.length, q.shape[1], self.capacity)
     stored = self.layers[layer]
     k_st, v_st = self._to_storage(k_pre_rope, k, v)
-    use_kernel = self.spec.kind == "kivi" and self.spec.per_channel_keys and q.shape[1] == 1
+    # The decode kernel reads the store and the window; exact sinks take the XLA path.
+    use_kernel = (
+      self.spec.kind == "kivi"
+      and self.spec.per_channel_keys
+      and not self.num_sinks
+      and q.shape[1] == 1
+    )
     if use_kernel:
       out = self._decode_with_kernel(stored, q, k_st, v_st, kernels)
     else:

@@ -8,9 +8,9 @@ spread over the rows not yet quantized through the upper Cholesky factor U of
 (scale, offset) when their first row is reached, from the error-updated weights,
 and the grid is computed by the same helpers `jaxllm.quant.qtensor.quantize` uses,
 so the result is a `QTensor` on exactly the grid round-to-nearest would store.
-W8A8's grid is one symmetric scale per output channel over all of K: it is taken
-from the original weight once, and rows are processed in blocks of
-gcd(K, `W8_BLOCK`) for the lazy updates.
+W8A8's grid is one symmetric scale per output channel over all of K: the scales of
+the round-to-nearest QTensor of the original weight, kept fixed; rows are processed
+in blocks of gcd(K, `W8_BLOCK`) for the lazy updates.
 
 Errors are applied lazily: within a group the update touches only the group's
 rows; at the group's end one matmul carries the group's errors to all later rows.
@@ -51,11 +51,7 @@ def inverse_hessian_factor(hessian: jax.Array, k_padded: int, damp: float = 0.01
 
 
 def _grid(method, scale_dtype, wg, tensor_scale):
-  """Grid parts [..., N] of groups wg [..., g, N], by the QTensor's own helpers."""
-  if method == "w8a8":
-    return (
-      qmm.quantize_w8(wg.reshape(-1, wg.shape[-1]))[1].reshape(wg.shape[:-2] + wg.shape[-1:]),
-    )
+  """Grid parts [..., N] of int4 groups wg [..., g, N], by the QTensor's own helpers."""
   if method == "fireq_w4a8":
     return (qtensor.fireq_group_scale(wg, tensor_scale, scale_dtype),)
   return qtensor.w4a16_group_grid(wg, scale_dtype)
@@ -63,7 +59,7 @@ def _grid(method, scale_dtype, wg, tensor_scale):
 
 def _codes(method, w, params, tensor_scale):
   if method == "w8a8":
-    return jnp.clip(jnp.round(w / params[0]), -127, 127)
+    return qmm.int8_codes(w, params[0])
   if method == "fireq_w4a8":
     return qtensor.fireq_codes(w, params[0], tensor_scale)
   return qtensor.w4a16_codes(w, *params)
@@ -79,13 +75,15 @@ def _dequantize(method, code, params, tensor_scale):
 
 
 @functools.partial(jax.jit, static_argnames=("group", "method", "scale_dtype"))
-def _gptq_rows(w2, u, tensor_scale, *, group, method, scale_dtype):
-  """Sequential GPTQ over row groups. Returns (codes [K, N] f32, grid parts [K/g, N] each)."""
+def _gptq_rows(w2, u, tensor_scale, fixed_grid, *, group, method, scale_dtype):
+  """Sequential GPTQ over row groups. Returns (codes [K, N] f32, grid parts [K/g, N] each).
+
+  `fixed_grid`: grid parts [1, N] used for every group (W8A8), or None: each group's
+  grid comes from its error-updated weights."""
   k, n = w2.shape
   n_groups = k // group
   later = jnp.arange(group)[None, :] > jnp.arange(group)[:, None]  # [i, j]: j after i
-  whole = _grid(method, scale_dtype, w2[None], tensor_scale) if method == "w8a8" else None
-  params0 = _grid(method, scale_dtype, w2[:group][None], tensor_scale)
+  params0 = fixed_grid or _grid(method, scale_dtype, w2[:group][None], tensor_scale)
   params_init = tuple(jnp.zeros((n_groups, n), p.dtype) for p in params0)
 
   def block(b, carry):
@@ -93,7 +91,7 @@ def _gptq_rows(w2, u, tensor_scale, *, group, method, scale_dtype):
     start = b * group
     wb = jax.lax.dynamic_slice(w, (start, 0), (group, n))
     ub = jax.lax.dynamic_slice(u, (start, start), (group, group))
-    grid = whole if whole is not None else _grid(method, scale_dtype, wb[None], tensor_scale)
+    grid = fixed_grid or _grid(method, scale_dtype, wb[None], tensor_scale)
     params = tuple(p[0] for p in grid)  # [N]
 
     def row(i, inner):
@@ -166,11 +164,12 @@ def gptq_quantize(
   scale_dtype = jnp.dtype(rtn.scales.dtype).name
   u = inverse_hessian_factor(jnp.asarray(h), k_padded, damp)
   tensor_scale = rtn.tensor_scale if spec.method == "fireq_w4a8" else jnp.ones((1, 1))
+  fixed_grid = (rtn.scales,) if spec.method == "w8a8" else None
   codes, params = _gptq_rows(
-    w2, u, tensor_scale, group=group, method=spec.method, scale_dtype=scale_dtype
+    w2, u, tensor_scale, fixed_grid, group=group, method=spec.method, scale_dtype=scale_dtype
   )
   if spec.method == "w8a8":
-    return rtn.replace(values=codes.astype(jnp.int8), scales=rtn.scales)
+    return rtn.replace(values=codes.astype(jnp.int8))
   values = qmm.pack_int4(codes.astype(jnp.int32))
   if spec.method == "fireq_w4a8":
     return rtn.replace(values=values, scales=params[0])

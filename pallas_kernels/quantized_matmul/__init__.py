@@ -23,6 +23,7 @@ from pallas_kernels.quantized_matmul.w4a16 import (
   w4a16_matmul_reference,
 )
 from pallas_kernels.quantized_matmul.w8a8 import (
+  int8_codes,
   int8_matmul,
   int8_matmul_reference,
   quantize_activations_int8,
@@ -35,6 +36,7 @@ from pallas_kernels.quantized_matmul.w8a8 import (
 
 __all__ = [
   "dequantize_w4a16",
+  "int8_codes",
   "int8_matmul",
   "int8_matmul_reference",
   "pack_int4",

@@ -45,7 +45,12 @@ def quantize_w8(w: jax.Array):
     raise ValueError(f"quantize_w8: w must be 2-D [K, N], got shape {tuple(w.shape)}")
   w = w.astype(jnp.float32)
   scale = jnp.maximum(jnp.abs(w).max(axis=0, keepdims=True) / 127.0, 1e-8)
-  return jnp.clip(jnp.round(w / scale), -127, 127).astype(jnp.int8), scale
+  return int8_codes(w, scale).astype(jnp.int8), scale
+
+
+def int8_codes(w: jax.Array, scale: jax.Array) -> jax.Array:
+  """Symmetric int8 codes (as float32) of `w` on the grid `scale` (broadcast against w)."""
+  return jnp.clip(jnp.round(w.astype(jnp.float32) / scale), -127, 127)
 
 
 def quantize_activations_int8(x: jax.Array):
