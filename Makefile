@@ -7,6 +7,8 @@ BIN := $(VENV)/bin
 WIKITEXT := ../shared/data/wikitext-2-raw/wiki.test.raw
 PPL_WINDOWS ?= 4
 PROMPT ?= The three most important ideas in computer science are
+# Test processes (pytest-xdist; whole files per process, so module fixtures load once).
+TEST_WORKERS ?= 2
 
 .PHONY: setup demo test test-chips peers lint clean
 
@@ -26,7 +28,7 @@ demo: setup
 	  $(if $(wildcard $(WIKITEXT)),--text_file=$(WIKITEXT),)
 
 test: setup
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile
 
 # Real compiles without accelerators: Mosaic for TPU v5e/v6e/7x (libtpu compile-only
 # topologies) and Triton to cubin for sm80/89/90; a separate venv keeps these
