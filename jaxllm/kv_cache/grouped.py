@@ -27,8 +27,8 @@ quantize-dequantized (keys per channel over the tokens present so far, values
 per token); only tokens of the same `attend` call see each other exactly.
 
 KIVI stores keys after RoPE; its decode step (one token) runs the
-``quantized_kv_attention`` op through `jaxllm.ops` (without sinks: the kernel
-reads no sink buffer, so KIVI with sinks attends through the XLA path). RotateKV stores keys
+``quantized_kv_attention`` op through `jaxllm.ops` (the kernel reads no sink
+buffer, so KIVI with sinks attends through the XLA path). RotateKV stores keys
 *before* RoPE rotated by a per-head Hadamard matrix (SmolLM2's 3 KV heads of 64
 channels do not form a power-of-2 grouped-head block, so each head is rotated
 on its own), values rotated too; attention dequantizes, un-rotates and applies
