@@ -207,6 +207,12 @@ def _chunk(rng, b, s, cfg=ONE_LAYER):
   return q, k_pre, v
 
 
+@jax.jit
+def _layer0_view(cache):
+  """Layer 0's stored keys and values as attention reads them (`stored_view`)."""
+  return cache.stored_view(cache.layers[0])
+
+
 def _feed(cache, q, k_pre, v, kernels=ops.KernelConfig()):
   """Writes one chunk into layer 0 (keys get RoPE at their positions); returns
   (out, cache, post-RoPE keys as written)."""
@@ -332,7 +338,7 @@ def test_sink_tokens_exact():
     np.testing.assert_array_equal(layer.v_sink[row], rotate(v[row, s : s + 4]).transpose(1, 0, 2))
   assert int(cache.quantized_length) == 32  # sinks sit in a quantized group, yet stay exact
   # as attention reads them, the sink slots hold the exact post-RoPE keys and values
-  k_view, v_view = jax.jit(lambda c: c.stored_view(c.layers[0]))(cache)
+  k_view, v_view = _layer0_view(cache)
   for row, s in enumerate([5, 0]):
     cos, sin = rope_tables(jnp.arange(4)[None], 64, ONE_LAYER.rope_theta)
     want = apply_rope(k_pre[row : row + 1, s : s + 4], cos, sin)[0].transpose(1, 0, 2)
@@ -354,12 +360,12 @@ def test_kivi_sink_tokens_exact():
   q, k_pre, v = _chunk(rng, 2, 90)
   start = jnp.array([5, 0], jnp.int32)
   spec = spec_for("kivi2_s4").replace(residual=32)
-  cache = create_cache(spec, ONE_LAYER, 2, 96, start=start)
-  _, cache, k = jax.jit(_feed)(cache, q, k_pre, v)
+  feed = jax.jit(_feed)
+  _, cache, k = feed(create_cache(spec, ONE_LAYER, 2, 96, start=start), q, k_pre, v)
   assert int(cache.quantized_length) == 32
-  k_view, v_view = jax.jit(lambda c: c.stored_view(c.layers[0]))(cache)
+  k_view, v_view = _layer0_view(cache)
   plain = create_cache(spec_for("kivi2").replace(residual=32), ONE_LAYER, 2, 96, start=start)
-  plain_k, _ = jax.jit(lambda c: c.stored_view(c.layers[0]))(jax.jit(_feed)(plain, q, k_pre, v)[1])
+  plain_k, _ = _layer0_view(feed(plain, q, k_pre, v)[1])
   for row, s in enumerate([5, 0]):
     sinks = slice(s, s + 4)
     np.testing.assert_array_equal(k_view[row, :, sinks], k[row, sinks].transpose(1, 0, 2))
@@ -389,7 +395,7 @@ def test_per_token_cache_exact_window_and_sinks():
   v_all = v.transpose(0, 2, 1, 3)
 
   def exact_slots(c):
-    k_view, v_view = jax.jit(lambda c: c.stored_view(c.layers[0]))(c)
+    k_view, v_view = _layer0_view(c)
     n = int(c.length)
     err = np.maximum(
       np.abs(k_view[:, :, :n] - k_all[:, :, :n]).max(axis=(1, 3)),
