@@ -15,7 +15,7 @@ from jaxllm import ops
 from jaxllm.kv_cache import METHODS, create_cache, prepare_model, spec_for, symmetric
 from jaxllm.kv_cache.fireq import fold_pre_rope_key_scale
 from jaxllm.kv_cache.hadamard import hadamard, rotate
-from jaxllm.kv_cache.quantize import pack_along, quantize_asymmetric
+from jaxllm.kv_cache.quantize import fake_quantize_asymmetric, pack_along, quantize_asymmetric
 from jaxllm.rope import apply_rope, rope_tables
 from pallas_kernels.quantized_kv_attention import quantize_keys, quantize_values
 
@@ -37,6 +37,7 @@ TWO_BIT = [
   "kivi2_no_residual",
   "kivi2_r128",
   "kivi2_s4",
+  "kivi2_s4_g64_v2",
 ]
 # max |logits - dense| / max |dense| over prefill + decode on the tiny model (measured ~x0.5)
 TOLERANCE = {"int8": 3e-3, **{n: 5e-2 for n in FOUR_BIT}, **{n: 0.12 for n in TWO_BIT}}
@@ -101,6 +102,7 @@ SLOW_DECODE = {
   "fireq_int4_rot",
   "fireq_int4_r96_s4",
   "kivi2_r128",
+  "kivi2_s4_g64_v2",
 }
 
 
@@ -143,6 +145,8 @@ EXPECTED_BYTES = {
   "fireq_int4_rot": HEADS * ((32 + 8) + (32 + 4)),
   "kivi2_r128": HEADS * ((16 + 8) + (16 + 4)),
   "kivi2_s4": HEADS * ((16 + 8) + (16 + 4)),
+  # keys: scale + zero per channel per 64 tokens; values: scale + zero per 32 channels
+  "kivi2_s4_g64_v2": HEADS * ((16 + 4) + (16 + 8)),
 }
 # fixed float32 slots per (layer, KV head): residual (96) + G window, + 4 sinks for RotateKV;
 # FireQ's exact window: a ring of R + 32 (rollback slack) slots, + 4 sinks
@@ -152,6 +156,7 @@ EXPECTED_FIXED_SLOTS = {
   "kivi2_no_residual": 32,
   "kivi2_r128": 160,
   "kivi2_s4": 132,
+  "kivi2_s4_g64_v2": 164,
   "fireq_int4_r96_s4": 132,
   "fireq_int4_r128_s4": 164,
 }
@@ -373,6 +378,71 @@ def test_kivi_sink_tokens_exact():
     # without the sinks in its statistics, the rest of group 0 is quantized on another grid
     rest = slice(s + 4, 32)
     assert np.abs(k_view[row, :, rest] - plain_k[row, :, rest]).max() > 1e-3
+
+
+@pytest.mark.parametrize("impl,residual", [("pallas", 32), ("xla", 32), ("xla", 0)])
+def test_kivi_sinks_through_the_decode_op(impl, residual):
+  """KIVI-2 with 4 sinks decodes through the op (sinks appended to its window): the
+  same outputs as attending over the dequantized store, the window and the exact
+  sinks; row 1's sinks (slots 30-33) straddle a group boundary. With no residual
+  window, sinks in the pending group are read exactly, the rest quantized."""
+  rng = np.random.default_rng(7)
+  q, k_pre, v = _chunk(rng, 2, 100)
+  start = jnp.array([0, 30], jnp.int32)
+  kernels = ops.KernelConfig(implementation=impl, interpret=True)
+  spec = spec_for("kivi2_s4").replace(residual=residual)
+  cache = create_cache(spec, ONE_LAYER, 2, 128, start=start, kernels=kernels)
+
+  @jax.jit
+  def step(cache, q, k_pre, v):
+    slots = jnp.broadcast_to(cache.length, (2, 1))
+    cos, sin = rope_tables(jnp.maximum(slots - cache.start[:, None], 0), 64, ONE_LAYER.rope_theta)
+    q, k = apply_rope(q, cos, sin), apply_rope(k_pre, cos, sin)
+    k_st, v_st = cache._to_storage(k_pre, k, v)
+    layer = cache.layers[0]
+    via_op = cache._decode_with_kernel(layer, q, k_st, v_st, ops.KernelConfig())
+    dequantized = cache._attend_dequantized(layer, q, k, v, slots, ops.KernelConfig())
+    return via_op, dequantized, cache.advance([cache._write(layer, k_st, v_st)], 1)
+
+  _, cache, _ = jax.jit(_feed)(cache, q[:, :62], k_pre[:, :62], v[:, :62])
+  for i in range(62, 100):
+    via_op, dequantized, cache = step(cache, *(x[:, i : i + 1] for x in (q, k_pre, v)))
+    np.testing.assert_allclose(via_op, dequantized, rtol=1e-4, atol=1e-4)
+  assert int(cache.quantized_length) == (64 if residual else 96)
+
+
+@pytest.mark.parametrize("residual", [32, 0])
+def test_kivi_value_channel_groups(residual):
+  """KIVI-2 with 2 value channel groups: each token's values get one (scale, zero) per
+  32-channel slab, so a slab of small values keeps its own fine grid beside a slab
+  100x larger, where one scale per token rounds it to the zero point; XLA path only."""
+  rng = np.random.default_rng(6)
+  q, k_pre, v = _chunk(rng, 2, 80)
+  v = v * jnp.concatenate([jnp.full(32, 0.01), jnp.ones(32)])  # channel slab 0 small
+  spec = spec_for("kivi2").replace(residual=residual, scale_dtype="float32")
+  feed = jax.jit(_feed)
+  n = 32 if residual else 80  # tokens read quantized: the store (and the pending group)
+  views = {}
+  for groups in (1, 2):
+    cache = create_cache(spec.replace(channel_groups=groups), ONE_LAYER, 2, 96)
+    out, cache, _ = feed(cache, q[:, :79], k_pre[:, :79], v[:, :79])
+    out, cache, _ = feed(cache, q[:, 79:], k_pre[:, 79:], v[:, 79:])  # decode
+    assert int(cache.quantized_length) == (32 if residual else 64)
+    views[groups] = np.asarray(_layer0_view(cache)[1][:, :, :n])
+  assert cache.layers[0].store.v_scale.shape[-1] == 2
+  want = np.asarray(v[:, :n].transpose(0, 2, 1, 3))
+  small = slice(0, 32)
+  err = {g: np.abs(views[g][..., small] - want[..., small]).max() for g in (1, 2)}
+  slab_range = np.ptp(want[..., small], axis=-1).max()
+  assert err[2] <= slab_range / 3 / 2 + 1e-6  # half a 2-bit step of the slab's own range
+  assert err[1] > 2 * err[2]
+  # with 2 groups, codes of the second slab match a per-token quantizer of that slab alone
+  np.testing.assert_allclose(
+    views[2][..., 32:],
+    np.asarray(fake_quantize_asymmetric(jnp.asarray(want[..., 32:]), 2, -1)),
+    rtol=1e-6,
+    atol=1e-6,
+  )
 
 
 def test_per_token_cache_exact_window_and_sinks():

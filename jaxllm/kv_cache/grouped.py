@@ -6,7 +6,9 @@ Storage per layer (``pf = 8 // bits``; Tq quantized slots, Rb = residual + G):
   per channel over groups of G tokens (``k_packed`` uint8 [B, Hkv, Tq/pf, D],
   ``k_scale``/``k_zero`` [B, Hkv, Tq/G, D]) or, for the per-token-keys
   ablation, like values; values per token (``v_packed`` [B, Hkv, Tq, D/pf],
-  ``v_scale``/``v_zero`` [B, Hkv, Tq]); asymmetric ``x ~= code * scale + zero``.
+  ``v_scale``/``v_zero`` [B, Hkv, Tq], or [B, Hkv, Tq, C] with
+  ``CacheSpec.channel_groups`` C > 1: one scale per token and slab of D/C
+  channels); asymmetric ``x ~= code * scale + zero``.
 * residual window [B, Hkv, Rb, D] in the cache dtype: slot r holds position
   ``quantized_length + r`` (the kernel's convention).
 * sink buffer [B, Hkv, n_sink, D] (RotateKV; KIVI as an ablation): the first n_sink
@@ -27,8 +29,9 @@ quantize-dequantized (keys per channel over the tokens present so far, values
 per token); only tokens of the same `attend` call see each other exactly.
 
 KIVI stores keys after RoPE; its decode step (one token) runs the
-``quantized_kv_attention`` op through `jaxllm.ops` (the kernel reads no sink
-buffer, so KIVI with sinks attends through the XLA path). RotateKV stores keys
+``quantized_kv_attention`` op through `jaxllm.ops`, exact sinks included (see
+`_decode_with_kernel`); the op reads one value scale per token, so KIVI with
+value channel groups (C > 1) attends through the XLA path. RotateKV stores keys
 *before* RoPE rotated by a per-head Hadamard matrix (SmolLM2's 3 KV heads of 64
 channels do not form a power-of-2 grouped-head block, so each head is rotated
 on its own), values rotated too; attention dequantizes, un-rotates and applies
@@ -60,7 +63,12 @@ from jaxllm.kv_cache.base import (
   tree_bytes,
 )
 from jaxllm.kv_cache.dispatch import QUANTIZED_KV_ATTENTION
-from jaxllm.kv_cache.quantize import fake_quantize_asymmetric, pack_along, quantize_asymmetric
+from jaxllm.kv_cache.quantize import (
+  fake_quantize_asymmetric,
+  pack_along,
+  quantize_asymmetric,
+  unpack_along,
+)
 from jaxllm.kv_cache.spec import CacheSpec
 from jaxllm.rope import rope_table_constants
 from pallas_kernels.quantized_kv_attention import QuantizedKV, dequantize_keys, dequantize_values
@@ -130,6 +138,10 @@ class GroupedKVCache(SlotCacheMixin):
       )
     if g % pf:
       raise ValueError(f"{spec.name}: group_size {g} is not a multiple of {pf}")
+    if d % spec.channel_groups:
+      raise ValueError(
+        f"{spec.name}: head_dim {d} does not split into {spec.channel_groups} value channel groups"
+      )
     if g > capacity:
       raise ValueError(
         f"{spec.name}: group_size {g} is larger than the cache capacity {capacity} tokens"
@@ -145,7 +157,7 @@ class GroupedKVCache(SlotCacheMixin):
       k_store = (jnp.zeros((batch, hkv, tq, d // pf), jnp.uint8),)
       k_store += (jnp.zeros((batch, hkv, tq), sdt),) * 2
     v_store = (jnp.zeros((batch, hkv, tq, d // pf), jnp.uint8),)
-    v_store += (jnp.zeros((batch, hkv, tq), sdt),) * 2
+    v_store += (jnp.zeros((batch, hkv, tq, *_value_groups(spec)), sdt),) * 2
     residual = jnp.zeros((batch, hkv, rb, d), dtype)
     sink = jnp.zeros((batch, hkv, spec.n_sink, d), dtype)
     layer = GroupedLayer(QuantizedKV(*k_store, *v_store), residual, residual, sink, sink)
@@ -219,10 +231,8 @@ class GroupedKVCache(SlotCacheMixin):
     else:
       codes, k_scale, k_zero = quantize_asymmetric(k, bits, -1, sdt)
       k_packed, k_scale, k_zero = pack_along(codes, bits, -1), k_scale[..., 0], k_zero[..., 0]
-    codes, v_scale, v_zero = quantize_asymmetric(v, bits, -1, sdt)
-    return QuantizedKV(
-      k_packed, k_scale, k_zero, pack_along(codes, bits, -1), v_scale[..., 0], v_zero[..., 0]
-    )
+    v_codes, v_scale, v_zero = _quantize_values(v, self.spec)
+    return QuantizedKV(k_packed, k_scale, k_zero, v_codes, v_scale, v_zero)
 
   def _dequantize_store(self, store: QuantizedKV):
     """Float32 keys and values [B, Hkv, Tq, D] of the whole store (stored domain)."""
@@ -231,7 +241,12 @@ class GroupedKVCache(SlotCacheMixin):
       k = dequantize_keys(store.k_packed, store.k_scale, store.k_zero, bits, self.spec.group_size)
     else:
       k = dequantize_values(store.k_packed, store.k_scale, store.k_zero, bits)
-    return k, dequantize_values(store.v_packed, store.v_scale, store.v_zero, bits)
+    if self.spec.channel_groups == 1:
+      return k, dequantize_values(store.v_packed, store.v_scale, store.v_zero, bits)
+    codes = unpack_along(store.v_packed, bits, -1).astype(jnp.float32)
+    slabs = codes.reshape(*codes.shape[:-1], self.spec.channel_groups, -1)
+    v = slabs * store.v_scale.astype(jnp.float32)[..., None]
+    return k, (v + store.v_zero.astype(jnp.float32)[..., None]).reshape(codes.shape)
 
   def _attended_residual(self, stored: GroupedLayer):
     """The window as attention reads it: exact, or quantize-dequantized when residual == 0."""
@@ -243,7 +258,8 @@ class GroupedKVCache(SlotCacheMixin):
     valid = pending & self._stat_mask(self.quantized_length, rb)
     key_axis = -2 if self.spec.per_channel_keys else -1
     fq_k = fake_quantize_asymmetric(k, bits, key_axis, valid, sdt)
-    fq_v = fake_quantize_asymmetric(v, bits, -1, None, sdt)
+    slabs = v.reshape(*v.shape[:-1], self.spec.channel_groups, -1)
+    fq_v = fake_quantize_asymmetric(slabs, bits, -1, None, sdt).reshape(v.shape)
     return fq_k.astype(k.dtype), fq_v.astype(v.dtype)
 
   # -- the cache interface -------------------------------------------------------------
@@ -254,11 +270,11 @@ class GroupedKVCache(SlotCacheMixin):
     check_room(self.length, q.shape[1], self.capacity)
     stored = self.layers[layer]
     k_st, v_st = self._to_storage(k_pre_rope, k, v)
-    # The decode kernel reads the store and the window; exact sinks take the XLA path.
+    # The decode op reads the store, the window and the sinks, one value scale per token.
     use_kernel = (
       self.spec.kind == "kivi"
       and self.spec.per_channel_keys
-      and not self.num_sinks
+      and self.spec.channel_groups == 1
       and q.shape[1] == 1
     )
     if use_kernel:
@@ -268,18 +284,35 @@ class GroupedKVCache(SlotCacheMixin):
     return out.astype(v.dtype), self._write(stored, k_st, v_st)
 
   def _decode_with_kernel(self, stored, q, k_st, v_st, kernels):
-    """One query token: the `quantized_kv_attention` op over the store and the window."""
+    """One query token: the `quantized_kv_attention` op over the store and the window.
+
+    Exact sinks ride in the op's window argument: for the c sinks of a row
+    already written (c = min(n_sink, length - start)), the row's `start` moves
+    past their copies in the store or the window, and their exact copies follow
+    the held tokens and this one, the row's `length` extended to cover them. The
+    op masks by position only, and keys are stored after RoPE, so where a slot
+    sits does not matter.
+    """
     k_res, v_res = self._attended_residual(stored)
-    at = (0, 0, self.length - self.quantized_length, 0)
-    k_res = jax.lax.dynamic_update_slice(k_res, k_st, at)
-    v_res = jax.lax.dynamic_update_slice(v_res, v_st, at)
+    held = self.length - self.quantized_length
+    k_res = jax.lax.dynamic_update_slice(k_res, k_st, (0, 0, held, 0))
+    v_res = jax.lax.dynamic_update_slice(v_res, v_st, (0, 0, held, 0))
+    start, length = self.start, jnp.broadcast_to(self.length + 1, self.start.shape)
+    if self.num_sinks:
+      slots = _next_pow2(self.residual_slots + self.num_sinks)  # the portable kernel's rule
+      pad = ((0, 0), (0, 0), (0, slots - self.residual_slots), (0, 0))
+      at = (0, 0, held + 1, 0)
+      k_res = jax.lax.dynamic_update_slice(jnp.pad(k_res, pad), stored.k_sink, at)
+      v_res = jax.lax.dynamic_update_slice(jnp.pad(v_res, pad), stored.v_sink, at)
+      written = jnp.clip(self.length - self.start, 0, self.num_sinks)
+      start, length = start + written, length + written
     attend = ops.resolve(QUANTIZED_KV_ATTENTION, self.kernels or kernels)
     out = attend(
       q[:, 0],
       stored.store,
-      self.start,
+      start,
       self.quantized_length,
-      self.length + 1,
+      length,
       k_res,
       v_res,
       bits=self.spec.bits,
@@ -392,15 +425,34 @@ def grouped_bytes_per_token(spec: CacheSpec, config: ModelConfig):
 
   Per (token, KV head): K codes D*bits/8 and, per channel, a scale and a zero
   shared by G tokens (2*D*scale_bytes/G) or, per token, 2*scale_bytes; V codes
-  D*bits/8 plus a per-token scale and zero (2*scale_bytes). An int when exact,
-  else a float.
+  D*bits/8 plus a scale and a zero per token and value channel group C
+  (2*C*scale_bytes). An int when exact, else a float.
   """
   d, sb = config.head_dim, jnp.dtype(spec.scale_dtype).itemsize
   codes = Fraction(d * spec.bits, 8)
   k_params = Fraction(2 * d * sb, spec.group_size) if spec.per_channel_keys else 2 * sb
-  per_head = 2 * codes + k_params + 2 * sb
+  per_head = 2 * codes + k_params + 2 * sb * spec.channel_groups
   total = per_head * config.num_layers * config.num_kv_heads
   return int(total) if total.denominator == 1 else float(total)
+
+
+def _next_pow2(n: int) -> int:
+  return 1 << max(n - 1, 0).bit_length()
+
+
+def _value_groups(spec: CacheSpec) -> tuple[int, ...]:
+  """Trailing shape of the value scales: () for one per token, (C,) for C channel groups."""
+  return () if spec.channel_groups == 1 else (spec.channel_groups,)
+
+
+def _quantize_values(v, spec: CacheSpec):
+  """v [..., T, D] -> (codes packed along channels, scale, zero [..., T, *_value_groups])."""
+  slabs = v.reshape(*v.shape[:-1], spec.channel_groups, -1)
+  codes, scale, zero = quantize_asymmetric(slabs, spec.bits, -1, spec.scale_jnp_dtype)
+  scale, zero = scale[..., 0], zero[..., 0]
+  if spec.channel_groups == 1:
+    scale, zero = scale[..., 0], zero[..., 0]
+  return pack_along(codes.reshape(v.shape), spec.bits, -1), scale, zero
 
 
 def _put_groups(store: QuantizedKV, groups: QuantizedKV, quantized_length, spec) -> QuantizedKV:
@@ -410,7 +462,7 @@ def _put_groups(store: QuantizedKV, groups: QuantizedKV, quantized_length, spec)
     k_at = ((0, 0, quantized_length // pf, 0), (0, 0, quantized_length // g, 0))
   else:
     k_at = ((0, 0, quantized_length, 0), (0, 0, quantized_length))
-  v_at = ((0, 0, quantized_length, 0), (0, 0, quantized_length))
+  v_at = ((0, 0, quantized_length, 0), (0, 0, quantized_length, *(0,) * (store.v_scale.ndim - 3)))
   at = (k_at[0], k_at[1], k_at[1], v_at[0], v_at[1], v_at[1])
   return QuantizedKV(
     *(jax.lax.dynamic_update_slice(s, new, i) for s, new, i in zip(store, groups, at))
