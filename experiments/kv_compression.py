@@ -1,7 +1,8 @@
 """Compressed KV caches measured by streaming perplexity (issue 4).
 
   python -m experiments.kv_compression \\
-    --methods=dense,int8,fireq_int4,fireq_int4_r128_s4,kivi4,kivi2,rotatekv2 --text_file=F \\
+    --methods=dense,int8,fireq_int4,fireq_int4_r128_s4,kivi4,kivi2,kivi2_r128_s4,rotatekv2 \\
+    --text_file=F \\
     [--context=1024] [--max_windows=N] [--ablations]
 
 Each window is prefilled for `--prefill` tokens and then decoded token by token
@@ -33,6 +34,7 @@ MAIN_METHODS = (
   "fireq_int4_r128_s4",
   "kivi4",
   "kivi2",
+  "kivi2_r128_s4",
   "rotatekv2",
 )
 ABLATIONS = (

@@ -38,6 +38,7 @@ TWO_BIT = [
   "kivi2_r128",
   "kivi2_s4",
   "kivi2_s4_g64_v2",
+  "kivi2_r128_s4",
 ]
 # max |logits - dense| / max |dense| over prefill + decode on the tiny model (measured ~x0.5)
 TOLERANCE = {"int8": 3e-3, **{n: 5e-2 for n in FOUR_BIT}, **{n: 0.12 for n in TWO_BIT}}
@@ -103,6 +104,7 @@ SLOW_DECODE = {
   "fireq_int4_r96_s4",
   "kivi2_r128",
   "kivi2_s4_g64_v2",
+  "kivi2_s4",
 }
 
 
@@ -147,6 +149,7 @@ EXPECTED_BYTES = {
   "kivi2_s4": HEADS * ((16 + 8) + (16 + 4)),
   # keys: scale + zero per channel per 64 tokens; values: scale + zero per 32 channels
   "kivi2_s4_g64_v2": HEADS * ((16 + 4) + (16 + 8)),
+  "kivi2_r128_s4": HEADS * ((16 + 8) + (16 + 4)),
 }
 # fixed float32 slots per (layer, KV head): residual (96) + G window, + 4 sinks for RotateKV;
 # FireQ's exact window: a ring of R + 32 (rollback slack) slots, + 4 sinks
@@ -157,6 +160,7 @@ EXPECTED_FIXED_SLOTS = {
   "kivi2_r128": 160,
   "kivi2_s4": 132,
   "kivi2_s4_g64_v2": 164,
+  "kivi2_r128_s4": 164,
   "fireq_int4_r96_s4": 132,
   "fireq_int4_r128_s4": 164,
 }
