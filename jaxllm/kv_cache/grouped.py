@@ -241,12 +241,12 @@ class GroupedKVCache(SlotCacheMixin):
       k = dequantize_keys(store.k_packed, store.k_scale, store.k_zero, bits, self.spec.group_size)
     else:
       k = dequantize_values(store.k_packed, store.k_scale, store.k_zero, bits)
-    if self.spec.channel_groups == 1:
-      return k, dequantize_values(store.v_packed, store.v_scale, store.v_zero, bits)
     codes = unpack_along(store.v_packed, bits, -1).astype(jnp.float32)
     slabs = codes.reshape(*codes.shape[:-1], self.spec.channel_groups, -1)
-    v = slabs * store.v_scale.astype(jnp.float32)[..., None]
-    return k, (v + store.v_zero.astype(jnp.float32)[..., None]).reshape(codes.shape)
+    scale, zero = (
+      x.astype(jnp.float32).reshape(*slabs.shape[:-1], 1) for x in (store.v_scale, store.v_zero)
+    )
+    return k, (slabs * scale + zero).reshape(codes.shape)
 
   def _attended_residual(self, stored: GroupedLayer):
     """The window as attention reads it: exact, or quantize-dequantized when residual == 0."""
@@ -449,10 +449,12 @@ def _quantize_values(v, spec: CacheSpec):
   """v [..., T, D] -> (codes packed along channels, scale, zero [..., T, *_value_groups])."""
   slabs = v.reshape(*v.shape[:-1], spec.channel_groups, -1)
   codes, scale, zero = quantize_asymmetric(slabs, spec.bits, -1, spec.scale_jnp_dtype)
-  scale, zero = scale[..., 0], zero[..., 0]
-  if spec.channel_groups == 1:
-    scale, zero = scale[..., 0], zero[..., 0]
-  return pack_along(codes.reshape(v.shape), spec.bits, -1), scale, zero
+  shape = v.shape[:-1] + _value_groups(spec)
+  return (
+    pack_along(codes.reshape(v.shape), spec.bits, -1),
+    scale.reshape(shape),
+    zero.reshape(shape),
+  )
 
 
 def _put_groups(store: QuantizedKV, groups: QuantizedKV, quantized_length, spec) -> QuantizedKV:
