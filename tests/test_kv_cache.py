@@ -39,6 +39,7 @@ TWO_BIT = [
   "kivi2_s4",
   "kivi2_s4_g64_v2",
   "kivi2_r128_s4",
+  "rotatekv2_no_rotation",
 ]
 # max |logits - dense| / max |dense| over prefill + decode on the tiny model (measured ~x0.5)
 TOLERANCE = {"int8": 3e-3, **{n: 5e-2 for n in FOUR_BIT}, **{n: 0.12 for n in TWO_BIT}}
@@ -105,6 +106,7 @@ SLOW_DECODE = {
   "kivi2_r128",
   "kivi2_s4_g64_v2",
   "kivi2_s4",
+  "rotatekv2_no_rotation",
 }
 
 
@@ -150,6 +152,7 @@ EXPECTED_BYTES = {
   # keys: scale + zero per channel per 64 tokens; values: scale + zero per 32 channels
   "kivi2_s4_g64_v2": HEADS * ((16 + 4) + (16 + 8)),
   "kivi2_r128_s4": HEADS * ((16 + 8) + (16 + 4)),
+  "rotatekv2_no_rotation": HEADS * ((16 + 8) + (16 + 4)),
 }
 # fixed float32 slots per (layer, KV head): residual (96) + G window, + 4 sinks for RotateKV;
 # FireQ's exact window: a ring of R + 32 (rollback slack) slots, + 4 sinks
@@ -332,19 +335,23 @@ def test_rollback_into_quantized_tokens_is_an_error():
     cache.rollback(20)
 
 
-def test_sink_tokens_exact():
-  """RotateKV keeps the first 4 tokens of each row (after left padding) exactly."""
+@pytest.mark.parametrize("name", ["rotatekv2", "rotatekv2_no_rotation"])
+def test_sink_tokens_exact(name):
+  """RotateKV keeps the first 4 tokens of each row (after left padding) exactly, stored
+  Hadamard-rotated (unrotated in the no-rotation ablation)."""
   rng = np.random.default_rng(4)
   q, k_pre, v = _chunk(rng, 2, 90)
   start = jnp.array([5, 0], jnp.int32)
-  cache = create_cache(spec_for("rotatekv2").replace(residual=32), ONE_LAYER, 2, 96, start=start)
+  spec = spec_for(name).replace(residual=32)
+  rot = rotate if spec.rotate_keys else (lambda x: x)
+  cache = create_cache(spec, ONE_LAYER, 2, 96, start=start)
   cache = jax.jit(_feed)(cache, q[:, :2], k_pre[:, :2], v[:, :2])[1]
   cache = jax.jit(_feed)(cache, q[:, 2:], k_pre[:, 2:], v[:, 2:])[1]
   layer = cache.layers[0]
   for row, s in enumerate([5, 0]):
-    want_k = rotate(k_pre[row, s : s + 4]).transpose(1, 0, 2)
+    want_k = rot(k_pre[row, s : s + 4]).transpose(1, 0, 2)
     np.testing.assert_array_equal(layer.k_sink[row], want_k)
-    np.testing.assert_array_equal(layer.v_sink[row], rotate(v[row, s : s + 4]).transpose(1, 0, 2))
+    np.testing.assert_array_equal(layer.v_sink[row], rot(v[row, s : s + 4]).transpose(1, 0, 2))
   assert int(cache.quantized_length) == 32  # sinks sit in a quantized group, yet stay exact
   # as attention reads them, the sink slots hold the exact post-RoPE keys and values
   k_view, v_view = _layer0_view(cache)

@@ -146,7 +146,7 @@ class GroupedKVCache(SlotCacheMixin):
       raise ValueError(
         f"{spec.name}: group_size {g} is larger than the cache capacity {capacity} tokens"
       )
-    if spec.kind == "rotatekv":
+    if spec.kind == "rotatekv" and spec.rotate_keys:
       hadamard.hadamard(d)  # raises for a head_dim that is not a power of 2
     hkv, tq, rb = config.num_kv_heads, quantized_slots(capacity, g), spec.residual + g
     sdt = spec.scale_jnp_dtype
@@ -189,7 +189,9 @@ class GroupedKVCache(SlotCacheMixin):
   def _to_storage(self, k_pre_rope, k, v):
     """Chunk [B, S, Hkv, D] -> the stored form [B, Hkv, S, D]: KIVI (k, v); RotateKV (H k_pre, H v)."""
     if self.spec.kind == "rotatekv":
-      k, v = hadamard.rotate(k_pre_rope), hadamard.rotate(v)
+      k = k_pre_rope
+      if self.spec.rotate_keys:
+        k, v = hadamard.rotate(k), hadamard.rotate(v)
     dtype = self.layers[0].k_residual.dtype
     return k.transpose(0, 2, 1, 3).astype(dtype), v.transpose(0, 2, 1, 3).astype(dtype)
 
@@ -204,11 +206,13 @@ class GroupedKVCache(SlotCacheMixin):
     positions = jnp.maximum(jnp.arange(t, dtype=jnp.int32)[None] - self.start[:, None], 0)
     cos = jnp.take(cos_table, positions, axis=0)[:, None]  # [B, 1, T, D/2]
     sin = jnp.take(sin_table, positions, axis=0)[:, None]
-    k = hadamard.rotate(k).astype(jnp.float32)
+    if self.spec.rotate_keys:
+      k, v = hadamard.rotate(k), hadamard.rotate(v)
+    k = k.astype(jnp.float32)
     half = k.shape[-1] // 2
     k1, k2 = k[..., :half], k[..., half:]
     k = jnp.concatenate([k1 * cos - k2 * sin, k2 * cos + k1 * sin], axis=-1)
-    return k, hadamard.rotate(v)
+    return k, v
 
   # -- quantization --------------------------------------------------------------------
 
