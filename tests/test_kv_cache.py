@@ -436,8 +436,8 @@ def test_kivi_value_channel_groups(residual):
   views = {}
   for groups in (1, 2):
     cache = create_cache(spec.replace(channel_groups=groups), ONE_LAYER, 2, 96)
-    out, cache, _ = feed(cache, q[:, :79], k_pre[:, :79], v[:, :79])
-    out, cache, _ = feed(cache, q[:, 79:], k_pre[:, 79:], v[:, 79:])  # decode
+    _, cache, _ = feed(cache, q[:, :79], k_pre[:, :79], v[:, :79])
+    _, cache, _ = feed(cache, q[:, 79:], k_pre[:, 79:], v[:, 79:])  # decode
     assert int(cache.quantized_length) == (32 if residual else 64)
     views[groups] = np.asarray(_layer0_view(cache)[1][:, :, :n])
   assert cache.layers[0].store.v_scale.shape[-1] == 2

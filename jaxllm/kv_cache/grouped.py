@@ -303,8 +303,7 @@ class GroupedKVCache(SlotCacheMixin):
     v_res = jax.lax.dynamic_update_slice(v_res, v_st, (0, 0, held, 0))
     start, length = self.start, jnp.broadcast_to(self.length + 1, self.start.shape)
     if self.num_sinks:
-      slots = _next_pow2(self.residual_slots + self.num_sinks)  # the portable kernel's rule
-      pad = ((0, 0), (0, 0), (0, slots - self.residual_slots), (0, 0))
+      pad = ((0, 0), (0, 0), (0, self.num_sinks), (0, 0))
       at = (0, 0, held + 1, 0)
       k_res = jax.lax.dynamic_update_slice(jnp.pad(k_res, pad), stored.k_sink, at)
       v_res = jax.lax.dynamic_update_slice(jnp.pad(v_res, pad), stored.v_sink, at)
@@ -438,10 +437,6 @@ def grouped_bytes_per_token(spec: CacheSpec, config: ModelConfig):
   per_head = 2 * codes + k_params + 2 * sb * spec.channel_groups
   total = per_head * config.num_layers * config.num_kv_heads
   return int(total) if total.denominator == 1 else float(total)
-
-
-def _next_pow2(n: int) -> int:
-  return 1 << max(n - 1, 0).bit_length()
 
 
 def _value_groups(spec: CacheSpec) -> tuple[int, ...]:
