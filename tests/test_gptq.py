@@ -9,7 +9,7 @@ import pytest
 
 import jaxllm
 from jaxllm.params import init_model
-from jaxllm.quant import QuantSpec, activation_absmax, apply_recipe, get_recipe, quantize
+from jaxllm.quant import QuantSpec, Recipe, activation_absmax, apply_recipe, get_recipe, quantize
 from jaxllm.quant.calibrate import input_hessians
 from jaxllm.quant.gptq import gptq_quantize
 from jaxllm.quant.qtensor import fireq_codes, w4a16_codes
@@ -39,31 +39,35 @@ def _rtn(w, spec):
   return quantize(w, spec.method, spec.group_size, pad_k=spec.pad_k, scale_dtype=spec.scale_dtype)
 
 
+@pytest.mark.parametrize("act_order", [False, True])
 @pytest.mark.parametrize("name", sorted(SPECS))
-def test_gptq_lowers_output_error(layer, name):
+def test_gptq_lowers_output_error(layer, name, act_order):
   w, x = layer
   spec = SPECS[name]
   out_err = {}
-  for label, q in (("rtn", _rtn(w, spec)), ("gptq", gptq_quantize(w, x.T @ x, spec))):
+  gptq = gptq_quantize(w, x.T @ x, spec, act_order=act_order)
+  for label, q in (("rtn", _rtn(w, spec)), ("gptq", gptq)):
     out_err[label] = np.linalg.norm(x @ (np.asarray(w) - np.asarray(q.dequantize())))
   assert out_err["gptq"] < 0.85 * out_err["rtn"], out_err
 
 
+@pytest.mark.parametrize("act_order", [False, True])
 @pytest.mark.parametrize("name", sorted(SPECS))
-def test_identity_hessian_is_round_to_nearest(layer, name):
+def test_identity_hessian_is_round_to_nearest(layer, name, act_order):
   w, _ = layer
   spec = SPECS[name]
-  got, want = gptq_quantize(w, np.eye(K), spec), _rtn(w, spec)
+  got, want = gptq_quantize(w, np.eye(K), spec, act_order=act_order), _rtn(w, spec)
   for part, value in want.parts.items():
     np.testing.assert_array_equal(np.asarray(got.parts[part]), np.asarray(value), err_msg=part)
   assert (got.k_pad, got.method, got.shape) == (want.k_pad, want.method, want.shape)
 
 
+@pytest.mark.parametrize("act_order", [False, True])
 @pytest.mark.parametrize("name", sorted(SPECS))
-def test_gptq_weights_lie_on_the_stored_grid(layer, name):
+def test_gptq_weights_lie_on_the_stored_grid(layer, name, act_order):
   """Re-coding the dequantized weight against the stored scales gives it back exactly."""
   w, x = layer
-  q = gptq_quantize(w, x.T @ x, SPECS[name])
+  q = gptq_quantize(w, x.T @ x, SPECS[name], act_order=act_order)
   dq = q.dequantize_padded()
   g = dq.shape[0] // q.scales.shape[0]
   groups = dq.reshape(q.scales.shape[0], g, -1)
@@ -87,6 +91,8 @@ def test_gptq_bad_input(layer, tiny_model):
     gptq_quantize(w, np.full((K, K), np.nan), spec)
   with pytest.raises(ValueError, match="calibration set is empty"):
     input_hessians(tiny_model, np.zeros((0, 32), np.int32))
+  with pytest.raises(ValueError, match="act_order is a GPTQ option; set gptq=True"):
+    Recipe("rtn_in_act_order", "round-to-nearest cannot take an order", act_order=True)
   with pytest.raises(ValueError, match="uses GPTQ, so it needs calibration windows"):
     apply_recipe(init_model(jaxllm.TINY, seed=0), get_recipe("fireq_w4a8_no_smoothing"))
 
@@ -107,3 +113,40 @@ def test_hessians_and_gptq_recipe_on_the_tiny_model(tiny_model):
     got = np.asarray(model(jnp.asarray(tokens))[0])
     errs[name] = np.abs(got - want).mean()
   assert errs["w4a16_g128"] < errs["w4a16_g128_rtn"], errs
+
+
+def _numpy_gptq_static(w, h, spec, order):
+  """Textbook GPTQ, one row at a time with immediate updates, on the round-to-nearest
+  group grids of `w` (static groups), rows taken in `order`: int4 codes [K, N]."""
+  grid = _rtn(jnp.asarray(w), spec)
+  g = spec.group_size
+  scales = np.repeat(np.asarray(grid.scales, np.float64), g, axis=0)
+  mins = np.repeat(np.asarray(grid.offsets, np.float64), g, axis=0)
+  h = h + 0.01 * np.mean(np.diag(h)) * np.eye(len(h))
+  h = h[order][:, order]
+  u = np.linalg.cholesky(np.linalg.inv(h)).T
+  w = np.asarray(w, np.float64)[order].copy()
+  codes = np.zeros_like(w)
+  for i, row in enumerate(order):
+    codes[i] = np.clip(np.round((w[i] - mins[row]) / scales[row]), 0, 15)
+    err = (w[i] - (codes[i] * scales[row] + mins[row])) / u[i, i]
+    w[i + 1 :] -= np.outer(u[i, i + 1 :], err)
+  return codes[np.argsort(order)]
+
+
+@pytest.mark.parametrize("act_order", [False, True])
+def test_act_order_matches_a_textbook_gptq(layer, act_order):
+  """Blocked, lazily updated act-order GPTQ equals a row-at-a-time numpy GPTQ over the
+  rows in decreasing Hessian-diagonal order (static grids); in K order without it."""
+  w, x = layer
+  x = x * np.linspace(0.2, 3.0, K)  # inputs of unequal energy: a nontrivial order
+  h = x.T @ x
+  spec = SPECS["w4a16_g32"]
+  order = np.argsort(-np.diag(h), kind="stable") if act_order else np.arange(K)
+  want = _numpy_gptq_static(w, h, spec, order)
+  got = gptq_quantize(w, h, spec, act_order=act_order)
+  if not act_order:  # the grids then follow the updates: only the first group's is static
+    want = want[: spec.group_size]
+  dq = got.dequantize_padded().reshape(-1, spec.group_size, N)
+  codes = np.asarray(w4a16_codes(dq, got.scales, got.offsets)).reshape(-1, N)[: len(want)]
+  assert np.mean(codes == want) > 0.99, np.mean(codes == want)

@@ -15,7 +15,12 @@ from jaxllm import ops
 from jaxllm.kv_cache import METHODS, create_cache, prepare_model, spec_for, symmetric
 from jaxllm.kv_cache.fireq import fold_pre_rope_key_scale
 from jaxllm.kv_cache.hadamard import hadamard, rotate
-from jaxllm.kv_cache.quantize import fake_quantize_asymmetric, pack_along, quantize_asymmetric
+from jaxllm.kv_cache.quantize import (
+  RANGE_SHRINK,
+  fake_quantize_asymmetric,
+  pack_along,
+  quantize_asymmetric,
+)
 from jaxllm.rope import apply_rope, rope_tables
 from pallas_kernels.quantized_kv_attention import quantize_keys, quantize_values
 
@@ -39,6 +44,7 @@ TWO_BIT = [
   "kivi2_s4",
   "kivi2_s4_g64_v2",
   "kivi2_r128_s4",
+  "kivi2_r128_s4_search",
   "rotatekv2_no_rotation",
 ]
 # max |logits - dense| / max |dense| over prefill + decode on the tiny model (measured ~x0.5)
@@ -118,7 +124,10 @@ def test_decode_close_to_dense(decode_error, name):
 
 
 def test_more_bits_closer_to_dense(decode_error):
+  """Among the min/max codecs (a searched range can put 2 bits near 4-bit FireQ)."""
   e = {n: decode_error(n) for n in COMPRESSED if n not in SLOW_DECODE}
+  assert e["kivi2_r128_s4_search"] < e["kivi2_r128_s4"], e
+  e = {n: v for n, v in e.items() if not METHODS[n].search_range}
   assert e["int8"] < min(e[n] for n in FOUR_BIT if n in e), e
   assert max(e[n] for n in FOUR_BIT if n in e) < min(e[n] for n in TWO_BIT if n in e), e
   assert e["kivi2"] < e["kivi2_no_residual"], e
@@ -152,6 +161,7 @@ EXPECTED_BYTES = {
   # keys: scale + zero per channel per 64 tokens; values: scale + zero per 32 channels
   "kivi2_s4_g64_v2": HEADS * ((16 + 4) + (16 + 8)),
   "kivi2_r128_s4": HEADS * ((16 + 8) + (16 + 4)),
+  "kivi2_r128_s4_search": HEADS * ((16 + 8) + (16 + 4)),
   "rotatekv2_no_rotation": HEADS * ((16 + 8) + (16 + 4)),
 }
 # fixed float32 slots per (layer, KV head): residual (96) + G window, + 4 sinks for RotateKV;
@@ -164,6 +174,7 @@ EXPECTED_FIXED_SLOTS = {
   "kivi2_s4": 132,
   "kivi2_s4_g64_v2": 164,
   "kivi2_r128_s4": 164,
+  "kivi2_r128_s4_search": 164,
   "fireq_int4_r96_s4": 132,
   "fireq_int4_r128_s4": 164,
 }
@@ -205,6 +216,51 @@ def test_packing_matches_kernel_layout(bits):
   want = quantize_values(k, bits)
   np.testing.assert_array_equal(pack_along(codes, bits, -1), want[0])
   np.testing.assert_array_equal(scale[..., 0], want[1])
+
+
+def _numpy_best_range_error(row: np.ndarray, bits: int) -> float:
+  """Least squared rounding error of one slice over the shrunk (lo, hi) candidates, by loops."""
+  qmax = 2**bits - 1
+  lo, hi = row.min(), row.max()
+  mid = (lo + hi) / 2
+  best = np.inf
+  for r_lo in RANGE_SHRINK:
+    for r_hi in RANGE_SHRINK:
+      c_lo, c_hi = mid + r_lo * (lo - mid), mid + r_hi * (hi - mid)
+      step = (c_hi - c_lo) / qmax
+      deq = np.clip(np.round((row - c_lo) / step), 0, qmax) * step + c_lo
+      best = min(best, float(((deq - row) ** 2).sum()))
+  return best
+
+
+@pytest.mark.parametrize("bits", [2, 4])
+def test_range_search_picks_the_least_error_range(bits):
+  """Per slice, the searched range's error equals a loop over the candidates, is never
+  above min/max's, and at 2 bits on heavy-tailed data is well below it."""
+  rng = np.random.default_rng(bits)
+  x = rng.standard_t(4, size=(48, 64)).astype(np.float32)
+  plain = np.asarray(fake_quantize_asymmetric(jnp.asarray(x), bits, -1))
+  searched = np.asarray(fake_quantize_asymmetric(jnp.asarray(x), bits, -1, search_range=True))
+  err_plain = ((plain - x) ** 2).sum(-1)
+  err_searched = ((searched - x) ** 2).sum(-1)
+  want = np.array([_numpy_best_range_error(row, bits) for row in x])
+  np.testing.assert_allclose(err_searched, want, rtol=1e-4)
+  assert (err_searched <= err_plain * (1 + 1e-5)).all()
+  if bits == 2:
+    assert err_searched.sum() < 0.7 * err_plain.sum()
+
+
+def test_range_search_ignores_invalid_entries():
+  """Entries outside `valid` move neither the searched scale nor the zero."""
+  rng = np.random.default_rng(0)
+  x = rng.standard_normal((4, 32, 16)).astype(np.float32)
+  valid = np.arange(32)[None, :, None] >= 5
+  y = np.where(valid, x, 100.0).astype(np.float32)
+  a = quantize_asymmetric(jnp.asarray(x), 2, -2, jnp.float32, jnp.asarray(valid), True)
+  b = quantize_asymmetric(jnp.asarray(y), 2, -2, jnp.float32, jnp.asarray(valid), True)
+  np.testing.assert_array_equal(a[1], b[1])
+  np.testing.assert_array_equal(a[2], b[2])
+  np.testing.assert_array_equal(np.where(valid, a[0], 0), np.where(valid, b[0], 0))
 
 
 # ---------------------------------------------------------- KIVI flush, rollback, sinks

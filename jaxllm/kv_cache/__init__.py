@@ -23,7 +23,8 @@ Methods (`METHODS`, by name):
   * ablations: kivi2_per_token_keys, kivi2_no_residual, kivi2_r128, kivi2_s4
     (4 exact sinks), kivi2_s4_g64_v2 (key groups of 64 tokens, two value scale
     groups per token), rotatekv2_no_rotation (RotateKV-2 without the Hadamard
-    rotation), fireq_int4_r96_s4 (a 96-token window),
+    rotation), kivi2_r128_s4_search (scale ranges of least rounding error,
+    `CacheSpec.search_range`), fireq_int4_r96_s4 (a 96-token window),
     fireq_int4_pre_rope_only, fireq_int4_post_rope_only, fireq_int4_rot
     (keys and queries Hadamard-rotated after the post-RoPE scale).
 

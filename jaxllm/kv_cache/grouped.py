@@ -225,15 +225,16 @@ class GroupedKVCache(SlotCacheMixin):
   def _quantize_groups(self, k, v, valid):
     """k, v [B, Hkv, n*G, D] stored domain -> the store arrays of those n groups."""
     bits, g, sdt = self.spec.bits, self.spec.group_size, self.spec.scale_jnp_dtype
+    search = self.spec.search_range
     b, h, t, d = k.shape
     if self.spec.per_channel_keys:
       grouped = k.reshape(b, h, t // g, g, d)
       mask = valid.reshape(b, 1, t // g, g, 1)
-      codes, k_scale, k_zero = quantize_asymmetric(grouped, bits, -2, sdt, mask)
+      codes, k_scale, k_zero = quantize_asymmetric(grouped, bits, -2, sdt, mask, search)
       k_packed = pack_along(codes, bits, -2).reshape(b, h, t // (8 // bits), d)
       k_scale, k_zero = k_scale[..., 0, :], k_zero[..., 0, :]
     else:
-      codes, k_scale, k_zero = quantize_asymmetric(k, bits, -1, sdt)
+      codes, k_scale, k_zero = quantize_asymmetric(k, bits, -1, sdt, None, search)
       k_packed, k_scale, k_zero = pack_along(codes, bits, -1), k_scale[..., 0], k_zero[..., 0]
     v_codes, v_scale, v_zero = _quantize_values(v, self.spec)
     return QuantizedKV(k_packed, k_scale, k_zero, v_codes, v_scale, v_zero)
@@ -261,9 +262,10 @@ class GroupedKVCache(SlotCacheMixin):
     pending = jnp.arange(rb)[None, None, :, None] < self.length - self.quantized_length
     valid = pending & self._stat_mask(self.quantized_length, rb)
     key_axis = -2 if self.spec.per_channel_keys else -1
-    fq_k = fake_quantize_asymmetric(k, bits, key_axis, valid, sdt)
+    search = self.spec.search_range
+    fq_k = fake_quantize_asymmetric(k, bits, key_axis, valid, sdt, search)
     slabs = v.reshape(*v.shape[:-1], self.spec.channel_groups, -1)
-    fq_v = fake_quantize_asymmetric(slabs, bits, -1, None, sdt).reshape(v.shape)
+    fq_v = fake_quantize_asymmetric(slabs, bits, -1, None, sdt, search).reshape(v.shape)
     return fq_k.astype(k.dtype), fq_v.astype(v.dtype)
 
   # -- the cache interface -------------------------------------------------------------
@@ -447,7 +449,9 @@ def _value_groups(spec: CacheSpec) -> tuple[int, ...]:
 def _quantize_values(v, spec: CacheSpec):
   """v [..., T, D] -> (codes packed along channels, scale, zero [..., T, *_value_groups])."""
   slabs = v.reshape(*v.shape[:-1], spec.channel_groups, -1)
-  codes, scale, zero = quantize_asymmetric(slabs, spec.bits, -1, spec.scale_jnp_dtype)
+  codes, scale, zero = quantize_asymmetric(
+    slabs, spec.bits, -1, spec.scale_jnp_dtype, None, spec.search_range
+  )
   shape = v.shape[:-1] + _value_groups(spec)
   return (
     pack_along(codes.reshape(v.shape), spec.bits, -1),

@@ -43,8 +43,13 @@ def unpack_along(packed: jax.Array, bits: int, axis: int) -> jax.Array:
   return out.reshape(*packed.shape[:axis], -1, *packed.shape[axis + 1 :])
 
 
-def quantize_asymmetric(x: jax.Array, bits: int, axis, scale_dtype, valid=None):
-  """Min/max asymmetric quantization, ``x ~= code * scale + zero``, reduced over `axis`.
+# Candidate shrink factors of a slice's range (each end moved toward the middle on its
+# own) for `quantize_asymmetric(..., search_range=True)`.
+RANGE_SHRINK = (1.0, 0.9, 0.8, 0.7, 0.6, 0.5)
+
+
+def quantize_asymmetric(x: jax.Array, bits: int, axis, scale_dtype, valid=None, search_range=False):
+  """Asymmetric quantization, ``x ~= code * scale + zero``, reduced over `axis`.
 
   Args:
     x: float array.
@@ -52,7 +57,12 @@ def quantize_asymmetric(x: jax.Array, bits: int, axis, scale_dtype, valid=None):
     axis: axis (or axes) the statistics are taken over.
     scale_dtype: storage dtype of scale and zero.
     valid: optional bool mask broadcastable to x; masked-out entries do not
-      enter min/max (their codes are still clipped into range).
+      enter the statistics (their codes are still clipped into range).
+    search_range: False: the grid spans the slice's min..max. True: each end of
+      that range may shrink toward its middle by a factor of `RANGE_SHRINK`,
+      independently; the pair with the least squared rounding error (over the
+      valid entries, outliers clipped) wins. min/max is a candidate, so the
+      error does not grow (up to rounding scale and zero to `scale_dtype`).
 
   Returns:
     (codes uint8 like x, scale, zero) with scale/zero shaped like x reduced
@@ -66,11 +76,30 @@ def quantize_asymmetric(x: jax.Array, bits: int, axis, scale_dtype, valid=None):
     hi = jnp.where(valid, x, -jnp.inf).max(axis, keepdims=True)
     lo, hi = jnp.where(hi >= lo, lo, 0.0), jnp.where(hi >= lo, hi, 0.0)
   qmax = float(2**bits - 1)
+  if search_range:
+    lo, hi = _least_error_range(x, lo, hi, qmax, axis, valid)
   zero = lo.astype(scale_dtype)
   scale = (hi - zero.astype(jnp.float32)) / qmax
   scale = jnp.where(scale > 0, scale, 1.0).astype(scale_dtype)
   codes = jnp.round((x - zero.astype(jnp.float32)) / scale.astype(jnp.float32))
   return jnp.clip(codes, 0, qmax).astype(jnp.uint8), scale, zero
+
+
+def _least_error_range(x, lo, hi, qmax: float, axis, valid):
+  """(lo, hi) shrunk by the `RANGE_SHRINK` pair of least squared rounding error."""
+  mid = (lo + hi) / 2
+  best = (jnp.full_like(lo, jnp.inf), lo, hi)
+  for r_lo in RANGE_SHRINK:
+    for r_hi in RANGE_SHRINK:
+      c_lo, c_hi = mid + r_lo * (lo - mid), mid + r_hi * (hi - mid)
+      step = jnp.maximum((c_hi - c_lo) / qmax, 1e-30)
+      err = (jnp.clip(jnp.round((x - c_lo) / step), 0, qmax) * step + c_lo - x) ** 2
+      if valid is not None:
+        err = jnp.where(valid, err, 0.0)
+      err = err.sum(axis, keepdims=True)
+      better = err < best[0]
+      best = tuple(jnp.where(better, new, old) for new, old in zip((err, c_lo, c_hi), best))
+  return best[1], best[2]
 
 
 def quantize_symmetric(x: jax.Array, bits: int, axis: int, scale_dtype):
@@ -86,9 +115,11 @@ def quantize_symmetric(x: jax.Array, bits: int, axis: int, scale_dtype):
   return codes.astype(jnp.int32), scale
 
 
-def fake_quantize_asymmetric(x, bits, axis, valid=None, scale_dtype=jnp.float32):
+def fake_quantize_asymmetric(
+  x, bits, axis, valid=None, scale_dtype=jnp.float32, search_range=False
+):
   """Quantize-dequantize (float32) with `quantize_asymmetric`'s rounding."""
-  codes, scale, zero = quantize_asymmetric(x, bits, axis, scale_dtype, valid)
+  codes, scale, zero = quantize_asymmetric(x, bits, axis, scale_dtype, valid, search_range)
   return codes.astype(jnp.float32) * scale.astype(jnp.float32) + zero.astype(jnp.float32)
 
 

@@ -50,6 +50,10 @@ class CacheSpec:
       from the values' (None: `channel_groups`).
     zero_point: int8/FireQ: asymmetric per-token quantization (min/max, a zero
       point per scale) instead of symmetric.
+    search_range: asymmetric codes (KIVI/RotateKV, FireQ/int8 with `zero_point`):
+      each scale's range is the shrunk min..max of least squared rounding error
+      (`jaxllm.kv_cache.quantize.quantize_asymmetric`) instead of min..max. The
+      stored format is unchanged; only the choice of scale and zero differs.
     scale_dtype: storage dtype of scales and zero points.
   """
 
@@ -68,6 +72,7 @@ class CacheSpec:
   channel_groups: int = 1
   key_channel_groups: int | None = None
   zero_point: bool = False
+  search_range: bool = False
   scale_dtype: str = "bfloat16"
 
   def __post_init__(self):
@@ -153,6 +158,14 @@ METHODS: dict[str, CacheSpec] = {
     # 8 windows at context 1024: kivi2 +21.2%; 4 sinks +10.0%; R=128 and 4 sinks +8.6%;
     # 8 sinks +8.5%; float16 instead of bfloat16 scales +8.8% (no gain).
     CacheSpec("kivi2_r128_s4", bits=2, **{**_KIVI, "residual": 128, "n_sink": 4}),
+    # kivi2_r128_s4 with each scale's range chosen for the least squared rounding error
+    # instead of min..max (`search_range`). SmolLM2, 8 windows at context 1024: +8.67% vs
+    # +8.61%, top-1 agreement 0.882 vs 0.849: closer logits, no better perplexity.
+    CacheSpec(
+      "kivi2_r128_s4_search",
+      bits=2,
+      **{**_KIVI, "residual": 128, "n_sink": 4, "search_range": True},
+    ),
     # ablations
     CacheSpec("kivi2_per_token_keys", bits=2, per_channel_keys=False, **_KIVI),
     CacheSpec("kivi2_no_residual", bits=2, **{**_KIVI, "residual": 0}),

@@ -87,7 +87,9 @@ def encode(x: jax.Array, spec: CacheSpec, groups: int):
   *lead, d = x.shape
   xg = x.reshape(*lead, groups, d // groups)
   if spec.zero_point:
-    codes, scale, zero = quantize_asymmetric(xg, bits, -1, spec.scale_jnp_dtype)
+    codes, scale, zero = quantize_asymmetric(
+      xg, bits, -1, spec.scale_jnp_dtype, None, spec.search_range
+    )
     codes, zero = codes.reshape(*lead, d), zero[..., 0]
     return pack_along(codes, bits, -1), scale[..., 0], zero
   codes, scale = quantize_symmetric(xg, bits, -1, spec.scale_jnp_dtype)

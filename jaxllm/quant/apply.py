@@ -101,7 +101,9 @@ def apply_recipe(
     else:
       from jaxllm.quant.gptq import gptq_quantize  # pylint: disable=import-outside-toplevel
 
-      param.set_value(gptq_quantize(param.get_value(), hessians[input_key(path)], spec, contract))
+      hessian = hessians[input_key(path)]
+      q = gptq_quantize(param.get_value(), hessian, spec, contract, act_order=recipe.act_order)
+      param.set_value(q)
   return model
 
 
