@@ -180,7 +180,7 @@ def main(argv):
       for m, r in recipes.items()
     }
   stats = None
-  if any(r.smoothing_alpha is not None for r in recipes.values()):
+  if any(r.smooths for r in recipes.values()):
     stats = activation_absmax(pipe.model, calib, progress=True)
 
   rows, details = [], {}

@@ -77,7 +77,7 @@ def quantize_asymmetric(x: jax.Array, bits: int, axis, scale_dtype, valid=None, 
     lo, hi = jnp.where(hi >= lo, lo, 0.0), jnp.where(hi >= lo, hi, 0.0)
   qmax = float(2**bits - 1)
   if search_range:
-    lo, hi = _least_error_range(x, lo, hi, qmax, axis, valid)
+    lo, hi = least_error_range(x, lo, hi, qmax, axis, valid)
   zero = lo.astype(scale_dtype)
   scale = (hi - zero.astype(jnp.float32)) / qmax
   scale = jnp.where(scale > 0, scale, 1.0).astype(scale_dtype)
@@ -85,12 +85,18 @@ def quantize_asymmetric(x: jax.Array, bits: int, axis, scale_dtype, valid=None, 
   return jnp.clip(codes, 0, qmax).astype(jnp.uint8), scale, zero
 
 
-def _least_error_range(x, lo, hi, qmax: float, axis, valid):
-  """(lo, hi) shrunk by the `RANGE_SHRINK` pair of least squared rounding error."""
+def least_error_range(x, lo, hi, qmax: float, axis, valid=None, shrink=RANGE_SHRINK):
+  """The asymmetric grid range of least squared rounding error of `x` over `axis`.
+
+  Each end of lo..hi (shaped like x reduced over `axis` with keepdims) moves toward
+  the middle by a factor of `shrink`, independently; of the pairs, the one whose
+  grid of ``qmax + 1`` levels rounds the (`valid`) entries of x with the least
+  squared error wins, the first in order on ties. Returns (lo, hi).
+  """
   mid = (lo + hi) / 2
   best = (jnp.full_like(lo, jnp.inf), lo, hi)
-  for r_lo in RANGE_SHRINK:
-    for r_hi in RANGE_SHRINK:
+  for r_lo in shrink:
+    for r_hi in shrink:
       c_lo, c_hi = mid + r_lo * (lo - mid), mid + r_hi * (hi - mid)
       step = jnp.maximum((c_hi - c_lo) / qmax, 1e-30)
       err = (jnp.clip(jnp.round((x - c_lo) / step), 0, qmax) * step + c_lo - x) ** 2

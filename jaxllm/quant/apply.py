@@ -8,8 +8,12 @@ import numpy as np
 from flax import nnx
 
 from jaxllm.model import Llama
+from jaxllm.quant import smoothing
+from jaxllm.quant.calibrate import input_hessians
+from jaxllm.quant.gptq import gptq_quantize
 from jaxllm.quant.qtensor import QTensor
 from jaxllm.quant.recipes import QuantSpec, Recipe
+from jaxllm.quant.smoothing_search import search_smoothing
 
 # param name -> number of leading dims contracted by its matmul
 LINEAR_PARAMS = {"q": 1, "k": 1, "v": 1, "o": 2, "gate": 1, "up": 1, "down": 1}
@@ -74,36 +78,37 @@ def apply_recipe(
     recipe: what to do (see `jaxllm.quant.recipes`).
     act_absmax: per-channel activation absmax from `jaxllm.quant.calibrate`,
       required when the recipe smooths.
-    calib_windows: int [N, length] token ids, required when the recipe uses GPTQ:
-      the Hessians are collected from the (smoothed) float model in one pass, so
-      every layer sees float inputs (not those of the already-quantized layers
-      before it, the slower sequential variant).
+    calib_windows: int [N, length] token ids, required when the recipe uses GPTQ
+      or an alpha search: the Hessians are collected from the float model in one
+      pass (and rescaled for the smoothing), so every layer sees float inputs (not
+      those of the already-quantized layers before it, the slower sequential variant).
   """
-  if recipe.smoothing_alpha is not None:
-    if act_absmax is None:
-      raise ValueError(f"recipe {recipe.name!r} smooths, so it needs calibration statistics")
-    from jaxllm.quant.smoothing import smooth_model  # pylint: disable=import-outside-toplevel
-
-    smooth_model(model, act_absmax, recipe.smoothing_alpha)
+  if recipe.smooths and act_absmax is None:
+    raise ValueError(f"recipe {recipe.name!r} smooths, so it needs calibration statistics")
   hessians = None
-  if recipe.gptq:
+  if recipe.gptq or recipe.alpha_grid:
     if calib_windows is None:
-      raise ValueError(f"recipe {recipe.name!r} uses GPTQ, so it needs calibration windows")
-    from jaxllm.quant.calibrate import input_hessians  # pylint: disable=import-outside-toplevel
-
+      reason = "uses GPTQ" if recipe.gptq else "searches its smoothing per layer"
+      raise ValueError(f"recipe {recipe.name!r} {reason}, so it needs calibration windows")
     hessians = input_hessians(model, calib_windows)
+  if recipe.smooths:
+    if recipe.alpha_grid:
+      scales, _ = search_smoothing(model, act_absmax, hessians, recipe.spec_for, recipe.alpha_grid)
+    else:
+      scales = smoothing.smoothing_plan(model, act_absmax, recipe.smoothing_alpha)
+    smoothing.apply_smoothing(model, scales)
+    if hessians is not None:
+      hessians = smoothing.smoothed_hessians(model, hessians, scales)
   for path, param, contract in linear_params(model):
     spec = recipe.spec_for(path)
     if spec is None or isinstance(param.get_value(), QTensor):
       continue
-    if hessians is None:
-      quantize_with_spec(param, spec, contract)
-    else:
-      from jaxllm.quant.gptq import gptq_quantize  # pylint: disable=import-outside-toplevel
-
-      hessian = hessians[input_key(path)]
-      q = gptq_quantize(param.get_value(), hessian, spec, contract, act_order=recipe.act_order)
+    if recipe.gptq:
+      w = param.get_value()
+      q = gptq_quantize(w, hessians[input_key(path)], spec, contract, act_order=recipe.act_order)
       param.set_value(q)
+    else:
+      quantize_with_spec(param, spec, contract)
   return model
 
 

@@ -11,7 +11,7 @@ the grid is computed by the same helpers `jaxllm.quant.qtensor.quantize` uses, s
 the result is a `QTensor` on exactly the grid round-to-nearest would store.
 With act order the rows are taken by decreasing Hessian diagonal; the groups stay
 contiguous in K, so their grids are fixed beforehand (round-to-nearest's, GPTQ's
-"static groups") and the rows go in blocks of `W8_BLOCK`.
+"static groups") and the rows go in blocks of gcd(K', `W8_BLOCK`) (K' = K padded).
 W8A8's grid is one symmetric scale per output channel over all of K: the scales of
 the round-to-nearest QTensor of the original weight, kept fixed; rows are processed
 in blocks of gcd(K, `W8_BLOCK`) for the lazy updates.
@@ -37,7 +37,7 @@ from jaxllm.quant.recipes import QuantSpec
 from pallas_kernels import quantized_matmul as qmm
 
 GPTQ_METHODS = ("w4a16", "fireq_w4a8", "w8a8")
-W8_BLOCK = 128  # rows per lazy-update block for w8a8 (its grid spans all of K)
+W8_BLOCK = 128  # rows per lazy-update block when grids are fixed (w8a8, act order)
 
 
 def inverse_hessian_factor(
@@ -157,7 +157,7 @@ def gptq_quantize(
     damp: relative dampening of H's diagonal (lambda = damp * mean(diag H)).
     act_order: take the rows by decreasing Hessian diagonal (the inputs with the
       most energy first, while most rows are left to absorb their error), in
-      blocks of `W8_BLOCK`. Groups stay contiguous in K, so their grids are fixed
+      blocks of gcd(K', `W8_BLOCK`). Groups stay contiguous in K, so their grids are fixed
       beforehand from the weight itself, as round-to-nearest stores them.
 
   Raises:
@@ -184,7 +184,11 @@ def gptq_quantize(
   w2 = jnp.pad(jnp.asarray(w, jnp.float32).reshape(k, n), ((0, rtn.k_pad), (0, 0)))
   clip = spec.clip_search and spec.method != "w8a8"
   # A grid fixed per row (W8A8's per-channel scales; act order's groups), or None.
-  fixed = rtn if spec.method == "w8a8" else spec.quantize(w, contract_dims) if act_order else None
+  fixed = None
+  if spec.method == "w8a8":
+    fixed = rtn
+  elif act_order:
+    fixed = spec.quantize(w, contract_dims)
   order = np.arange(k_padded)
   if act_order:  # padded rows (zero Hessian) go last
     diag = np.concatenate([np.diag(h), np.full(rtn.k_pad, -np.inf, np.float32)])

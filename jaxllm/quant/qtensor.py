@@ -20,6 +20,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
+from jaxllm.kv_cache.quantize import least_error_range
 from pallas_kernels import quantized_matmul as qmm
 
 # method -> what is stored.
@@ -218,17 +219,8 @@ def clip_to_best_range(w2: jax.Array, group: int, symmetric: bool) -> jax.Array:
     err = ((q * scale - wg) ** 2).sum(axis=2)  # [R, G, N]
     best = jnp.take_along_axis(bound, err.argmin(axis=0)[None], axis=0)[0]
     return jnp.clip(wg, -best[:, None], best[:, None]).reshape(k, n)
-  lo, hi = wg.min(axis=1), wg.max(axis=1)
-  mid = (lo + hi) / 2
-  r_lo = jnp.repeat(ratios, len(_SHRINK))[:, None, None]
-  r_hi = jnp.tile(ratios, len(_SHRINK))[:, None, None]
-  lows, highs = mid + r_lo * (lo - mid), mid + r_hi * (hi - mid)  # [R*R, G, N]
-  scale = jnp.maximum((highs - lows) / 15.0, 1e-12)[:, :, None]
-  q = jnp.clip(jnp.round((wg - lows[:, :, None]) / scale), 0, 15)
-  err = ((q * scale + lows[:, :, None] - wg) ** 2).sum(axis=2)
-  pick = err.argmin(axis=0)[None]
-  best_lo = jnp.take_along_axis(lows, pick, axis=0)[0][:, None]
-  best_hi = jnp.take_along_axis(highs, pick, axis=0)[0][:, None]
+  lo, hi = wg.min(axis=1, keepdims=True), wg.max(axis=1, keepdims=True)
+  best_lo, best_hi = least_error_range(wg, lo, hi, 15.0, axis=1, shrink=_SHRINK)
   return jnp.clip(wg, best_lo, best_hi).reshape(k, n)
 
 

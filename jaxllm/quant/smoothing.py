@@ -84,6 +84,94 @@ def _stat(act_absmax: Mapping[str, np.ndarray], key: str) -> np.ndarray:
   return np.asarray(act_absmax[key], np.float32)
 
 
+def input_ranges(
+  model: Llama, act_absmax: Mapping[str, np.ndarray], layer: int, name: str
+) -> tuple[np.ndarray, np.ndarray]:
+  """(activation absmax, weight absmax) of one linear input, in the shape of its scale.
+
+  The weight range is max |w| over the rows each input channel multiplies in every
+  consumer of the input; o_in's ranges are pooled over each KV head's query heads
+  ([H_kv, D]), since one scale per (kv head, d) is folded into v.
+  """
+  attn, mlp = model.layers[layer].attn, model.layers[layer].mlp
+  x_amax = _stat(act_absmax, f"{layer}.{name}")
+  if name == "attn_in":
+    return x_amax, _rows_absmax(attn.q.get_value(), attn.k.get_value(), attn.v.get_value())
+  if name == "mlp_in":
+    return x_amax, _rows_absmax(mlp.gate.get_value(), mlp.up.get_value())
+  if name == "down_in":
+    return x_amax, _rows_absmax(mlp.down.get_value())
+  if name != "o_in":
+    raise ValueError(f"unknown linear input {name!r}; use {LINEAR_INPUTS}")
+  cfg = model.config
+  group = cfg.num_heads // cfg.num_kv_heads
+  w_amax = _rows_absmax(attn.o.get_value(), contract_dims=2)  # [H, D]
+  pool = lambda a: a.reshape(cfg.num_kv_heads, group, -1).max(axis=1)  # noqa: E731
+  return pool(x_amax), pool(w_amax)
+
+
+def smoothing_plan(
+  model: Llama, act_absmax: Mapping[str, np.ndarray], alpha: Alpha = 0.5
+) -> dict[str, np.ndarray]:
+  """The scales `smooth_model` would apply, keyed like the statistics (``{i}.{input}``;
+  inputs whose alpha is None absent)."""
+  alphas = alphas_per_input(alpha)
+  plan = {}
+  for i in range(len(model.layers)):
+    for name, a in alphas.items():
+      if a is not None:
+        plan[f"{i}.{name}"] = smoothing_scales(*input_ranges(model, act_absmax, i, name), a)
+  return plan
+
+
+def consumer_row_scales(model: Llama, key: str, s: np.ndarray) -> np.ndarray:
+  """`s` as the factor on each row of K of the linears fed by input `key` (o_in's
+  [H_kv, D] repeated over each KV head's query heads and flattened to H*D)."""
+  if key.endswith(".o_in"):
+    cfg = model.config
+    return np.repeat(s, cfg.num_heads // cfg.num_kv_heads, axis=0).reshape(-1)
+  return np.asarray(s)
+
+
+def apply_smoothing(model: Llama, scales: Mapping[str, np.ndarray]) -> None:
+  """Folds channel scales ``{i}.{input}: s`` into the model in place: the input is
+  divided by s (in the op producing it) and its consumers' rows multiplied by s."""
+  for key, s in scales.items():
+    layer, name = key.split(".", 1)
+    if name not in LINEAR_INPUTS or not layer.isdigit() or int(layer) >= len(model.layers):
+      raise ValueError(f"no linear input {key!r} in a model of {len(model.layers)} layers")
+    i = int(layer)
+    attn, mlp = model.layers[i].attn, model.layers[i].mlp
+    s = np.asarray(s, np.float32)
+    if name == "attn_in":  # q/k/v <- attn_norm
+      _scale_param(model.layers[i].attn_norm.scale, 1.0 / s)
+      for p in (attn.q, attn.k, attn.v):
+        _scale_param(p, s[:, None, None])
+    elif name == "mlp_in":  # gate/up <- mlp_norm
+      _scale_param(model.layers[i].mlp_norm.scale, 1.0 / s)
+      for p in (mlp.gate, mlp.up):
+        _scale_param(p, s[:, None])
+    elif name == "o_in":  # o <- v, one scale per (kv head, d) shared by its group
+      _scale_param(attn.v, 1.0 / s[None])
+      rows = consumer_row_scales(model, key, s).reshape(attn.o.get_value().shape[:2])
+      _scale_param(attn.o, rows[:, :, None])
+    else:  # down <- up
+      _scale_param(mlp.up, 1.0 / s[None])
+      _scale_param(mlp.down, s[:, None])
+
+
+def smoothed_hessians(
+  model: Llama, hessians: Mapping[str, np.ndarray], scales: Mapping[str, np.ndarray]
+) -> dict[str, np.ndarray]:
+  """Input Hessians of the smoothed model from those of the unsmoothed one: an input
+  divided by s has Hessian ``H / (s s^T)``, so no second calibration pass is needed."""
+  out = dict(hessians)
+  for key, s in scales.items():
+    rows = consumer_row_scales(model, key, s).astype(np.float64)
+    out[key] = (np.asarray(hessians[key], np.float64) / np.outer(rows, rows)).astype(np.float32)
+  return out
+
+
 def smooth_model(
   model: Llama, act_absmax: Mapping[str, np.ndarray], alpha: Alpha = 0.5
 ) -> dict[str, np.ndarray]:
@@ -101,39 +189,6 @@ def smooth_model(
   Returns:
     the scales applied, keyed like the statistics (inputs left unsmoothed absent).
   """
-  alphas = alphas_per_input(alpha)
-  cfg = model.config
-  group = cfg.num_heads // cfg.num_kv_heads
-  applied = {}
-  for i, layer in enumerate(model.layers):
-    attn, mlp = layer.attn, layer.mlp
-    if alphas["attn_in"] is not None:  # q/k/v <- attn_norm
-      w_amax = _rows_absmax(attn.q.get_value(), attn.k.get_value(), attn.v.get_value())
-      s = smoothing_scales(_stat(act_absmax, f"{i}.attn_in"), w_amax, alphas["attn_in"])
-      _scale_param(layer.attn_norm.scale, 1.0 / s)
-      for p in (attn.q, attn.k, attn.v):
-        _scale_param(p, s[:, None, None])
-      applied[f"{i}.attn_in"] = s
-    if alphas["mlp_in"] is not None:  # gate/up <- mlp_norm
-      w_amax = _rows_absmax(mlp.gate.get_value(), mlp.up.get_value())
-      s = smoothing_scales(_stat(act_absmax, f"{i}.mlp_in"), w_amax, alphas["mlp_in"])
-      _scale_param(layer.mlp_norm.scale, 1.0 / s)
-      for p in (mlp.gate, mlp.up):
-        _scale_param(p, s[:, None])
-      applied[f"{i}.mlp_in"] = s
-    if alphas["o_in"] is not None:  # o <- v, one scale per (kv head, d) shared by its group
-      x_amax = _stat(act_absmax, f"{i}.o_in")  # [H, D]
-      x_amax = x_amax.reshape(cfg.num_kv_heads, group, -1).max(axis=1)
-      w_amax = _rows_absmax(attn.o.get_value(), contract_dims=2)  # [H, D]
-      w_amax = w_amax.reshape(cfg.num_kv_heads, group, -1).max(axis=1)
-      s = smoothing_scales(x_amax, w_amax, alphas["o_in"])  # [H_kv, D]
-      _scale_param(attn.v, 1.0 / s[None])
-      _scale_param(attn.o, np.repeat(s, group, axis=0)[:, :, None])
-      applied[f"{i}.o_in"] = s
-    if alphas["down_in"] is not None:  # down <- up
-      w_amax = _rows_absmax(mlp.down.get_value())
-      s = smoothing_scales(_stat(act_absmax, f"{i}.down_in"), w_amax, alphas["down_in"])
-      _scale_param(mlp.up, 1.0 / s[None])
-      _scale_param(mlp.down, s[:, None])
-      applied[f"{i}.down_in"] = s
-  return applied
+  scales = smoothing_plan(model, act_absmax, alpha)
+  apply_smoothing(model, scales)
+  return scales
