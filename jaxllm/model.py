@@ -157,12 +157,8 @@ class Llama(nnx.Module):
       base = jnp.zeros((), jnp.int32)
     else:
       start, base = cache.start, cache.length
-    q_slots = base + jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
-    positions = jnp.maximum(q_slots - start[:, None], 0)
-    cos, sin = rope_tables(positions, cfg.head_dim, cfg.rope_theta)
-
-    x = jnp.take(self.embed[...], tokens, axis=1).transpose(1, 2, 0).astype(self.dtype)
-    x = sharding.constrain(x, ("batch", "length", "act_embed"))
+    q_slots, cos, sin = _slots_and_rope(cfg, b, s, start, base)
+    x = self._embed_tokens(tokens)
     layer_states = []
     for i, layer in enumerate(self.layers):
       if cache is None:
@@ -190,6 +186,31 @@ class Llama(nnx.Module):
     else:
       cache = cache.advance(layer_states, s)
     return logits, cache
+
+  def _embed_tokens(self, tokens):
+    x = jnp.take(self.embed[...], tokens, axis=1).transpose(1, 2, 0).astype(self.dtype)
+    return sharding.constrain(x, ("batch", "length", "act_embed"))
+
+  def embed_tokens(self, tokens: jax.Array) -> jax.Array:
+    """The first layer's input [B, S, E] for `tokens` [B, S]."""
+    return self._embed_tokens(tokens)
+
+
+def _slots_and_rope(cfg: ModelConfig, b: int, s: int, start, base):
+  q_slots = base + jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
+  positions = jnp.maximum(q_slots - start[:, None], 0)
+  return (q_slots, *rope_tables(positions, cfg.head_dim, cfg.rope_theta))
+
+
+def run_block(block: Block, x: jax.Array, cfg: ModelConfig, kernels: ops.KernelConfig, tap=None):
+  """One decoder layer over a cacheless chunk x [B, S, E] starting at position 0, as
+  `Llama.__call__` runs it; `tap(name, x)` sees its linear inputs. Lets calibration
+  run the layers one at a time."""
+  b, s = x.shape[:2]
+  start = jnp.zeros((b,), jnp.int32)
+  q_slots, cos, sin = _slots_and_rope(cfg, b, s, start, jnp.zeros((), jnp.int32))
+  attend = lambda q, k_pre, k, v: _attend_chunk(q, k, v, q_slots, start, kernels)  # noqa: E731
+  return block(x, cos, sin, attend, kernels, tap or _no_tap)[0]
 
 
 def _no_tap(name, x):

@@ -9,8 +9,17 @@ import pytest
 
 import jaxllm
 from jaxllm.params import init_model
-from jaxllm.quant import QuantSpec, Recipe, activation_absmax, apply_recipe, get_recipe, quantize
-from jaxllm.quant.calibrate import input_hessians
+from jaxllm.quant import (
+  QuantRule,
+  QuantSpec,
+  Recipe,
+  activation_absmax,
+  apply_recipe,
+  get_recipe,
+  quantize,
+)
+from jaxllm.quant.apply import input_key, linear_params
+from jaxllm.quant.calibrate import input_hessians, layerwise_hessians
 from jaxllm.quant.gptq import gptq_quantize
 from jaxllm.quant.qtensor import fireq_codes, w4a16_codes
 
@@ -150,3 +159,53 @@ def test_act_order_matches_a_textbook_gptq(layer, act_order):
   dq = got.dequantize_padded().reshape(-1, spec.group_size, N)
   codes = np.asarray(w4a16_codes(dq, got.scales, got.offsets)).reshape(-1, N)[: len(want)]
   assert np.mean(codes == want) > 0.99, np.mean(codes == want)
+
+
+def _tiny_tokens(seed=3):
+  return np.random.default_rng(seed).integers(0, 512, size=(3, 24)).astype(np.int32)
+
+
+def test_layerwise_hessians_follow_the_quantized_layers():
+  """Untouched, they equal the one-pass Hessians; once the caller quantizes layer 0,
+  layer 1's equal the one-pass Hessians of the model with layer 0 quantized."""
+  tokens = _tiny_tokens()
+  model = init_model(jaxllm.TINY, seed=0)
+  float_h = input_hessians(model, tokens)
+  spec = SPECS["w4a16_g32"]
+  got = {}
+  for i, hessians in layerwise_hessians(model, tokens, batch_size=2):
+    got.update(hessians)
+    if i == 0:
+      for name in ("q", "k", "v", "o", "gate", "up", "down"):
+        param = getattr(model.layers[0].attn if name in "qkvo" else model.layers[0].mlp, name)
+        param.set_value(spec.quantize(param.get_value(), 2 if name == "o" else 1))
+  want = input_hessians(model, tokens)  # layer 0 now quantized
+  assert set(got) == set(want)
+  for key, h in got.items():
+    ref = float_h[key] if key.startswith("0.") else want[key]
+    np.testing.assert_allclose(h, ref, rtol=0, atol=1e-5 * np.abs(ref).max(), err_msg=key)
+  assert (
+    np.abs(want["1.attn_in"] - float_h["1.attn_in"]).max()
+    > 1e-3 * np.abs(float_h["1.attn_in"]).max()
+  )  # quantizing layer 0 did move layer 1's inputs
+
+
+def test_sequential_gptq_recipe_quantizes_against_the_quantized_prefix():
+  tokens = _tiny_tokens()
+  recipe = Recipe("seq", "", (QuantRule(".*", SPECS["w4a16_g32"]),), gptq=True, sequential=True)
+  got = apply_recipe(init_model(jaxllm.TINY, seed=0), recipe, None, tokens)
+  # the same by hand: each layer by GPTQ against one-pass Hessians of the partly quantized model
+  want = init_model(jaxllm.TINY, seed=0)
+  for i in range(jaxllm.TINY.num_layers):
+    hessians = input_hessians(want, tokens)
+    for path, param, contract in linear_params(want):
+      if path.split(".")[1] == str(i):
+        h = hessians[input_key(path)]
+        param.set_value(gptq_quantize(param.get_value(), h, SPECS["w4a16_g32"], contract))
+  pairs = zip(linear_params(got), linear_params(want), strict=True)
+  for (path, p_got, _), (_, p_want, _) in pairs:
+    for part, value in p_want.get_value().parts.items():
+      match = np.mean(np.asarray(p_got.get_value().parts[part]) == np.asarray(value))
+      assert match > 0.99, (path, part, match)
+  with pytest.raises(ValueError, match="sequential is a GPTQ option; set gptq=True"):
+    Recipe("x", "", (), sequential=True)

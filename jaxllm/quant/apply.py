@@ -9,7 +9,7 @@ from flax import nnx
 
 from jaxllm.model import Llama
 from jaxllm.quant import smoothing
-from jaxllm.quant.calibrate import input_hessians
+from jaxllm.quant.calibrate import input_hessians, layerwise_hessians
 from jaxllm.quant.gptq import gptq_quantize
 from jaxllm.quant.qtensor import QTensor
 from jaxllm.quant.recipes import QuantSpec, Recipe
@@ -80,16 +80,17 @@ def apply_recipe(
       required when the recipe smooths.
     calib_windows: int [N, length] token ids, required when the recipe uses GPTQ
       or an alpha search: the Hessians are collected from the float model in one
-      pass (and rescaled for the smoothing), so every layer sees float inputs (not
-      those of the already-quantized layers before it, the slower sequential variant).
+      pass (and rescaled for the smoothing), so every layer sees float inputs; with
+      `Recipe.sequential`, GPTQ's come layer by layer from the already-quantized
+      layers before it.
   """
   if recipe.smooths and act_absmax is None:
     raise ValueError(f"recipe {recipe.name!r} smooths, so it needs calibration statistics")
+  if (recipe.gptq or recipe.alpha_grid) and calib_windows is None:
+    reason = "uses GPTQ" if recipe.gptq else "searches its smoothing per layer"
+    raise ValueError(f"recipe {recipe.name!r} {reason}, so it needs calibration windows")
   hessians = None
-  if recipe.gptq or recipe.alpha_grid:
-    if calib_windows is None:
-      reason = "uses GPTQ" if recipe.gptq else "searches its smoothing per layer"
-      raise ValueError(f"recipe {recipe.name!r} {reason}, so it needs calibration windows")
+  if recipe.alpha_grid or (recipe.gptq and not recipe.sequential):
     hessians = input_hessians(model, calib_windows)
   if recipe.smooths:
     if recipe.alpha_grid:
@@ -99,17 +100,30 @@ def apply_recipe(
     smoothing.apply_smoothing(model, scales)
     if hessians is not None:
       hessians = smoothing.smoothed_hessians(model, hessians, scales)
+  if not recipe.gptq:
+    _quantize_linears(model, recipe, None)
+  elif not recipe.sequential:
+    _quantize_linears(model, recipe, hessians)
+  else:  # each layer's Hessians from the already-quantized layers before it
+    for i, layer_hessians in layerwise_hessians(model, calib_windows):
+      _quantize_linears(model, recipe, layer_hessians, layer=i)
+  return model
+
+
+def _quantize_linears(model: Llama, recipe: Recipe, hessians, layer: int | None = None) -> None:
+  """Quantizes the float linears (of one `layer`, or all) the recipe names: by GPTQ
+  against `hessians` when given, else round-to-nearest."""
   for path, param, contract in linear_params(model):
     spec = recipe.spec_for(path)
     if spec is None or isinstance(param.get_value(), QTensor):
       continue
-    if recipe.gptq:
-      w = param.get_value()
-      q = gptq_quantize(w, hessians[input_key(path)], spec, contract, act_order=recipe.act_order)
-      param.set_value(q)
-    else:
+    if layer is not None and path.split(".")[1] != str(layer):
+      continue
+    if hessians is None:
       quantize_with_spec(param, spec, contract)
-  return model
+    else:
+      w, h = param.get_value(), hessians[input_key(path)]
+      param.set_value(gptq_quantize(w, h, spec, contract, act_order=recipe.act_order))
 
 
 def weight_bytes(model: Llama) -> dict:

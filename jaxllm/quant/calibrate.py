@@ -12,12 +12,15 @@ never leave it. Statistics are keyed like the taps:
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Iterator
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxllm.model import Llama
+from jaxllm.model import Llama, run_block
 
 LINEAR_INPUTS = ("attn_in", "o_in", "mlp_in", "down_in")
 # Fewer tokens per window than this make position-dependent statistics meaningless.
@@ -131,3 +134,53 @@ def input_hessians(
   total = _reduce_linear_inputs(model, windows, batch_size, _gram, jnp.add, "hessians", progress)
   n_tokens = windows.shape[0] * windows.shape[1]
   return {k: np.asarray(v) * (2.0 / n_tokens) for k, v in total.items()}
+
+
+@functools.partial(jax.jit, static_argnums=(0, 3, 4, 5))
+def _block_pass(graphdef, state, x, cfg, kernels, grams: bool):
+  """Layer output [B, S, E], or (grams=True) the grams of its linear inputs."""
+  taps = {}
+  y = run_block(nnx.merge(graphdef, state), x, cfg, kernels, taps.__setitem__)
+  if not grams:
+    return y
+  return {
+    name: _gram(f".{name}", v.astype(jnp.float32))
+    for name, v in taps.items()
+    if name in LINEAR_INPUTS
+  }
+
+
+def layerwise_hessians(
+  model: Llama,
+  windows,
+  batch_size: int = 1,
+  min_tokens: int = MIN_CALIBRATION_TOKENS,
+) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
+  """Sequential GPTQ's Hessians: yields ``(i, {"{i}.{input}": H})`` layer by layer.
+
+  Layer i's Hessians (as `input_hessians`) come from its inputs as the layers
+  before it compute them *when the generator resumes*: a caller that quantizes
+  layer i before asking for layer i + 1 makes every later layer see the quantized
+  model's activations (GPTQ's sequential mode). The hidden states [N, S, E]
+  between layers are kept, so the whole pass costs one forward. Raises like
+  `activation_absmax`.
+  """
+  windows = _check_windows(windows, model.config.vocab_size, min_tokens)
+  if batch_size < 1:
+    raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+  cfg, kernels = model.config, model.kernels
+  embed = nnx.jit(lambda m, t: m.embed_tokens(t))
+  hidden = [
+    embed(model, jnp.asarray(windows[lo : lo + batch_size], jnp.int32))
+    for lo in range(0, len(windows), batch_size)
+  ]
+  scale = 2.0 / (windows.shape[0] * windows.shape[1])
+  for i, layer in enumerate(model.layers):
+    graphdef, state = nnx.split(layer)
+    total = None
+    for x in hidden:
+      got = _block_pass(graphdef, state, x, cfg, kernels, True)
+      total = got if total is None else jax.tree.map(jnp.add, total, got)
+    yield i, {f"{i}.{name}": np.asarray(h) * scale for name, h in total.items()}
+    graphdef, state = nnx.split(layer)  # as the caller left it
+    hidden = [_block_pass(graphdef, state, x, cfg, kernels, False) for x in hidden]
