@@ -46,6 +46,7 @@ TWO_BIT = [
   "kivi2_r128_s4",
   "kivi2_r128_s4_search",
   "rotatekv2_no_rotation",
+  "kivi2_pre_rope_r128_s4",
 ]
 # max |logits - dense| / max |dense| over prefill + decode on the tiny model (measured ~x0.5)
 TOLERANCE = {"int8": 3e-3, **{n: 5e-2 for n in FOUR_BIT}, **{n: 0.12 for n in TWO_BIT}}
@@ -113,6 +114,7 @@ SLOW_DECODE = {
   "kivi2_s4_g64_v2",
   "kivi2_s4",
   "rotatekv2_no_rotation",
+  "kivi2_pre_rope_r128_s4",
 }
 
 
@@ -163,6 +165,7 @@ EXPECTED_BYTES = {
   "kivi2_r128_s4": HEADS * ((16 + 8) + (16 + 4)),
   "kivi2_r128_s4_search": HEADS * ((16 + 8) + (16 + 4)),
   "rotatekv2_no_rotation": HEADS * ((16 + 8) + (16 + 4)),
+  "kivi2_pre_rope_r128_s4": HEADS * ((16 + 8) + (16 + 4)),
 }
 # fixed float32 slots per (layer, KV head): residual (96) + G window, + 4 sinks for RotateKV;
 # FireQ's exact window: a ring of R + 32 (rollback slack) slots, + 4 sinks
@@ -177,6 +180,7 @@ EXPECTED_FIXED_SLOTS = {
   "kivi2_r128_s4_search": 164,
   "fireq_int4_r96_s4": 132,
   "fireq_int4_r128_s4": 164,
+  "kivi2_pre_rope_r128_s4": 164,
 }
 
 
