@@ -158,7 +158,7 @@ class Llama(nnx.Module):
     else:
       start, base = cache.start, cache.length
     q_slots, cos, sin = _slots_and_rope(cfg, b, s, start, base)
-    x = self._embed_tokens(tokens)
+    x = self.embed_tokens(tokens)
     layer_states = []
     for i, layer in enumerate(self.layers):
       if cache is None:
@@ -187,13 +187,10 @@ class Llama(nnx.Module):
       cache = cache.advance(layer_states, s)
     return logits, cache
 
-  def _embed_tokens(self, tokens):
-    x = jnp.take(self.embed[...], tokens, axis=1).transpose(1, 2, 0).astype(self.dtype)
-    return sharding.constrain(x, ("batch", "length", "act_embed"))
-
   def embed_tokens(self, tokens: jax.Array) -> jax.Array:
     """The first layer's input [B, S, E] for `tokens` [B, S]."""
-    return self._embed_tokens(tokens)
+    x = jnp.take(self.embed[...], tokens, axis=1).transpose(1, 2, 0).astype(self.dtype)
+    return sharding.constrain(x, ("batch", "length", "act_embed"))
 
 
 def _slots_and_rope(cfg: ModelConfig, b: int, s: int, start, base):
@@ -204,7 +201,7 @@ def _slots_and_rope(cfg: ModelConfig, b: int, s: int, start, base):
 
 def run_block(block: Block, x: jax.Array, cfg: ModelConfig, kernels: ops.KernelConfig, tap=None):
   """One decoder layer over a cacheless chunk x [B, S, E] starting at position 0, as
-  `Llama.__call__` runs it; `tap(name, x)` sees its linear inputs. Lets calibration
+  `Llama.__call__` runs it; `tap(name, x)` sees its named activations. Lets calibration
   run the layers one at a time."""
   b, s = x.shape[:2]
   start = jnp.zeros((b,), jnp.int32)
