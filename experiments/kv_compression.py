@@ -7,7 +7,11 @@
 
 Each window is prefilled for `--prefill` tokens and then decoded token by token
 through the method's cache, every step attending to the cache as stored
-(`jaxllm.streaming`). Per method: bytes per token against a bf16 dense cache
+(`jaxllm.streaming`). With `--chunk=C`, methods whose cache can decode C
+tokens per step with the same scores (dense; KIVI / RotateKV with C dividing
+the group size and a prefill aligned to the window, e.g. `--chunk=32
+--prefill=32`) do so, C times fewer steps; the others stay at one token per
+step (each row reports its `decode_chunk`). Per method: bytes per token against a bf16 dense cache
 (residual window and sink tokens excluded, reported apart), perplexity, its
 change against the dense cache, and top-1 agreement with the dense cache.
 
@@ -18,6 +22,7 @@ evaluation text).
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 import time
@@ -51,6 +56,12 @@ _ABLATIONS = flags.DEFINE_boolean(
 )
 _PREFILL = flags.DEFINE_integer("prefill", 31, "Tokens per window run as one prefill chunk.")
 _BLOCK = flags.DEFINE_integer("block", 32, "Decode steps per jitted scan.", lower_bound=1)
+_CHUNK = flags.DEFINE_integer(
+  "chunk",
+  1,
+  "Tokens per decode step where the cache scores them exactly as one per step.",
+  lower_bound=1,
+)
 _BATCH = flags.DEFINE_integer("batch_size", 8, "Windows decoded side by side.", lower_bound=1)
 _CALIB_FILE = flags.DEFINE_string(
   "calib_file", None, "Calibration text; default: the standard library's docstrings."
@@ -103,7 +114,7 @@ def main(argv):
   try:
     specs = {m: kv_cache.spec_for(m) for m in methods}
     stream_cfg = StreamingConfig(
-      prefill=_PREFILL.value, block=_BLOCK.value, batch_size=_BATCH.value
+      prefill=_PREFILL.value, block=_BLOCK.value, batch_size=_BATCH.value, chunk=_CHUNK.value
     )
   except ValueError as e:
     common.fail(str(e))
@@ -141,10 +152,16 @@ def main(argv):
     except ValueError as e:
       common.fail(f"{method}: {e}")
     memory = probe.memory()
+    method_cfg = stream_cfg
+    try:
+      probe.check_chunked_decode(stream_cfg.prefill, stream_cfg.chunk)
+    except ValueError as e:
+      print(f"{method}: one token per decode step ({e})", flush=True)
+      method_cfg = dataclasses.replace(stream_cfg, chunk=1)
     make_cache = lambda b, c, spec=spec, calibration=calibration: kv_cache.create_cache(
       spec, cfg, b, c, dtype, calibration=calibration
     )
-    scorer = StreamingScorer(model, make_cache, stream_cfg)
+    scorer = StreamingScorer(model, make_cache, method_cfg)
     result, top1 = streaming_perplexity(scorer, windows, reference_top1, progress=True)
     if reference_top1 is None:
       reference_top1, dense_ppl = top1, result["ppl"]
@@ -156,6 +173,7 @@ def main(argv):
       "delta_pct": 100.0 * (result["ppl"] / dense_ppl - 1.0),
       "bytes_per_token_vs_bf16": ratio,
       "top1_agree": result["top1_agree"],
+      "decode_chunk": method_cfg.chunk,
       "bits_per_value": 16.0 * ratio,
       "bytes_per_token": memory["bytes_per_token"],
       "residual_bytes": memory["residual_bytes"],
@@ -202,6 +220,7 @@ def main(argv):
       "max_windows": FLAGS.max_windows,
       "prefill": _PREFILL.value,
       "block": _BLOCK.value,
+      "chunk": _CHUNK.value,
       "batch_size": _BATCH.value,
       "implementation": _IMPL.value,
       "interpret": _INTERPRET.value,

@@ -13,6 +13,15 @@ Every token after the first is scored (the protocol of `jaxllm.perplexity`):
 positions 1..prefill from the prefill logits, the rest from decode steps. Decode
 steps run in blocks of `block` steps under one `lax.scan`, so the host
 dispatches once per block, not once per token.
+
+Chunked decoding (`StreamingConfig.chunk` > 1) feeds `chunk` tokens per step.
+The tokens of one step attend to each other in full precision, so this is used
+only where every one of them would have read the others exactly anyway: the
+cache says so through ``check_chunked_decode(prefill, chunk)`` (dense always;
+KIVI / RotateKV when the chunks end where groups leave the full-precision
+window; never a per-token quantized cache). The scores then equal those of
+one-token steps up to float rounding, and a window costs context/chunk steps
+instead of context.
 """
 
 from __future__ import annotations
@@ -39,6 +48,8 @@ class StreamingConfig:
   Attributes:
     prefill: tokens of each window run as one prefill chunk (>= 1).
     block: decode steps per jitted `lax.scan` call.
+    chunk: tokens fed per decode step (see the module docstring; the cache
+      must accept it, else `StreamingScorer` raises ValueError).
     batch_size: windows decoded side by side.
     capacity_multiple: the cache capacity is rounded up to this (block and
       group sizes of compressed caches divide it).
@@ -48,9 +59,10 @@ class StreamingConfig:
   block: int = 64
   batch_size: int = 8
   capacity_multiple: int = 128
+  chunk: int = 1
 
   def __post_init__(self):
-    for name in ("prefill", "block", "batch_size", "capacity_multiple"):
+    for name in ("prefill", "block", "batch_size", "capacity_multiple", "chunk"):
       value = getattr(self, name)
       if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"StreamingConfig.{name} must be an int >= 1, got {value!r}")
@@ -62,9 +74,9 @@ class StreamingConfig:
         f"context={context} leaves nothing to decode after prefill={self.prefill}; "
         "use a longer context or a shorter prefill"
       )
-    steps = context - 1 - self.prefill
+    steps = -(-(context - 1 - self.prefill) // self.chunk)
     blocks = -(-steps // self.block)
-    capacity = self.prefill + blocks * self.block
+    capacity = self.prefill + blocks * self.block * self.chunk
     capacity = -(-capacity // self.capacity_multiple) * self.capacity_multiple
     return blocks, capacity
 
@@ -100,17 +112,20 @@ class StreamingScorer:
     return nll, top1, cache
 
   def _decode_fn(self, state, cache, tokens, targets):
-    """`tokens`, `targets` [B, block]: one decode step per column."""
+    """`tokens`, `targets` [B, block * chunk]: one decode step per `chunk` columns."""
     model = nnx.merge(self.graphdef, state)
+    b, chunk = tokens.shape[0], self.config.chunk
+    logits_at = "last" if chunk == 1 else "all"
 
-    def step(cache, column):
-      token, target = column
-      logits, cache = model(token[:, None], cache=cache, logits_at="last")
-      nll, top1 = _scores(logits, target[:, None])
-      return cache, (nll[:, 0], top1[:, 0])
+    def step(cache, columns):
+      token, target = columns  # [B, chunk]
+      logits, cache = model(token, cache=cache, logits_at=logits_at)
+      return cache, _scores(logits, target)
 
-    cache, (nll, top1) = jax.lax.scan(step, cache, (tokens.T, targets.T))
-    return nll.T, top1.T, cache
+    by_step = lambda x: x.reshape(b, -1, chunk).transpose(1, 0, 2)
+    cache, (nll, top1) = jax.lax.scan(step, cache, (by_step(tokens), by_step(targets)))
+    by_row = lambda x: x.transpose(1, 0, 2).reshape(b, -1)
+    return by_row(nll), by_row(top1), cache
 
   def score_batch(self, windows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """NLL f32 [B, L-1] and argmax int32 [B, L-1] for token windows [B, L]."""
@@ -118,11 +133,14 @@ class StreamingScorer:
     b, length = windows.shape
     blocks, capacity = cfg.layout(length)
     steps = length - 1 - cfg.prefill
+    span = cfg.block * cfg.chunk  # tokens per scan call
     # Padding past the window's end keeps every scan block the same shape; those
     # steps run on token 0 and their scores are dropped.
-    padded = np.zeros((b, cfg.prefill + blocks * cfg.block + 1), np.int32)
+    padded = np.zeros((b, cfg.prefill + blocks * span + 1), np.int32)
     padded[:, :length] = windows
     cache = self.make_cache(b, capacity)
+    if cfg.chunk > 1:
+      cache.check_chunked_decode(cfg.prefill, cfg.chunk)
     nll, top1, cache = self._prefill(
       self.state,
       cache,
@@ -131,9 +149,9 @@ class StreamingScorer:
     )
     nlls, tops = [np.asarray(nll)], [np.asarray(top1)]
     for i in range(blocks):
-      lo = cfg.prefill + i * cfg.block
-      tokens = jnp.asarray(padded[:, lo : lo + cfg.block])
-      targets = jnp.asarray(padded[:, lo + 1 : lo + cfg.block + 1])
+      lo = cfg.prefill + i * span
+      tokens = jnp.asarray(padded[:, lo : lo + span])
+      targets = jnp.asarray(padded[:, lo + 1 : lo + span + 1])
       nll, top1, cache = self._decode(self.state, cache, tokens, targets)
       nlls.append(np.asarray(nll))
       tops.append(np.asarray(top1))
@@ -200,6 +218,7 @@ def streaming_perplexity(
     "windows": int(windows.shape[0]),
     "context": int(windows.shape[1]),
     "prefill": scorer.config.prefill,
+    "chunk": scorer.config.chunk,
   }
   if reference_top1 is not None:
     out["top1_agree"] = float(np.mean(top1 == np.asarray(reference_top1)))

@@ -155,7 +155,8 @@ def test_fail_is_one_line(capsys):
 
 def test_kv_compression_tiny(tmp_path, text_file):
   """The streaming KV runner end to end: the dense cache is its own baseline, int8
-  stays close to it, every row has the issue's keys, and the plot is written."""
+  stays close to it, every row has the issue's keys, and the plot is written.
+  Chunked decoding is used where the cache accepts it (dense, KIVI) only."""
   out = tmp_path / "out"
   summary = last_json(
     run(
@@ -165,8 +166,9 @@ def test_kv_compression_tiny(tmp_path, text_file):
       "--methods=dense,int8,kivi2,fireq_int4",
       "--noablations",
       "--context=160",
-      "--prefill=15",
-      "--block=16",
+      "--prefill=32",
+      "--chunk=16",
+      "--block=4",
       "--max_windows=2",
       "--batch_size=2",
       "--calib_windows=1",
@@ -185,6 +187,8 @@ def test_kv_compression_tiny(tmp_path, text_file):
   assert rows["kivi2"]["bytes_per_token_vs_bf16"] < 0.18
   record = json.loads((out / "kv_compression.json").read_text())
   assert record["text"]["scored_tokens_per_method"] == 2 * (160 - 1)
+  chunks = {r["method"]: r["decode_chunk"] for r in record["rows"]}
+  assert chunks == {"dense": 16, "int8": 1, "kivi2": 16, "fireq_int4": 1}
   assert (out / "kv_compression.png").stat().st_size > 0
 
 

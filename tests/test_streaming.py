@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from jaxllm.kv_cache import KVCache
+from jaxllm import kv_cache
+from jaxllm.kv_cache import GroupedKVCache, KVCache, spec_for
 from jaxllm.perplexity import perplexity
 from jaxllm.streaming import StreamingConfig, StreamingScorer, streaming_perplexity
 
@@ -21,11 +22,11 @@ def _dense_scorer(model, **config):
   )
 
 
-@pytest.mark.parametrize("prefill,block", [(1, 8), (5, 7), (12, 64)])
-def test_dense_streaming_matches_one_pass(tiny_model, prefill, block):
+@pytest.mark.parametrize("prefill,block,chunk", [(1, 8, 1), (5, 7, 1), (12, 64, 1), (3, 2, 4)])
+def test_dense_streaming_matches_one_pass(tiny_model, prefill, block, chunk):
   # 3 windows with batch 2: a padded short last batch; blocks that overrun the window.
   windows = _windows(tiny_model.config.vocab_size, 3, 24)
-  scorer = _dense_scorer(tiny_model, prefill=prefill, block=block, batch_size=2)
+  scorer = _dense_scorer(tiny_model, prefill=prefill, block=block, batch_size=2, chunk=chunk)
   stream, top1 = streaming_perplexity(scorer, windows)
   one_pass = perplexity(tiny_model, windows)
   assert stream["tokens"] == one_pass["tokens"] == 3 * 23
@@ -53,11 +54,83 @@ def test_layout_rounds_capacity_to_fit_every_block():
   blocks, capacity = cfg.layout(1024)
   assert blocks == 16  # 991 decode steps
   assert capacity == 1152  # 32 + 16 * 64 = 1056, rounded up to 128
+  cfg = StreamingConfig(prefill=32, block=8, chunk=32, capacity_multiple=128)
+  blocks, capacity = cfg.layout(1024)
+  assert blocks == 4  # 991 tokens in 31 steps of 32
+  assert capacity == 1152  # 32 + 4 * 8 * 32 = 1056
+
+
+# Grouped caches small enough that 160-token windows cross several flushes.
+_CHUNK_EXACT = {
+  "kivi2_r32_s2": spec_for("kivi2").replace(residual=32, n_sink=2),
+  "kivi4_g16_r48": spec_for("kivi4").replace(group_size=16, residual=48),
+  "rotatekv2_r32": spec_for("rotatekv2").replace(residual=32),
+  "pre_rope_r64": spec_for("kivi2_pre_rope_r128_s4").replace(residual=64),
+}
+
+
+def _cache_scorer(model, spec, **config):
+  cfg = model.config
+  make = lambda b, c: kv_cache.create_cache(spec, cfg, b, c)
+  return StreamingScorer(model, make, StreamingConfig(capacity_multiple=32, batch_size=2, **config))
+
+
+@pytest.mark.parametrize("name", sorted(_CHUNK_EXACT))
+def test_chunked_decode_scores_as_one_token_per_step(tiny_model, name):
+  """Where the cache accepts a chunk, scoring 16 tokens per step equals one per step."""
+  spec = _CHUNK_EXACT[name]
+  windows = _windows(tiny_model.config.vocab_size, 2, 160, seed=2)
+  one, one_top1 = _cache_scorer(tiny_model, spec, prefill=16, block=32).score_batch(windows)
+  scorer = _cache_scorer(tiny_model, spec, prefill=16, block=4, chunk=16)
+  chunked, chunked_top1 = scorer.score_batch(windows)
+  np.testing.assert_allclose(chunked, one, atol=2e-4)
+  np.testing.assert_array_equal(chunked_top1, one_top1)
+
+
+@pytest.mark.parametrize(
+  "name,prefill,chunk,match",
+  [
+    ("int8", 16, 16, "per-token"),
+    ("fireq_int4_r128_s4", 16, 16, "per-token"),
+    ("kivi2_no_residual", 16, 16, "residual window"),
+    ("kivi2", 20, 16, "position 20"),  # flushes at lengths 96 + 32k
+    ("kivi2", 16, 24, "must divide group_size 32"),
+  ],
+)
+def test_chunked_decode_refused_where_it_would_change_scores(
+  tiny_model, name, prefill, chunk, match
+):
+  spec = spec_for(name)
+  model, calibration = kv_cache.prepare_model(tiny_model, spec, _windows(512, 2, 64))
+  cfg = model.config
+  make = lambda b, c: kv_cache.create_cache(spec, cfg, b, c, calibration=calibration)
+  scorer = StreamingScorer(model, make, StreamingConfig(prefill=prefill, chunk=chunk, block=2))
+  with pytest.raises(ValueError, match=match):
+    scorer.score_batch(_windows(cfg.vocab_size, 1, 200))
+
+
+@pytest.mark.parametrize("residual,prefill", [(32, 20), (0, 16)])
+def test_refused_chunks_do_change_scores(tiny_model, monkeypatch, residual, prefill):
+  """The refusals guard a real difference: forced through, a misaligned chunk
+  (a flush inside a step) or a cache with no exact window scores differently."""
+  monkeypatch.setattr(GroupedKVCache, "check_chunked_decode", lambda *_: None)
+  spec = spec_for("kivi2").replace(residual=residual)
+  windows = _windows(tiny_model.config.vocab_size, 2, 160, seed=2)
+  one, _ = _cache_scorer(tiny_model, spec, prefill=prefill, block=32).score_batch(windows)
+  chunked, _ = _cache_scorer(tiny_model, spec, prefill=prefill, block=4, chunk=16).score_batch(
+    windows
+  )
+  assert np.abs(chunked - one).max() > 1e-2
 
 
 @pytest.mark.parametrize(
   "kwargs,match",
-  [({"prefill": 0}, "prefill"), ({"block": 2.5}, "block"), ({"batch_size": True}, "batch_size")],
+  [
+    ({"prefill": 0}, "prefill"),
+    ({"block": 2.5}, "block"),
+    ({"batch_size": True}, "batch_size"),
+    ({"chunk": 0}, "chunk"),
+  ],
 )
 def test_bad_config(kwargs, match):
   with pytest.raises(ValueError, match=match):

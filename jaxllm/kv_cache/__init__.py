@@ -4,7 +4,9 @@ Every cache is a pytree with static shapes and the same calls the model makes:
 ``attend(layer, q, k_pre_rope, k, v, q_slots, kernels)`` (attend over everything
 cached, as stored, and causally over the chunk, then write the chunk),
 ``advance(layer_states, num_tokens)`` and ``rollback(length)``; plus
-``check_room(num_tokens)`` and ``memory()`` (exact bytes).
+``check_room(num_tokens)``, ``memory()`` (exact bytes) and
+``check_chunked_decode(first, chunk)`` (raises unless decoding `chunk` tokens
+per step scores exactly as one per step; see `jaxllm.streaming`).
 
 Methods (`METHODS`, by name):
   * dense: float K/V (`KVCache`).

@@ -395,6 +395,30 @@ class GroupedKVCache(SlotCacheMixin):
       length=self.length + num_tokens,
     )
 
+  def check_chunked_decode(self, first: int, chunk: int) -> None:
+    """Raises ValueError unless decoding `chunk` tokens per step, the first step at
+    position `first`, scores exactly as one token per step does.
+
+    One token per step, a token reads the window exactly until its group is
+    flushed. So chunks are exact when the window is exact (residual > 0) and no
+    flush falls inside a chunk: flushes happen at lengths = residual (mod G), so
+    `chunk` must divide G and `first` = residual (mod chunk).
+    """
+    g, r, name = self.spec.group_size, self.spec.residual, self.spec.name
+    if chunk == 1:
+      return
+    if r == 0:
+      raise ValueError(
+        f"{name}: decoding {chunk} tokens per step is not exact without a residual window "
+        "(the pending group is read quantized); use chunk=1"
+      )
+    if g % chunk or (first - r) % chunk:
+      raise ValueError(
+        f"{name}: decoding {chunk} tokens per step from position {first} would flush a group "
+        f"inside a step: the chunk must divide group_size {g} and the first position must "
+        f"equal the residual {r} modulo the chunk (e.g. prefill={r % chunk or chunk})"
+      )
+
   def rollback(self, length) -> "GroupedKVCache":
     """Truncates to `length` tokens. Quantized tokens cannot return to the window, so
     the target must be >= `quantized_length` (checked when concrete; clamped under jit)."""

@@ -213,6 +213,18 @@ class SymmetricKVCache(SlotCacheMixin):
     )
     return out.astype(v.dtype), new
 
+  def check_chunked_decode(self, first: int, chunk: int) -> None:
+    """Raises ValueError for chunk > 1: one token per step, each token reads the
+    earlier ones quantized (beyond the exact window), but the tokens of one chunk
+    would read each other in full precision."""
+    del first
+    if chunk != 1:
+      raise ValueError(
+        f"{self.spec.name}: decoding {chunk} tokens per step is not exact for a per-token "
+        "quantized cache (they would read each other in full precision, one token per "
+        "step reads them quantized); use chunk=1"
+      )
+
   def stored_view(self, stored: SymmetricLayer):
     """Keys and values [B, Hkv, T, D] (float32, keys divided by the post-RoPE scale)
     as attention reads them: dequantized codes, with the R newest slots and the
