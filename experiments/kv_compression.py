@@ -8,10 +8,10 @@
 Each window is prefilled for `--prefill` tokens and then decoded token by token
 through the method's cache, every step attending to the cache as stored
 (`jaxllm.streaming`). With `--chunk=C`, methods whose cache can decode C
-tokens per step with the same scores (dense; KIVI / RotateKV with C dividing
-the group size and a prefill aligned to the window, e.g. `--chunk=32
---prefill=32`) do so, C times fewer steps; the others stay at one token per
-step (each row reports its `decode_chunk`). Per method: bytes per token against a bf16 dense cache
+tokens per step with the same scores do so, C times fewer steps: dense and
+the per-token caches always, KIVI / RotateKV when C divides the group size and
+the prefill is aligned to their window (e.g. `--chunk=32 --prefill=32`); the
+others stay at one token per step (each row reports its `decode_chunk`). Per method: bytes per token against a bf16 dense cache
 (residual window and sink tokens excluded, reported apart), perplexity, its
 change against the dense cache, and top-1 agreement with the dense cache.
 
@@ -154,7 +154,7 @@ def main(argv):
     memory = probe.memory()
     method_cfg = stream_cfg
     try:
-      probe.check_chunked_decode(stream_cfg.prefill, stream_cfg.chunk)
+      probe.for_chunked_decode(stream_cfg.prefill, stream_cfg.chunk)
     except ValueError as e:
       print(f"{method}: one token per decode step ({e})", flush=True)
       method_cfg = dataclasses.replace(stream_cfg, chunk=1)

@@ -14,14 +14,14 @@ positions 1..prefill from the prefill logits, the rest from decode steps. Decode
 steps run in blocks of `block` steps under one `lax.scan`, so the host
 dispatches once per block, not once per token.
 
-Chunked decoding (`StreamingConfig.chunk` > 1) feeds `chunk` tokens per step.
-The tokens of one step attend to each other in full precision, so this is used
-only where every one of them would have read the others exactly anyway: the
-cache says so through ``check_chunked_decode(prefill, chunk)`` (dense always;
-KIVI / RotateKV when the chunks end where groups leave the full-precision
-window; never a per-token quantized cache). The scores then equal those of
-one-token steps up to float rounding, and a window costs context/chunk steps
-instead of context.
+Chunked decoding (`StreamingConfig.chunk` > 1) feeds `chunk` tokens per step,
+through the cache that ``cache.for_chunked_decode(prefill, chunk)`` returns
+after the prefill: the dense cache as it is; KIVI / RotateKV as they are, when
+the chunks end where groups leave their full-precision window (else
+ValueError: a flush inside a step would change what its later tokens read);
+the per-token caches set to read the chunk's earlier tokens as stored, as
+one-token steps would. The scores then equal those of one-token steps up to
+float rounding, and a window costs context/chunk steps instead of context.
 """
 
 from __future__ import annotations
@@ -139,14 +139,14 @@ class StreamingScorer:
     padded = np.zeros((b, cfg.prefill + blocks * span + 1), np.int32)
     padded[:, :length] = windows
     cache = self.make_cache(b, capacity)
-    if cfg.chunk > 1:
-      cache.check_chunked_decode(cfg.prefill, cfg.chunk)
+    cache.for_chunked_decode(cfg.prefill, cfg.chunk)  # raises before any work if refused
     nll, top1, cache = self._prefill(
       self.state,
       cache,
       jnp.asarray(padded[:, : cfg.prefill]),
       jnp.asarray(padded[:, 1 : cfg.prefill + 1]),
     )
+    cache = cache.for_chunked_decode(cfg.prefill, cfg.chunk)
     nlls, tops = [np.asarray(nll)], [np.asarray(top1)]
     for i in range(blocks):
       lo = cfg.prefill + i * span

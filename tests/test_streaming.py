@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from jaxllm import kv_cache
-from jaxllm.kv_cache import GroupedKVCache, KVCache, spec_for
+from jaxllm.kv_cache import GroupedKVCache, KVCache, SymmetricKVCache, spec_for
 from jaxllm.perplexity import perplexity
 from jaxllm.streaming import StreamingConfig, StreamingScorer, streaming_perplexity
 
@@ -60,8 +60,12 @@ def test_layout_rounds_capacity_to_fit_every_block():
   assert capacity == 1152  # 32 + 4 * 8 * 32 = 1056
 
 
-# Grouped caches small enough that 160-token windows cross several flushes.
+# Grouped caches small enough that 160-token windows cross several flushes, and
+# per-token caches (with a window shorter than the chunk, too).
 _CHUNK_EXACT = {
+  "int8": spec_for("int8"),
+  "fireq_int4": spec_for("fireq_int4"),
+  "fireq_int4_r8_s2": spec_for("fireq_int4").replace(residual=8, n_sink=2),
   "kivi2_r32_s2": spec_for("kivi2").replace(residual=32, n_sink=2),
   "kivi4_g16_r48": spec_for("kivi4").replace(group_size=16, residual=48),
   "rotatekv2_r32": spec_for("rotatekv2").replace(residual=32),
@@ -70,8 +74,9 @@ _CHUNK_EXACT = {
 
 
 def _cache_scorer(model, spec, **config):
+  model, calibration = kv_cache.prepare_model(model, spec, _windows(512, 2, 64, seed=5))
   cfg = model.config
-  make = lambda b, c: kv_cache.create_cache(spec, cfg, b, c)
+  make = lambda b, c: kv_cache.create_cache(spec, cfg, b, c, calibration=calibration)
   return StreamingScorer(model, make, StreamingConfig(capacity_multiple=32, batch_size=2, **config))
 
 
@@ -90,8 +95,6 @@ def test_chunked_decode_scores_as_one_token_per_step(tiny_model, name):
 @pytest.mark.parametrize(
   "name,prefill,chunk,match",
   [
-    ("int8", 16, 16, "per-token"),
-    ("fireq_int4_r128_s4", 16, 16, "per-token"),
     ("kivi2_no_residual", 16, 16, "residual window"),
     ("kivi2", 20, 16, "position 20"),  # flushes at lengths 96 + 32k
     ("kivi2", 16, 24, "must divide group_size 32"),
@@ -109,12 +112,16 @@ def test_chunked_decode_refused_where_it_would_change_scores(
     scorer.score_batch(_windows(cfg.vocab_size, 1, 200))
 
 
-@pytest.mark.parametrize("residual,prefill", [(32, 20), (0, 16)])
-def test_refused_chunks_do_change_scores(tiny_model, monkeypatch, residual, prefill):
-  """The refusals guard a real difference: forced through, a misaligned chunk
-  (a flush inside a step) or a cache with no exact window scores differently."""
-  monkeypatch.setattr(GroupedKVCache, "check_chunked_decode", lambda *_: None)
-  spec = spec_for("kivi2").replace(residual=residual)
+@pytest.mark.parametrize(
+  "name,residual,prefill", [("kivi2", 32, 20), ("kivi2", 0, 16), ("int8", 0, 16)]
+)
+def test_chunked_decode_needs_its_checks(tiny_model, monkeypatch, name, residual, prefill):
+  """What `for_chunked_decode` does matters: forced through as plain chunks, a
+  misaligned KIVI chunk (a flush inside a step), KIVI with no exact window, or a
+  per-token cache reading its chunk exactly, each scores differently."""
+  for cls in (GroupedKVCache, SymmetricKVCache):
+    monkeypatch.setattr(cls, "for_chunked_decode", lambda self, *_: self)
+  spec = spec_for(name).replace(residual=residual)
   windows = _windows(tiny_model.config.vocab_size, 2, 160, seed=2)
   one, _ = _cache_scorer(tiny_model, spec, prefill=prefill, block=32).score_batch(windows)
   chunked, _ = _cache_scorer(tiny_model, spec, prefill=prefill, block=4, chunk=16).score_batch(

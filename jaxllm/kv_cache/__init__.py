@@ -5,8 +5,8 @@ Every cache is a pytree with static shapes and the same calls the model makes:
 cached, as stored, and causally over the chunk, then write the chunk),
 ``advance(layer_states, num_tokens)`` and ``rollback(length)``; plus
 ``check_room(num_tokens)``, ``memory()`` (exact bytes) and
-``check_chunked_decode(first, chunk)`` (raises unless decoding `chunk` tokens
-per step scores exactly as one per step; see `jaxllm.streaming`).
+``for_chunked_decode(first, chunk)`` (the cache set to decode `chunk` tokens
+per step with the scores of one per step, or ValueError; see `jaxllm.streaming`).
 
 Methods (`METHODS`, by name):
   * dense: float K/V (`KVCache`).

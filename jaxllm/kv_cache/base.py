@@ -44,6 +44,37 @@ def insert_chunk(buf: jax.Array, chunk: jax.Array, at) -> jax.Array:
   return jax.lax.dynamic_update_slice(buf, chunk, (0, 0, at, 0))
 
 
+def attend_two_copies(q, stored, exact, use_exact, q_slots, start) -> jax.Array:
+  """Attention where each (query, slot) reads one of two copies of the keys and values.
+
+  Args:
+    q: [B, S, Hq, D] queries.
+    stored: (k, v) [B, Hkv, T, D], the slots as stored (e.g. dequantized).
+    exact: (k, v) [B, Hkv, T, D], full-precision copies (read only where `use_exact`).
+    use_exact: [B or 1, S, T] bool, which copy each query reads at each slot.
+    q_slots: [B, S] slot of each query (causal: slots <= it); start: [B] first valid slot.
+
+  Returns:
+    [B, S, Hq, D] float32.
+  """
+  b, s, hq, d = q.shape
+  hkv = stored[0].shape[1]
+  qg = q.astype(jnp.float32).reshape(b, s, hkv, hq // hkv, d) * d**-0.5
+
+  def scores(k):
+    return jnp.einsum("bshgd,bhtd->bhsgt", qg, k.astype(jnp.float32))
+
+  pick = use_exact[:, None, :, None, :]  # [B, 1, S, 1, T]
+  logits = jnp.where(pick, scores(exact[0]), scores(stored[0]))
+  t = jnp.arange(stored[0].shape[2], dtype=jnp.int32)
+  visible = (t[None, None] <= q_slots[:, :, None]) & (t[None, None] >= start[:, None, None])
+  logits = jnp.where(visible[:, None, :, None, :], logits, -1e30)
+  probs = jax.nn.softmax(logits, axis=-1)
+  out = jnp.einsum("bhsgt,bhtd->bshgd", jnp.where(pick, probs, 0.0), exact[1].astype(jnp.float32))
+  out += jnp.einsum("bhsgt,bhtd->bshgd", jnp.where(pick, 0.0, probs), stored[1].astype(jnp.float32))
+  return out.reshape(b, s, hq, d)
+
+
 def repeat_kv_heads(x: jax.Array, config: ModelConfig) -> jax.Array:
   """[..., Hkv, D] per-KV-head values -> [..., Hq, D] for the query heads that share them."""
   return jnp.repeat(x, config.group_size, axis=-2)

@@ -117,10 +117,11 @@ class KVCache(SlotCacheMixin):
     k_buf, v_buf = self.write(layer, k, v)
     return ops.attention(q, k_buf, v_buf, q_slots, self.start, kernels), (k_buf, v_buf)
 
-  def check_chunked_decode(self, first: int, chunk: int) -> None:
-    """Never raises: K/V are stored exactly, so decoding `chunk` tokens per step
+  def for_chunked_decode(self, first: int, chunk: int) -> "KVCache":
+    """This cache: K/V are stored exactly, so decoding `chunk` tokens per step
     (from position `first`) scores as one token per step does."""
     del first, chunk
+    return self
 
   def advance(self, layer_states, num_tokens: int) -> "KVCache":
     """New cache holding each layer's written (k, v) [B, Hkv, T, D] buffers, `num_tokens` longer."""

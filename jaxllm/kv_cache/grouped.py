@@ -395,9 +395,9 @@ class GroupedKVCache(SlotCacheMixin):
       length=self.length + num_tokens,
     )
 
-  def check_chunked_decode(self, first: int, chunk: int) -> None:
-    """Raises ValueError unless decoding `chunk` tokens per step, the first step at
-    position `first`, scores exactly as one token per step does.
+  def for_chunked_decode(self, first: int, chunk: int) -> "GroupedKVCache":
+    """This cache, if decoding `chunk` tokens per step, the first step at position
+    `first`, scores exactly as one token per step does; else ValueError.
 
     One token per step, a token reads the window exactly until its group is
     flushed. So chunks are exact when the window is exact (residual > 0) and no
@@ -406,7 +406,7 @@ class GroupedKVCache(SlotCacheMixin):
     """
     g, r, name = self.spec.group_size, self.spec.residual, self.spec.name
     if chunk == 1:
-      return
+      return self
     if r == 0:
       raise ValueError(
         f"{name}: decoding {chunk} tokens per step is not exact without a residual window "
@@ -418,6 +418,7 @@ class GroupedKVCache(SlotCacheMixin):
         f"inside a step: the chunk must divide group_size {g} and the first position must "
         f"equal the residual {r} modulo the chunk (e.g. prefill={r % chunk or chunk})"
       )
+    return self
 
   def rollback(self, length) -> "GroupedKVCache":
     """Truncates to `length` tokens. Quantized tokens cannot return to the window, so

@@ -40,6 +40,7 @@ from jaxllm.config import ModelConfig
 from jaxllm.kv_cache import hadamard
 from jaxllm.kv_cache.base import (
   SlotCacheMixin,
+  attend_two_copies,
   bf16_bytes_per_token,
   check_room,
   insert_chunk,
@@ -127,6 +128,9 @@ class SymmetricKVCache(SlotCacheMixin):
     length: int32 scalar, slots written.
     start: [B] int32 first valid slot per row.
     spec, config: static.
+    chunks_as_decode: static; a chunk of S > 1 tokens reads its own earlier
+      tokens as S one-token steps would (see `for_chunked_decode`), not exactly
+      as a prefill does.
   """
 
   layers: tuple[SymmetricLayer, ...]
@@ -136,6 +140,7 @@ class SymmetricKVCache(SlotCacheMixin):
   start: jax.Array
   spec: CacheSpec = flax.struct.field(pytree_node=False)
   config: ModelConfig = flax.struct.field(pytree_node=False)
+  chunks_as_decode: bool = flax.struct.field(pytree_node=False, default=False)
 
   @classmethod
   def create(
@@ -182,7 +187,8 @@ class SymmetricKVCache(SlotCacheMixin):
 
   def attend(self, layer, q, k_pre_rope, k, v, q_slots, kernels=ops.KernelConfig()):
     """Attends q [B, S, Hq, D] over the stored (quantized) tokens and this chunk
-    (full precision, causal), then writes the chunk; returns (out [B, S, Hq, D], layer state)."""
+    (full precision, causal; with `chunks_as_decode`, as S one-token steps would),
+    then writes the chunk; returns (out [B, S, Hq, D], layer state)."""
     del k_pre_rope
     check_room(self.length, q.shape[1], self.capacity)
     stored = self.layers[layer]
@@ -194,9 +200,6 @@ class SymmetricKVCache(SlotCacheMixin):
       k, q = hadamard.rotate(k), hadamard.rotate(q)
     if self.spec.fp8_queries:
       q = fp8_quantize_dequantize(q)
-    k_buf, v_buf = self.stored_view(stored)
-    k_buf, v_buf = insert_chunk(k_buf, k, self.length), insert_chunk(v_buf, v, self.length)
-    out = ops.attention(q.astype(jnp.float32), k_buf, v_buf, q_slots, self.start, kernels)
 
     def write(codes_buf, scale_buf, zero_buf, x):
       groups = scale_buf.shape[-1]
@@ -211,38 +214,57 @@ class SymmetricKVCache(SlotCacheMixin):
       *write(stored.v_codes, stored.v_scale, stored.v_zero, v),
       *self._write_exact(stored, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)),
     )
+    if self.chunks_as_decode and q.shape[1] > 1:
+      out = self._attend_as_decoded(stored, new, q, k, v, q_slots)
+    else:
+      k_buf, v_buf = self.stored_view(stored)
+      k_buf, v_buf = insert_chunk(k_buf, k, self.length), insert_chunk(v_buf, v, self.length)
+      out = ops.attention(q.astype(jnp.float32), k_buf, v_buf, q_slots, self.start, kernels)
     return out.astype(v.dtype), new
 
-  def check_chunked_decode(self, first: int, chunk: int) -> None:
-    """Raises ValueError for chunk > 1: one token per step, each token reads the
-    earlier ones quantized (beyond the exact window), but the tokens of one chunk
-    would read each other in full precision."""
-    del first
-    if chunk != 1:
-      raise ValueError(
-        f"{self.spec.name}: decoding {chunk} tokens per step is not exact for a per-token "
-        "quantized cache (they would read each other in full precision, one token per "
-        "step reads them quantized); use chunk=1"
-      )
+  def _attend_as_decoded(self, stored, new, q, k, v, q_slots):
+    """The chunk attended as that many one-token steps would: query i reads the
+    chunk's earlier tokens as stored (exact only among the R newest before it,
+    and the sinks) and itself exact."""
+    s = q.shape[1]
+    quantized = self._dequantized(new, self.length + s)
+    k_exact, v_exact = self.stored_view(stored)  # exact at the R newest slots before the chunk
+    k_exact, v_exact = insert_chunk(k_exact, k, self.length), insert_chunk(v_exact, v, self.length)
+    t = jnp.arange(self.capacity, dtype=jnp.int32)[None, None]
+    use_exact = (t >= q_slots[:, :, None] - self.spec.residual) & (t <= q_slots[:, :, None])
+    return attend_two_copies(q, quantized, (k_exact, v_exact), use_exact, q_slots, self.start)
+
+  def for_chunked_decode(self, first: int, chunk: int) -> "SymmetricKVCache":
+    """This cache with chunks of more than one token attended as one-token steps
+    would read them (`_attend_as_decoded`), so any chunk scores exactly."""
+    del first, chunk
+    return self.replace(chunks_as_decode=True)
 
   def stored_view(self, stored: SymmetricLayer):
     """Keys and values [B, Hkv, T, D] (float32, keys divided by the post-RoPE scale)
     as attention reads them: dequantized codes, with the R newest slots and the
     sinks replaced by their exact copies; slot = index, slots >= length unspecified."""
-    bits = self.spec.bits
-    k_buf = decode(stored.k_codes, stored.k_scale, stored.k_zero, bits)
-    v_buf = decode(stored.v_codes, stored.v_scale, stored.v_zero, bits)
+    k_buf, v_buf = self._dequantized(stored, self.length)
     t = jnp.arange(self.capacity, dtype=jnp.int32)
-    window, n = self.spec.residual, self.spec.n_sink
+    window = self.spec.residual
     if window:
       ring = t % self.recent_pos.shape[0]
       newest = (t >= self.length - window) & (t < self.length)
       use = ((self.recent_pos[ring] == t) & newest)[None, None, :, None]
       k_buf = jnp.where(use, stored.k_recent[:, :, ring].astype(jnp.float32), k_buf)
       v_buf = jnp.where(use, stored.v_recent[:, :, ring].astype(jnp.float32), v_buf)
+    return k_buf, v_buf
+
+  def _dequantized(self, stored: SymmetricLayer, length):
+    """Keys and values [B, Hkv, T, D] (float32) from the codes, the sinks written
+    before slot `length` replaced by their exact copies."""
+    bits, n = self.spec.bits, self.spec.n_sink
+    k_buf = decode(stored.k_codes, stored.k_scale, stored.k_zero, bits)
+    v_buf = decode(stored.v_codes, stored.v_scale, stored.v_zero, bits)
     if n:
+      t = jnp.arange(self.capacity, dtype=jnp.int32)
       rel = t[None] - self.start[:, None]  # [B, T]
-      use = ((rel >= 0) & (rel < n) & (t[None] < self.length))[:, None, :, None]
+      use = ((rel >= 0) & (rel < n) & (t[None] < length))[:, None, :, None]
       idx = jnp.clip(rel, 0, n - 1)[:, None, :, None]
       k_sink = jnp.take_along_axis(stored.k_sink, idx, axis=2).astype(jnp.float32)
       v_sink = jnp.take_along_axis(stored.v_sink, idx, axis=2).astype(jnp.float32)
