@@ -11,7 +11,10 @@ through the method's cache, every step attending to the cache as stored
 tokens per step with the same scores do so, C times fewer steps: dense and
 the per-token caches always, KIVI / RotateKV when C divides the group size and
 the prefill is aligned to their window (e.g. `--chunk=32 --prefill=32`); the
-others stay at one token per step (each row reports its `decode_chunk`). Per method: bytes per token against a bf16 dense cache
+others stay at one token per step (each row reports its `decode_chunk`). The
+per-token 4-bit caches score a chunk as one-token steps would only up to float
+rounding, which their codes amplify (see `jaxllm.streaming`): for FireQ, run
+them at the default `--chunk=1`. Per method: bytes per token against a bf16 dense cache
 (residual window and sink tokens excluded, reported apart), perplexity, its
 change against the dense cache, and top-1 agreement with the dense cache.
 
@@ -40,6 +43,7 @@ MAIN_METHODS = (
   "kivi4",
   "kivi2",
   "kivi2_r128_s4",
+  "kivi2_r128_s4_ksearch",
   "rotatekv2",
 )
 ABLATIONS = (

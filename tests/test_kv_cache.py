@@ -21,6 +21,7 @@ from jaxllm.kv_cache.quantize import (
   pack_along,
   quantize_asymmetric,
 )
+from jaxllm.kv_cache.spec import SEARCH_RANGES
 from jaxllm.rope import apply_rope, rope_tables
 from pallas_kernels.quantized_kv_attention import quantize_keys, quantize_values
 
@@ -47,6 +48,9 @@ TWO_BIT = [
   "kivi2_r128_s4_search",
   "rotatekv2_no_rotation",
   "kivi2_pre_rope_r128_s4",
+  "kivi2_pre_rope_r128_s4_ksearch",
+  "kivi2_r128_s4_ksearch",
+  "rotatekv2_ksearch",
 ]
 # max |logits - dense| / max |dense| over prefill + decode on the tiny model (measured ~x0.5)
 TOLERANCE = {"int8": 3e-3, **{n: 5e-2 for n in FOUR_BIT}, **{n: 0.12 for n in TWO_BIT}}
@@ -115,6 +119,8 @@ SLOW_DECODE = {
   "kivi2_s4",
   "rotatekv2_no_rotation",
   "kivi2_pre_rope_r128_s4",
+  "kivi2_r128_s4_ksearch",
+  "rotatekv2_ksearch",
 }
 
 
@@ -129,7 +135,7 @@ def test_more_bits_closer_to_dense(decode_error):
   """Among the min/max codecs (a searched range can put 2 bits near 4-bit FireQ)."""
   e = {n: decode_error(n) for n in COMPRESSED if n not in SLOW_DECODE}
   assert e["kivi2_r128_s4_search"] < e["kivi2_r128_s4"], e
-  e = {n: v for n, v in e.items() if not METHODS[n].search_range}
+  e = {n: v for n, v in e.items() if METHODS[n].search_range == "none"}
   assert e["int8"] < min(e[n] for n in FOUR_BIT if n in e), e
   assert max(e[n] for n in FOUR_BIT if n in e) < min(e[n] for n in TWO_BIT if n in e), e
   assert e["kivi2"] < e["kivi2_no_residual"], e
@@ -166,6 +172,9 @@ EXPECTED_BYTES = {
   "kivi2_r128_s4_search": HEADS * ((16 + 8) + (16 + 4)),
   "rotatekv2_no_rotation": HEADS * ((16 + 8) + (16 + 4)),
   "kivi2_pre_rope_r128_s4": HEADS * ((16 + 8) + (16 + 4)),
+  "kivi2_pre_rope_r128_s4_ksearch": HEADS * ((16 + 8) + (16 + 4)),
+  "kivi2_r128_s4_ksearch": HEADS * ((16 + 8) + (16 + 4)),
+  "rotatekv2_ksearch": HEADS * ((16 + 8) + (16 + 4)),
 }
 # fixed float32 slots per (layer, KV head): residual (96) + G window, + 4 sinks for RotateKV;
 # FireQ's exact window: a ring of R + 32 (rollback slack) slots, + 4 sinks
@@ -181,6 +190,8 @@ EXPECTED_FIXED_SLOTS = {
   "fireq_int4_r96_s4": 132,
   "fireq_int4_r128_s4": 164,
   "kivi2_pre_rope_r128_s4": 164,
+  "kivi2_pre_rope_r128_s4_ksearch": 164,
+  "kivi2_r128_s4_ksearch": 164,
 }
 
 
@@ -294,6 +305,43 @@ def _feed(cache, q, k_pre, v, kernels=ops.KernelConfig()):
   k = apply_rope(k_pre, cos, sin)
   out, state = cache.attend(0, apply_rope(q, cos, sin), k_pre, k, v, slots, kernels)
   return out, cache.advance([state], s), k
+
+
+@pytest.mark.parametrize("name", ["kivi2", "fireq_int4"])
+def test_search_range_applies_to_the_named_side(name):
+  """search_range="keys" changes only the key codes and scales (and lowers the keys'
+  rounding error), "values" only the values'; "none" is min..max for both."""
+  rng = np.random.default_rng(4)
+  q, k_pre, v = _chunk(rng, 2, 100)
+  calibration = {"key_scale": jnp.ones((1, ONE_LAYER.num_kv_heads, ONE_LAYER.head_dim))}
+  stored, views = {}, {}
+  for side in SEARCH_RANGES:
+    spec = spec_for(name).replace(residual=32 if name == "kivi2" else 0, search_range=side)
+    cache = create_cache(spec, ONE_LAYER, 2, 128, calibration=calibration)
+    _, cache, k = jax.jit(_feed)(cache, q, k_pre, v)
+    layer = cache.layers[0]
+    if name == "kivi2":
+      store = layer.store
+      stored[side] = (store.k_packed, store.k_scale), (store.v_packed, store.v_scale)
+    else:
+      stored[side] = (layer.k_codes, layer.k_scale), (layer.v_codes, layer.v_scale)
+    views[side] = _layer0_view(cache)
+  quantized = 64 if name == "kivi2" else 100  # KIVI: two groups flushed, 36 exact
+  key_err = {
+    side: float(
+      ((views[side][0][:, :, :quantized] - k.transpose(0, 2, 1, 3)[:, :, :quantized]) ** 2).sum()
+    )
+    for side in SEARCH_RANGES
+  }
+  same = lambda a, b: all(np.array_equal(x, y) for x, y in zip(a, b))
+  assert same(stored["keys"][1], stored["none"][1]) and not same(
+    stored["keys"][0], stored["none"][0]
+  )
+  assert same(stored["values"][0], stored["none"][0]) and not same(
+    stored["values"][1], stored["none"][1]
+  )
+  assert same(stored["both"][0], stored["keys"][0]) and same(stored["both"][1], stored["values"][1])
+  assert key_err["keys"] < 0.95 * key_err["none"], key_err
 
 
 def test_kivi_flush_moves_one_group_and_residual_stays_exact():

@@ -20,13 +20,16 @@ Methods (`METHODS`, by name):
   * fireq_int4_r128_s4: FireQ's codes, plus the 128 newest tokens (KIVI's R)
     and the first 4 of each row read exactly (from float buffers beside the codes).
   * kivi2_r128_s4: KIVI-2 with R=128 and the first 4 tokens of each row exact.
+  * kivi2_r128_s4_ksearch: the same storage; each key scale's range (per channel
+    over G tokens) is the one of least squared rounding error instead of min..max
+    (`CacheSpec.search_range="keys"`). The KIVI-2 that meets the 8% target.
   * rotatekv2 / rotatekv4: KIVI storage of Hadamard-rotated pre-RoPE keys and
     rotated values, attention-sink tokens kept exact.
   * ablations: kivi2_per_token_keys, kivi2_no_residual, kivi2_r128, kivi2_s4
     (4 exact sinks), kivi2_s4_g64_v2 (key groups of 64 tokens, two value scale
     groups per token), rotatekv2_no_rotation (RotateKV-2 without the Hadamard
-    rotation), kivi2_r128_s4_search (scale ranges of least rounding error,
-    `CacheSpec.search_range`), fireq_int4_r96_s4 (a 96-token window),
+    rotation), kivi2_r128_s4_search (key and value ranges searched; values
+    clipped hurt), kivi2_pre_rope_r128_s4[_ksearch], rotatekv2_ksearch, fireq_int4_r96_s4 (a 96-token window),
     fireq_int4_pre_rope_only, fireq_int4_post_rope_only, fireq_int4_rot
     (keys and queries Hadamard-rotated after the post-RoPE scale).
 

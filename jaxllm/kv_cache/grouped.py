@@ -225,7 +225,7 @@ class GroupedKVCache(SlotCacheMixin):
   def _quantize_groups(self, k, v, valid):
     """k, v [B, Hkv, n*G, D] stored domain -> the store arrays of those n groups."""
     bits, g, sdt = self.spec.bits, self.spec.group_size, self.spec.scale_jnp_dtype
-    search = self.spec.search_range
+    search = self.spec.search_keys
     b, h, t, d = k.shape
     if self.spec.per_channel_keys:
       grouped = k.reshape(b, h, t // g, g, d)
@@ -262,10 +262,10 @@ class GroupedKVCache(SlotCacheMixin):
     pending = jnp.arange(rb)[None, None, :, None] < self.length - self.quantized_length
     valid = pending & self._stat_mask(self.quantized_length, rb)
     key_axis = -2 if self.spec.per_channel_keys else -1
-    search = self.spec.search_range
-    fq_k = fake_quantize_asymmetric(k, bits, key_axis, valid, sdt, search)
+    fq_k = fake_quantize_asymmetric(k, bits, key_axis, valid, sdt, self.spec.search_keys)
     slabs = v.reshape(*v.shape[:-1], self.spec.channel_groups, -1)
-    fq_v = fake_quantize_asymmetric(slabs, bits, -1, None, sdt, search).reshape(v.shape)
+    fq_v = fake_quantize_asymmetric(slabs, bits, -1, None, sdt, self.spec.search_values)
+    fq_v = fq_v.reshape(v.shape)
     return fq_k.astype(k.dtype), fq_v.astype(v.dtype)
 
   # -- the cache interface -------------------------------------------------------------
@@ -475,7 +475,7 @@ def _quantize_values(v, spec: CacheSpec):
   """v [..., T, D] -> (codes packed along channels, scale, zero [..., T, *_value_groups])."""
   slabs = v.reshape(*v.shape[:-1], spec.channel_groups, -1)
   codes, scale, zero = quantize_asymmetric(
-    slabs, spec.bits, -1, spec.scale_jnp_dtype, None, spec.search_range
+    slabs, spec.bits, -1, spec.scale_jnp_dtype, None, spec.search_values
   )
   shape = v.shape[:-1] + _value_groups(spec)
   return (

@@ -78,19 +78,18 @@ class SymmetricLayer(NamedTuple):
   v_sink: jax.Array
 
 
-def encode(x: jax.Array, spec: CacheSpec, groups: int):
+def encode(x: jax.Array, spec: CacheSpec, groups: int, search_range: bool = False):
   """[..., D] float -> (codes [..., D * bits / 8], scale [..., groups], zero [..., groups] or None).
 
   Each of the `groups` equal channel sub-groups of a row gets its own scale (and
-  zero point when `spec.zero_point`).
+  zero point when `spec.zero_point`, then with `search_range` the range of least
+  rounding error instead of min..max).
   """
   bits = spec.bits
   *lead, d = x.shape
   xg = x.reshape(*lead, groups, d // groups)
   if spec.zero_point:
-    codes, scale, zero = quantize_asymmetric(
-      xg, bits, -1, spec.scale_jnp_dtype, None, spec.search_range
-    )
+    codes, scale, zero = quantize_asymmetric(xg, bits, -1, spec.scale_jnp_dtype, None, search_range)
     codes, zero = codes.reshape(*lead, d), zero[..., 0]
     return pack_along(codes, bits, -1), scale[..., 0], zero
   codes, scale = quantize_symmetric(xg, bits, -1, spec.scale_jnp_dtype)
@@ -201,17 +200,17 @@ class SymmetricKVCache(SlotCacheMixin):
     if self.spec.fp8_queries:
       q = fp8_quantize_dequantize(q)
 
-    def write(codes_buf, scale_buf, zero_buf, x):
+    def write(codes_buf, scale_buf, zero_buf, x, search):
       groups = scale_buf.shape[-1]
-      codes, scale, zero = encode(x.transpose(0, 2, 1, 3), self.spec, groups)
+      codes, scale, zero = encode(x.transpose(0, 2, 1, 3), self.spec, groups, search)
       at = (0, 0, self.length, 0)
       put = jax.lax.dynamic_update_slice
       zero_buf = None if zero is None else put(zero_buf, zero, at)
       return put(codes_buf, codes, at), put(scale_buf, scale, at), zero_buf
 
     new = SymmetricLayer(
-      *write(stored.k_codes, stored.k_scale, stored.k_zero, k),
-      *write(stored.v_codes, stored.v_scale, stored.v_zero, v),
+      *write(stored.k_codes, stored.k_scale, stored.k_zero, k, self.spec.search_keys),
+      *write(stored.v_codes, stored.v_scale, stored.v_zero, v, self.spec.search_values),
       *self._write_exact(stored, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)),
     )
     if self.chunks_as_decode and q.shape[1] > 1:
