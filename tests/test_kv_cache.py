@@ -13,11 +13,17 @@ from hypothesis import strategies as st
 import jaxllm
 from jaxllm import ops
 from jaxllm.kv_cache import METHODS, create_cache, prepare_model, spec_for, symmetric
-from jaxllm.kv_cache.fireq import fold_pre_rope_key_scale
+from jaxllm.kv_cache.fireq import (
+  fold_pre_rope_key_scale,
+  key_rounding,
+  query_hessian,
+  smooth_scale,
+)
 from jaxllm.kv_cache.hadamard import hadamard, rotate
 from jaxllm.kv_cache.quantize import (
   RANGE_SHRINK,
   fake_quantize_asymmetric,
+  gptq_codes,
   pack_along,
   quantize_asymmetric,
 )
@@ -35,6 +41,9 @@ FOUR_BIT = [
   "fireq_int4_r96_s4",
   "fireq_int4_r128_s4",
   "fireq_int4_rot",
+  "fireq_int4_r128_s4_gptq",
+  "fireq_int4_gptq",
+  "fireq_int4_r128_s4_a09",
 ]
 TWO_BIT = [
   "kivi2",
@@ -121,6 +130,8 @@ SLOW_DECODE = {
   "kivi2_pre_rope_r128_s4",
   "kivi2_r128_s4_ksearch",
   "rotatekv2_ksearch",
+  "fireq_int4_gptq",
+  "fireq_int4_r128_s4_a09",
 }
 
 
@@ -175,6 +186,9 @@ EXPECTED_BYTES = {
   "kivi2_pre_rope_r128_s4_ksearch": HEADS * ((16 + 8) + (16 + 4)),
   "kivi2_r128_s4_ksearch": HEADS * ((16 + 8) + (16 + 4)),
   "rotatekv2_ksearch": HEADS * ((16 + 8) + (16 + 4)),
+  "fireq_int4_r128_s4_gptq": HEADS * ((32 + 8) + (32 + 4)),
+  "fireq_int4_gptq": HEADS * ((32 + 8) + (32 + 4)),
+  "fireq_int4_r128_s4_a09": HEADS * ((32 + 8) + (32 + 4)),
 }
 # fixed float32 slots per (layer, KV head): residual (96) + G window, + 4 sinks for RotateKV;
 # FireQ's exact window: a ring of R + 32 (rollback slack) slots, + 4 sinks
@@ -192,13 +206,15 @@ EXPECTED_FIXED_SLOTS = {
   "kivi2_pre_rope_r128_s4": 164,
   "kivi2_pre_rope_r128_s4_ksearch": 164,
   "kivi2_r128_s4_ksearch": 164,
+  "fireq_int4_r128_s4_gptq": 164,
+  "fireq_int4_r128_s4_a09": 164,
 }
 
 
 @pytest.mark.parametrize("name", list(METHODS))
 def test_bytes_per_token_exact(name):
   spec = METHODS[name]
-  calibration = {"key_scale": jnp.ones((30, 3, 64))}
+  calibration = {"key_scale": jnp.ones((30, 3, 64)), "key_rounding": jnp.ones((30, 3, 64, 64))}
   cache = create_cache(spec, SMOLLM2, 1, 64, calibration=calibration)
   mem = cache.memory()
   assert mem["bytes_per_token"] == EXPECTED_BYTES[name]
@@ -840,3 +856,154 @@ def test_fireq_key_and_value_channel_groups():
     create_cache(
       spec.replace(key_channel_groups=3), ONE_LAYER, 1, 8, calibration={"key_scale": key_scale}
     )
+
+
+# ------------------------------------------------------------------ GPTQ key rounding
+
+
+def _gptq_loop(x, scale, zero, hessian, qmax=15, damp=0.01):
+  """GPTQ on one grid by explicit loops: the textbook column update with H^-1."""
+  d = x.shape[-1]
+  h = hessian + damp * np.trace(hessian) / d * np.eye(d)
+  codes = np.zeros(x.shape, np.int64)
+  for r in range(x.shape[0]):
+    w, h_inv = x[r].astype(np.float64).copy(), np.linalg.inv(h)
+    for j in range(d):
+      codes[r, j] = np.clip(np.round((w[j] - zero[r, j]) / scale[r, j]), 0, qmax)
+      err = w[j] - (codes[r, j] * scale[r, j] + zero[r, j])
+      w[j + 1 :] -= err / h_inv[j, j] * h_inv[j, j + 1 :]
+      # the inverse Hessian of the channels still to round
+      h_inv = h_inv - np.outer(h_inv[:, j], h_inv[j, :]) / h_inv[j, j]
+  return codes
+
+
+def _anisotropic_hessian(rng, d=64):
+  q = rng.standard_normal((512, d)) * np.exp(rng.uniform(-2, 2, d))  # channels of unequal size
+  q[:, 1::2] += 0.8 * q[:, 0::2]  # correlated neighbours
+  return q.T @ q / len(q)
+
+
+def test_gptq_codes_match_a_loop_and_lower_the_weighted_error():
+  """`gptq_codes` with `key_rounding(H)` gives the codes of a textbook GPTQ loop; its
+  error e keeps e^T H e well under round-to-nearest's on the same grid."""
+  rng = np.random.default_rng(0)
+  x = rng.standard_normal((40, 64)).astype(np.float32)
+  h = _anisotropic_hessian(rng)
+  _, scale, zero = quantize_asymmetric(jnp.asarray(x), 4, -1, jnp.float32)
+  scale_c, zero_c = np.broadcast_to(scale, x.shape), np.broadcast_to(zero, x.shape)
+  u = jnp.asarray(key_rounding(h))
+  got = np.asarray(gptq_codes(jnp.asarray(x), scale, zero, (0, 15), u))
+  want = _gptq_loop(x, scale_c, zero_c, h)
+  assert (got == want).mean() > 0.99  # float32 against float64: a rare tie may round apart
+  nearest = np.clip(np.round((x - zero_c) / scale_c), 0, 15)
+  weighted = lambda c: np.einsum(
+    "rd,de,re->r", c * scale_c + zero_c - x, h, c * scale_c + zero_c - x
+  )
+  assert weighted(got).mean() < 0.7 * weighted(nearest).mean()
+  np.testing.assert_array_equal(  # an identity Hessian is round-to-nearest
+    gptq_codes(jnp.asarray(x), scale, zero, (0, 15), jnp.eye(64)), nearest
+  )
+
+
+def test_query_hessian_is_the_mean_square_score_change(outlier_model, calib_tokens):
+  """For any key error e, e^T H e is the mean of (q·e)^2 over the calibration queries
+  that read that KV head (queries taken from the model's own forward pass)."""
+  cfg = outlier_model.config
+  scale = np.exp2(np.random.default_rng(2).integers(-2, 3, (2, 2, 64))).astype(np.float32)
+  h = query_hessian(outlier_model, calib_tokens, scale)
+  assert h.shape == (2, 2, 64, 64)
+  taps = {}
+  outlier_model(jnp.asarray(calib_tokens), taps=taps)
+  positions = jnp.arange(calib_tokens.shape[1])[None]
+  cos, sin = rope_tables(positions, 64, cfg.rope_theta)
+  e = np.random.default_rng(3).standard_normal(64)
+  for i in range(2):
+    w_q = np.asarray(outlier_model.layers[i].attn.q.get_value(), np.float64)
+    q = np.einsum("btc,chd->bthd", np.asarray(taps[f"{i}.attn_in"], np.float64), w_q)
+    q = np.asarray(apply_rope(jnp.asarray(q, jnp.float32), cos, sin), np.float64)
+    for kv in range(2):
+      heads = q[:, :, kv * cfg.group_size : (kv + 1) * cfg.group_size] * scale[i, kv]
+      want = ((heads @ e) ** 2).mean()
+      np.testing.assert_allclose(e @ h[i, kv] @ e, want, rtol=1e-4)
+
+
+def test_gptq_keys_lower_the_score_error_of_held_out_queries():
+  """Queries with a mean and correlated channels, as real ones have: keys encoded with
+  the factors of 4096 calibration queries move the scores of 4096 other queries far
+  less than round-to-nearest on the same grid. (With i.i.d. isotropic queries H is a
+  multiple of I and GPTQ is round-to-nearest.)"""
+  rng = np.random.default_rng(6)
+  d = 64
+  mix = rng.standard_normal((d, d)) * np.exp(rng.uniform(-1.5, 1.5, d))
+  mean = 3.0 * rng.standard_normal(d)
+  calib, held_out = (rng.standard_normal((4096, d)) @ mix + mean for _ in range(2))
+  u = jnp.asarray(key_rounding(calib.T @ calib / len(calib)))
+  keys = jnp.asarray(rng.standard_normal((256, d)), jnp.float32)
+  spec = spec_for("fireq_int4")
+  err = {}
+  for name, rounding in (("nearest", None), ("gptq", u)):
+    codes, scale, zero = symmetric.encode(keys, spec, 2, rounding=rounding)
+    e = np.asarray(symmetric.decode(codes, scale, zero, 4)) - np.asarray(keys)
+    err[name] = float(((held_out @ e.T) ** 2).mean())
+  assert err["gptq"] < 0.5 * err["nearest"], err
+
+
+def test_cache_rounds_each_layer_with_its_factors(outlier_model, calib_tokens, tokens):
+  """The GPTQ FireQ cache stores, in every layer, the codes `encode` gives the layer's
+  scaled keys with that layer's calibrated factors (not another layer's, not nearest;
+  codes compared packed, two per byte)."""
+  spec = spec_for("fireq_int4_gptq")
+  model, calibration = prepare_model(outlier_model, spec, calib_tokens)
+  u = np.asarray(calibration["key_rounding"])
+  assert u.shape == (2, 2, 64, 64) and np.allclose(np.tril(u, -1), 0.0)
+  assert not np.allclose(u[0], u[1])
+  cache = create_cache(spec, model.config, 2, 64, calibration=calibration)
+  taps = {}
+  model(jnp.asarray(tokens[:, :48]), taps=taps)
+  _, cache = _runner(model)(cache, tokens[:, :48])
+  for i in range(2):
+    keys = taps[f"{i}.k"].transpose(0, 2, 1, 3) / calibration["key_scale"][i][None, :, None]
+    want = {}
+    for name, factors in (("own", u[i]), ("other", u[1 - i]), ("nearest", None)):
+      rounding = None if factors is None else jnp.asarray(factors)[:, None]
+      want[name] = np.asarray(symmetric.encode(keys, spec, 2, rounding=rounding)[0])
+    got = np.asarray(cache.layers[i].k_codes)[:, :, :48]
+    match = {name: float((got == codes).mean()) for name, codes in want.items()}
+    # layer 0 reads exactly the keys of the forward pass; layer 1's differ in the last
+    # bits (a cached forward), and GPTQ carries a flipped code on to later channels
+    assert match["own"] > (0.999 if i == 0 else 0.75), match
+    assert max(match["other"], match["nearest"]) < match["own"] - 0.1, match
+
+
+def test_key_rounding_bad_input():
+  with pytest.raises(ValueError, match="key_rounding must be one of"):
+    spec_for("fireq_int4").replace(key_rounding="stochastic")
+  with pytest.raises(ValueError, match="needs a FireQ cache"):
+    spec_for("kivi2").replace(key_rounding="gptq")
+  with pytest.raises(ValueError, match="without rotate_keys"):
+    spec_for("fireq_int4_rot").replace(key_rounding="gptq")
+  spec = spec_for("fireq_int4_gptq")
+  key_scale = jnp.ones((1, ONE_LAYER.num_kv_heads, 64))
+  with pytest.raises(ValueError, match="GPTQ key rounding factors"):
+    create_cache(spec, ONE_LAYER, 1, 8, calibration={"key_scale": key_scale})
+  bad = {"key_scale": key_scale, "key_rounding": jnp.ones((1, ONE_LAYER.num_kv_heads, 64, 32))}
+  with pytest.raises(ValueError, match=r"key rounding factors \(1, 2, 64, 32\)"):
+    create_cache(spec, ONE_LAYER, 1, 8, calibration=bad)
+
+
+@pytest.mark.parametrize("alpha", [1.0, 0.9, 0.5])
+def test_smooth_scale_formula(alpha):
+  """Per layer, KV head and channel: 2**round(log2(k**a / q**(1-a))), k and q the |max|
+  over the RoPE pair (i, i + D/2), q also over the query heads reading the KV head."""
+  rng = np.random.default_rng(7)
+  k_amax = np.exp(rng.uniform(-3, 3, (2, 3, 8))).astype(np.float32)
+  q_amax = np.exp(rng.uniform(-3, 3, (2, 9, 8))).astype(np.float32)
+  got = smooth_scale(k_amax, q_amax, alpha, pair_shared=True)
+  for layer in range(2):
+    for h in range(3):
+      for c in range(8):
+        pair = [c % 4, c % 4 + 4]
+        k = k_amax[layer, h, pair].max()
+        q = q_amax[layer, 3 * h : 3 * h + 3][:, pair].max()
+        want = 2.0 ** np.round(np.log2(k**alpha / q ** (1 - alpha)))
+        np.testing.assert_allclose(got[layer, h, c], want, rtol=1e-6)

@@ -66,6 +66,7 @@ _CHUNK_EXACT = {
   "int8": spec_for("int8"),
   "fireq_int4": spec_for("fireq_int4"),
   "fireq_int4_r8_s2": spec_for("fireq_int4").replace(residual=8, n_sink=2),
+  "fireq_int4_gptq_r8_s2": spec_for("fireq_int4_gptq").replace(residual=8, n_sink=2),
   "kivi2_r32_s2": spec_for("kivi2").replace(residual=32, n_sink=2),
   "kivi4_g16_r48": spec_for("kivi4").replace(group_size=16, residual=48),
   "rotatekv2_r32": spec_for("rotatekv2").replace(residual=32),

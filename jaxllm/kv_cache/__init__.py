@@ -19,6 +19,12 @@ Methods (`METHODS`, by name):
     ``quantized_kv_attention`` op (Pallas kernel / fused XLA / reference).
   * fireq_int4_r128_s4: FireQ's codes, plus the 128 newest tokens (KIVI's R)
     and the first 4 of each row read exactly (from float buffers beside the codes).
+  * fireq_int4_r128_s4_a09: the same with smoothing strength 0.9 instead of 1
+    (`CacheSpec.smooth_alpha`): the FireQ that meets the 1% target (48 windows).
+  * fireq_int4_gptq / fireq_int4_r128_s4_gptq: the same storage; each key's
+    channels rounded in turn by GPTQ, with the calibration queries' second
+    moment as the Hessian (`CacheSpec.key_rounding="gptq"`): less score error,
+    closer logits, no better perplexity on SmolLM2.
   * kivi2_r128_s4: KIVI-2 with R=128 and the first 4 tokens of each row exact.
   * kivi2_r128_s4_ksearch: the same storage; each key scale's range (per channel
     over G tokens) is the one of least squared rounding error instead of min..max
@@ -66,7 +72,8 @@ def prepare_model(model, spec: CacheSpec, calib_tokens=None):
     into W_k / W_q (when enabled) and {"key_scale": [L, Hkv, D]} (post-RoPE scale,
     when enabled); other methods return the model unchanged and None.
   """
-  if spec.kind != "fireq" or not (spec.pre_rope_scale or spec.post_rope_scale):
+  calibrated = spec.pre_rope_scale or spec.post_rope_scale or spec.key_rounding == "gptq"
+  if spec.kind != "fireq" or not calibrated:
     return model, None
   if calib_tokens is None:
     raise ValueError(f"{spec.name} needs calib_tokens (int32 [N, L]) to calibrate its key scales")
@@ -93,7 +100,8 @@ def create_cache(
     batch: rows.
     capacity: tokens per row (prompt + generated, left padding included).
     dtype: float dtype of dense/residual/sink storage.
-    calibration: `prepare_model`'s calibration (FireQ post-RoPE scale).
+    calibration: `prepare_model`'s calibration (FireQ: post-RoPE scale, GPTQ key
+      rounding factors).
     start: [B] first valid slot per row (left padding); zeros by default.
     kernels: optional `ops.KernelConfig` for KIVI's decode op only (e.g.
       ``KernelConfig("pallas", interpret=True)``); default: the model's.
@@ -111,7 +119,16 @@ def create_cache(
           f"{spec.name} needs the post-RoPE key scale: pass prepare_model's calibration"
         )
       key_scale = calibration["key_scale"]
-    return SymmetricKVCache.create(spec, config, batch, capacity, start, key_scale, dtype)
+    rounding = None
+    if spec.key_rounding == "gptq":
+      if calibration is None or "key_rounding" not in calibration:
+        raise ValueError(
+          f"{spec.name} needs the GPTQ key rounding factors: pass prepare_model's calibration"
+        )
+      rounding = calibration["key_rounding"]
+    return SymmetricKVCache.create(
+      spec, config, batch, capacity, start, key_scale, dtype, key_rounding=rounding
+    )
   return GroupedKVCache.create(spec, config, batch, capacity, start, dtype, kernels)
 
 

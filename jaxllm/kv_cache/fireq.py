@@ -33,6 +33,39 @@ from jaxllm.rope import apply_rope, rope_tables
 _EPS = 1e-6
 
 
+def _check_calib(calib_tokens) -> np.ndarray:
+  calib_tokens = np.asarray(calib_tokens, np.int32)
+  if calib_tokens.ndim != 2 or calib_tokens.shape[0] == 0 or calib_tokens.shape[1] == 0:
+    raise ValueError(
+      f"calib_tokens must be a non-empty int32 [N, L] array, got {calib_tokens.shape}"
+    )
+  return calib_tokens
+
+
+def _per_window(model: Llama, reduce):
+  """A jitted fn(state, tokens [1, L]) of `reduce(acts)`, where acts maps
+  "k_pre_rope", "k", "q_pre_rope", "q" to per-layer lists of [1, L, H, D]."""
+  graphdef, _ = nnx.split(model)
+
+  @jax.jit
+  def window(state, tokens):
+    m = nnx.merge(graphdef, state)
+    taps = {}
+    m(tokens, logits_at="last", taps=taps)
+    positions = jnp.arange(tokens.shape[1], dtype=jnp.int32)[None]
+    cos, sin = rope_tables(positions, m.config.head_dim, m.config.rope_theta)
+    acts = {"k_pre_rope": [], "k": [], "q_pre_rope": [], "q": []}
+    for i, layer in enumerate(m.layers):
+      q_pre = ops.linear(taps[f"{i}.attn_in"], layer.attn.q.get_value(), m.kernels)
+      acts["k_pre_rope"].append(taps[f"{i}.k_pre_rope"])
+      acts["k"].append(taps[f"{i}.k"])
+      acts["q_pre_rope"].append(q_pre)
+      acts["q"].append(apply_rope(q_pre, cos, sin))
+    return reduce(acts)
+
+  return window
+
+
 def activation_amax(model: Llama, calib_tokens) -> dict[str, np.ndarray]:
   """Per-channel |max| over calibration windows (one window per forward).
 
@@ -43,38 +76,63 @@ def activation_amax(model: Llama, calib_tokens) -> dict[str, np.ndarray]:
   Returns:
     {"k_pre_rope", "k": [layers, Hkv, D], "q_pre_rope", "q": [layers, Hq, D]} float32.
   """
-  calib_tokens = np.asarray(calib_tokens, np.int32)
-  if calib_tokens.ndim != 2 or calib_tokens.shape[0] == 0 or calib_tokens.shape[1] == 0:
-    raise ValueError(
-      f"calib_tokens must be a non-empty int32 [N, L] array, got {calib_tokens.shape}"
-    )
-  graphdef, state = nnx.split(model)
+  calib_tokens = _check_calib(calib_tokens)
 
-  @jax.jit
-  def window_amax(state, tokens):
-    m = nnx.merge(graphdef, state)
-    taps = {}
-    m(tokens, logits_at="last", taps=taps)
-    positions = jnp.arange(tokens.shape[1], dtype=jnp.int32)[None]
-    cos, sin = rope_tables(positions, m.config.head_dim, m.config.rope_theta)
-    out = {"k_pre_rope": [], "k": [], "q_pre_rope": [], "q": []}
-    for i, layer in enumerate(m.layers):
-      q_pre = ops.linear(taps[f"{i}.attn_in"], layer.attn.q.get_value(), m.kernels)
-      acts = {
-        "k_pre_rope": taps[f"{i}.k_pre_rope"],
-        "k": taps[f"{i}.k"],
-        "q_pre_rope": q_pre,
-        "q": apply_rope(q_pre, cos, sin),
-      }
-      for name, x in acts.items():
-        out[name].append(jnp.abs(x.astype(jnp.float32)).max(axis=(0, 1)))
-    return {name: jnp.stack(v) for name, v in out.items()}
+  def amax(acts):
+    return {
+      name: jnp.stack([jnp.abs(x.astype(jnp.float32)).max(axis=(0, 1)) for x in xs])
+      for name, xs in acts.items()
+    }
 
-  amax = None
+  window_amax, state = _per_window(model, amax), nnx.state(model)
+  out = None
   for window in calib_tokens:
     got = jax.device_get(window_amax(state, window[None]))
-    amax = got if amax is None else jax.tree.map(np.maximum, amax, got)
-  return amax
+    out = got if out is None else jax.tree.map(np.maximum, out, got)
+  return out
+
+
+def query_hessian(model: Llama, calib_tokens, key_scale=None) -> np.ndarray:
+  """Second moment of the post-RoPE queries as the cache multiplies them, per KV head.
+
+  Args:
+    model: the model (pre-RoPE scale folded in, if any).
+    calib_tokens: int32 [N, L] token windows.
+    key_scale: optional post-RoPE key scale [layers, Hkv, D]; queries are multiplied
+      by it, as the cache does.
+
+  Returns:
+    float64 [layers, Hkv, D, D]: the mean of q q^T over the calibration tokens and
+    the query heads that read each KV head, so that a key error e moves the
+    scores by ``e^T H e`` in mean square.
+  """
+  calib_tokens = _check_calib(calib_tokens)
+  cfg = model.config
+  scale = np.ones((cfg.num_layers, cfg.num_kv_heads, cfg.head_dim), np.float32)
+  scale = jnp.asarray(scale if key_scale is None else key_scale, jnp.float32)
+
+  def second_moment(acts):
+    out = []
+    for i, q in enumerate(acts["q"]):
+      q = q.astype(jnp.float32).reshape(-1, cfg.num_kv_heads, cfg.group_size, cfg.head_dim)
+      q = q * scale[i][None, :, None]
+      out.append(jnp.einsum("thgd,thge->hde", q, q, precision="highest"))
+    return jnp.stack(out)
+
+  window_moment, state = _per_window(model, second_moment), nnx.state(model)
+  total = sum(np.asarray(window_moment(state, w[None]), np.float64) for w in calib_tokens)
+  return total / (calib_tokens.size * cfg.group_size)
+
+
+def key_rounding(hessian, damp: float = 0.01) -> np.ndarray:
+  """GPTQ factors [..., D, D] for `encode`: the upper Cholesky factor u of the
+  inverse of ``H + damp * mean(diag H) * I`` (``(H + ..)^-1 = u^T u``)."""
+  h = np.asarray(hessian, np.float64)
+  d = h.shape[-1]
+  mean_diag = np.trace(h, axis1=-2, axis2=-1)[..., None, None] / d
+  h = h + damp * np.maximum(mean_diag, _EPS) * np.eye(d)
+  lower = np.linalg.cholesky(np.linalg.inv(h))
+  return np.swapaxes(lower, -1, -2).astype(np.float32)
 
 
 def smooth_scale(k_amax, q_amax, alpha: float, pair_shared: bool) -> np.ndarray:
@@ -153,9 +211,13 @@ def calibrate(model: Llama, spec: CacheSpec, calib_tokens):
     model's post-RoPE keys, <= 1). The per-pair magnitude then comes from the
     pre-RoPE statistics, not the post-RoPE ones as in "post-RoPE only".
 
+  With `CacheSpec.key_rounding="gptq"`, the calibration also holds
+  "key_rounding": `key_rounding(query_hessian(...))` of the folded model's queries.
+
   Returns:
     (model with the pre-RoPE scale folded in, or the caller's model;
-    {"key_scale": post-RoPE scale [L, Hkv, D]} or None).
+    {"key_scale": post-RoPE scale [L, Hkv, D], "key_rounding": [L, Hkv, D, D]},
+    with only the entries enabled, or None).
   """
   amax = activation_amax(model, calib_tokens)
   if spec.pre_rope_scale:
@@ -168,4 +230,8 @@ def calibrate(model: Llama, spec: CacheSpec, calib_tokens):
     else:
       post = smooth_scale(amax["k"], amax["q"], spec.smooth_alpha, False)
     calibration = {"key_scale": jnp.asarray(post)}
+  if spec.key_rounding == "gptq":
+    scale = None if calibration is None else calibration["key_scale"]
+    hessian = query_hessian(model, calib_tokens, scale)
+    calibration = {**(calibration or {}), "key_rounding": jnp.asarray(key_rounding(hessian))}
   return model, calibration

@@ -108,6 +108,43 @@ def least_error_range(x, lo, hi, qmax: float, axis, valid=None, shrink=RANGE_SHR
   return best[1], best[2]
 
 
+def gptq_codes(x, scale, zero, code_range: tuple[int, int], u) -> jax.Array:
+  """Codes of x [..., D] on a fixed grid (``x ~= code * scale + zero``), rounded by GPTQ.
+
+  The channels are rounded in order 0..D-1; each one's rounding error is pushed
+  onto the channels after it through `u`, so that the error ``e`` of the whole
+  row leaves ``e^T H e`` least for the Hessian H of which ``u`` is the upper
+  Cholesky factor of the (damped) inverse: ``H^-1 = u^T u``. With ``u = I`` this
+  is round-to-nearest.
+
+  Args:
+    x: float [..., D].
+    scale, zero: float, broadcastable to x (per channel: a group's value repeated).
+    code_range: (lowest, highest) code.
+    u: [..., D, D] upper triangular, broadcastable against x with a trailing D.
+
+  Returns:
+    int32 codes like x.
+  """
+  x = x.astype(jnp.float32)
+  scale = jnp.broadcast_to(scale, x.shape).astype(jnp.float32)
+  zero = jnp.broadcast_to(zero, x.shape).astype(jnp.float32)
+  lo, hi = code_range
+  take = jax.lax.dynamic_index_in_dim
+
+  def step(j, carry):
+    w, codes = carry
+    w_j, s_j, z_j = (take(a, j, -1, keepdims=False) for a in (w, scale, zero))
+    c_j = jnp.clip(jnp.round((w_j - z_j) / s_j), lo, hi)
+    row = take(u, j, -2, keepdims=False)  # [..., D], zero before channel j
+    err = (w_j - (c_j * s_j + z_j)) / take(row, j, -1, keepdims=False)
+    w = w - err[..., None] * row
+    return w, jax.lax.dynamic_update_index_in_dim(codes, c_j.astype(jnp.int32), j, -1)
+
+  init = (x, jnp.zeros(x.shape, jnp.int32))
+  return jax.lax.fori_loop(0, x.shape[-1], step, init)[1]
+
+
 def quantize_symmetric(x: jax.Array, bits: int, axis: int, scale_dtype):
   """Symmetric quantization ``x ~= code * scale``, codes in [-(2**(bits-1) - 1), 2**(bits-1) - 1].
 

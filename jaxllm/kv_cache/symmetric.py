@@ -50,6 +50,7 @@ from jaxllm.kv_cache.base import (
 )
 from jaxllm.kv_cache.quantize import (
   fp8_quantize_dequantize,
+  gptq_codes,
   pack_along,
   quantize_asymmetric,
   quantize_symmetric,
@@ -78,26 +79,35 @@ class SymmetricLayer(NamedTuple):
   v_sink: jax.Array
 
 
-def encode(x: jax.Array, spec: CacheSpec, groups: int, search_range: bool = False):
+def encode(x: jax.Array, spec: CacheSpec, groups: int, search_range: bool = False, rounding=None):
   """[..., D] float -> (codes [..., D * bits / 8], scale [..., groups], zero [..., groups] or None).
 
   Each of the `groups` equal channel sub-groups of a row gets its own scale (and
   zero point when `spec.zero_point`, then with `search_range` the range of least
-  rounding error instead of min..max).
+  rounding error instead of min..max). `rounding`: None rounds each channel to
+  its nearest code; an upper triangular [..., D, D] factor (its rows [..., D]
+  broadcastable against x) rounds the row's channels by GPTQ on the same grid
+  (`quantize.gptq_codes`).
   """
   bits = spec.bits
   *lead, d = x.shape
   xg = x.reshape(*lead, groups, d // groups)
   if spec.zero_point:
     codes, scale, zero = quantize_asymmetric(xg, bits, -1, spec.scale_jnp_dtype, None, search_range)
-    codes, zero = codes.reshape(*lead, d), zero[..., 0]
-    return pack_along(codes, bits, -1), scale[..., 0], zero
-  codes, scale = quantize_symmetric(xg, bits, -1, spec.scale_jnp_dtype)
+    code_range, offset = (0, 2**bits - 1), 0
+  else:
+    codes, scale = quantize_symmetric(xg, bits, -1, spec.scale_jnp_dtype)
+    zero, offset = None, 0 if bits == 8 else 2 ** (bits - 1)
+    code_range = (-(2 ** (bits - 1) - 1), 2 ** (bits - 1) - 1)
+  scale, zero = scale[..., 0], None if zero is None else zero[..., 0]
+  if rounding is not None:
+    per_channel = lambda a: jnp.repeat(a.astype(jnp.float32), d // groups, axis=-1)
+    zero_c = 0.0 if zero is None else per_channel(zero)
+    codes = gptq_codes(x, per_channel(scale), zero_c, code_range, rounding)
   codes = codes.reshape(*lead, d)
-  if bits == 8:
-    return codes.astype(jnp.int8), scale[..., 0], None
-  offset = 2 ** (bits - 1)
-  return pack_along((codes + offset).astype(jnp.uint8), bits, -1), scale[..., 0], None
+  if bits == 8 and zero is None:
+    return codes.astype(jnp.int8), scale, None
+  return pack_along((codes + offset).astype(jnp.uint8), bits, -1), scale, zero
 
 
 def decode(codes: jax.Array, scale: jax.Array, zero: jax.Array | None, bits: int) -> jax.Array:
@@ -123,6 +133,8 @@ class SymmetricKVCache(SlotCacheMixin):
   Attributes:
     layers: one `SymmetricLayer` per layer.
     key_scale: [L, Hkv, D] post-RoPE per-channel key scale, or None.
+    key_rounding: [L, Hkv, D, D] upper triangular GPTQ factors for the keys
+      (`CacheSpec.key_rounding="gptq"`, `jaxllm.kv_cache.fireq.key_rounding`), or None.
     recent_pos: [ring slots] int32, the position each ring entry holds; -1 = none.
     length: int32 scalar, slots written.
     start: [B] int32 first valid slot per row.
@@ -134,6 +146,7 @@ class SymmetricKVCache(SlotCacheMixin):
 
   layers: tuple[SymmetricLayer, ...]
   key_scale: jax.Array | None
+  key_rounding: jax.Array | None
   recent_pos: jax.Array
   length: jax.Array
   start: jax.Array
@@ -143,7 +156,7 @@ class SymmetricKVCache(SlotCacheMixin):
 
   @classmethod
   def create(
-    cls, spec, config, batch, capacity, start, key_scale=None, dtype=jnp.float32
+    cls, spec, config, batch, capacity, start, key_scale=None, dtype=jnp.float32, key_rounding=None
   ) -> "SymmetricKVCache":
     d, bits = config.head_dim, spec.bits
     if d % (8 // bits):
@@ -158,6 +171,14 @@ class SymmetricKVCache(SlotCacheMixin):
         f"{spec.name}: key scale shape {key_scale.shape}, expected "
         f"{(config.num_layers, config.num_kv_heads, d)}"
       )
+    want = (config.num_layers, config.num_kv_heads, d, d)
+    if spec.key_rounding == "gptq" and key_rounding is None:
+      raise ValueError(
+        f"{spec.name}: key_rounding='gptq' needs the calibrated factors {want}: pass "
+        "prepare_model's calibration"
+      )
+    if key_rounding is not None and key_rounding.shape != want:
+      raise ValueError(f"{spec.name}: key rounding factors {key_rounding.shape}, expected {want}")
     rows = (batch, config.num_kv_heads, capacity)
     code_dtype = jnp.int8 if bits == 8 and not spec.zero_point else jnp.uint8
     codes = jnp.zeros((*rows, d * bits // 8), code_dtype)
@@ -173,6 +194,7 @@ class SymmetricKVCache(SlotCacheMixin):
     return cls(
       layers=tuple(layer for _ in range(config.num_layers)),
       key_scale=None if key_scale is None else jnp.asarray(key_scale, jnp.float32),
+      key_rounding=None if key_rounding is None else jnp.asarray(key_rounding, jnp.float32),
       recent_pos=jnp.full((ring,), -1, jnp.int32),
       length=jnp.zeros((), jnp.int32),
       start=start,
@@ -200,16 +222,17 @@ class SymmetricKVCache(SlotCacheMixin):
     if self.spec.fp8_queries:
       q = fp8_quantize_dequantize(q)
 
-    def write(codes_buf, scale_buf, zero_buf, x, search):
+    def write(codes_buf, scale_buf, zero_buf, x, search, rounding=None):
       groups = scale_buf.shape[-1]
-      codes, scale, zero = encode(x.transpose(0, 2, 1, 3), self.spec, groups, search)
+      codes, scale, zero = encode(x.transpose(0, 2, 1, 3), self.spec, groups, search, rounding)
       at = (0, 0, self.length, 0)
       put = jax.lax.dynamic_update_slice
       zero_buf = None if zero is None else put(zero_buf, zero, at)
       return put(codes_buf, codes, at), put(scale_buf, scale, at), zero_buf
 
+    rounding = None if self.key_rounding is None else self.key_rounding[layer][:, None]
     new = SymmetricLayer(
-      *write(stored.k_codes, stored.k_scale, stored.k_zero, k, self.spec.search_keys),
+      *write(stored.k_codes, stored.k_scale, stored.k_zero, k, self.spec.search_keys, rounding),
       *write(stored.v_codes, stored.v_scale, stored.v_zero, v, self.spec.search_values),
       *self._write_exact(stored, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)),
     )
@@ -314,7 +337,7 @@ class SymmetricKVCache(SlotCacheMixin):
     groups = spec.key_groups + spec.channel_groups
     per_head = 2 * c.head_dim * spec.bits // 8 + groups * scale_bytes
     bf16 = bf16_bytes_per_token(c.num_layers, c.num_kv_heads, c.head_dim)
-    total = tree_bytes((self.layers, self.key_scale))
+    total = tree_bytes((self.layers, self.key_scale, self.key_rounding))
     exact = self.layers[0].k_recent
     slots = self.recent_pos.shape[0] + spec.n_sink
     residual = c.num_layers * c.num_kv_heads * slots * c.head_dim * 2 * exact.dtype.itemsize
