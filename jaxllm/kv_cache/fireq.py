@@ -28,6 +28,7 @@ from flax import nnx
 from jaxllm import ops
 from jaxllm.kv_cache.spec import CacheSpec
 from jaxllm.model import Llama
+from jaxllm.quant.gptq import inverse_hessian_factor
 from jaxllm.rope import apply_rope, rope_tables
 
 _EPS = 1e-6
@@ -125,14 +126,13 @@ def query_hessian(model: Llama, calib_tokens, key_scale=None) -> np.ndarray:
 
 
 def key_rounding(hessian, damp: float = 0.01) -> np.ndarray:
-  """GPTQ factors [..., D, D] for `encode`: the upper Cholesky factor u of the
-  inverse of ``H + damp * mean(diag H) * I`` (``(H + ..)^-1 = u^T u``)."""
-  h = np.asarray(hessian, np.float64)
+  """GPTQ factors [..., D, D] for `encode`, one per Hessian [..., D, D]: the upper
+  Cholesky factor u of ``(H + damp * mean(diag H) * I)^-1 = u^T u``, as weight GPTQ
+  takes it (`jaxllm.quant.gptq.inverse_hessian_factor`)."""
+  h = jnp.asarray(hessian, jnp.float32)
   d = h.shape[-1]
-  mean_diag = np.trace(h, axis1=-2, axis2=-1)[..., None, None] / d
-  h = h + damp * np.maximum(mean_diag, _EPS) * np.eye(d)
-  lower = np.linalg.cholesky(np.linalg.inv(h))
-  return np.swapaxes(lower, -1, -2).astype(np.float32)
+  factor = jax.vmap(lambda one: inverse_hessian_factor(one, d, damp))
+  return np.asarray(factor(h.reshape(-1, d, d))).reshape(h.shape)
 
 
 def smooth_scale(k_amax, q_amax, alpha: float, pair_shared: bool) -> np.ndarray:
