@@ -119,13 +119,8 @@ def create_cache(
           f"{spec.name} needs the post-RoPE key scale: pass prepare_model's calibration"
         )
       key_scale = calibration["key_scale"]
-    rounding = None
-    if spec.key_rounding == "gptq":
-      if calibration is None or "key_rounding" not in calibration:
-        raise ValueError(
-          f"{spec.name} needs the GPTQ key rounding factors: pass prepare_model's calibration"
-        )
-      rounding = calibration["key_rounding"]
+    # SymmetricKVCache.create refuses a "gptq" spec without its factors
+    rounding = (calibration or {}).get("key_rounding") if spec.key_rounding == "gptq" else None
     return SymmetricKVCache.create(
       spec, config, batch, capacity, start, key_scale, dtype, key_rounding=rounding
     )

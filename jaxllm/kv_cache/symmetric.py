@@ -174,7 +174,7 @@ class SymmetricKVCache(SlotCacheMixin):
     want = (config.num_layers, config.num_kv_heads, d, d)
     if spec.key_rounding == "gptq" and key_rounding is None:
       raise ValueError(
-        f"{spec.name}: key_rounding='gptq' needs the calibrated factors {want}: pass "
+        f"{spec.name}: key_rounding='gptq' needs the GPTQ key rounding factors {want}: pass "
         "prepare_model's calibration"
       )
     if key_rounding is not None and key_rounding.shape != want:
