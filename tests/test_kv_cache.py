@@ -271,7 +271,7 @@ def test_range_search_picks_the_least_error_range(bits):
   rng = np.random.default_rng(bits)
   x = rng.standard_t(4, size=(48, 64)).astype(np.float32)
   plain = np.asarray(fake_quantize_asymmetric(jnp.asarray(x), bits, -1))
-  searched = np.asarray(fake_quantize_asymmetric(jnp.asarray(x), bits, -1, search_range=True))
+  searched = np.asarray(fake_quantize_asymmetric(jnp.asarray(x), bits, -1, least_error=True))
   err_plain = ((plain - x) ** 2).sum(-1)
   err_searched = ((searched - x) ** 2).sum(-1)
   want = np.array([_numpy_best_range_error(row, bits) for row in x])

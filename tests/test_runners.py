@@ -193,6 +193,38 @@ def test_kv_compression_tiny(tmp_path, text_file):
   assert (out / "kv_compression.png").stat().st_size > 0
 
 
+def test_kv_compression_dense_reference_is_written_then_read(tmp_path, text_file):
+  """--dense_reference: the first run decodes the dense cache and saves its row; a
+  second run reads it back (no dense decode) and reports the same figures; a run
+  under another prefill refuses the file, naming the setting."""
+  ref = tmp_path / "dense_ref.npz"
+  args = [
+    "kv_compression",
+    "--model=tiny",
+    f"--text_file={text_file}",
+    "--methods=dense,int8",
+    "--noablations",
+    "--context=96",
+    "--prefill=16",
+    "--chunk=16",
+    "--max_windows=2",
+    "--batch_size=2",
+    "--calib_windows=1",
+    f"--dense_reference={ref}",
+  ]
+  first = run(*args, f"--out_dir={tmp_path / 'a'}")
+  assert first.returncode == 0, first.stderr
+  assert ref.exists() and "read from --dense_reference" not in first.stdout
+  second = run(*args, f"--out_dir={tmp_path / 'b'}")
+  assert "dense: read from --dense_reference" in second.stdout
+  assert last_json(second)["results"] == last_json(first)["results"]
+  other_args = [a.replace("--prefill=16", "--prefill=32") for a in args]
+  other = run(*other_args, f"--out_dir={tmp_path / 'c'}")
+  assert other.returncode != 0
+  err = other.stderr.strip().splitlines()[-1]
+  assert "was computed with prefill=16, this run has prefill=32" in err, err
+
+
 def test_kv_compression_prefill_must_leave_decode_steps(text_file):
   proc = run("kv_compression", f"--text_file={text_file}", "--context=64", "--prefill=63")
   assert proc.returncode != 0

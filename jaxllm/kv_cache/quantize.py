@@ -44,11 +44,11 @@ def unpack_along(packed: jax.Array, bits: int, axis: int) -> jax.Array:
 
 
 # Candidate shrink factors of a slice's range (each end moved toward the middle on its
-# own) for `quantize_asymmetric(..., search_range=True)`.
+# own) for `quantize_asymmetric(..., least_error=True)`.
 RANGE_SHRINK = (1.0, 0.9, 0.8, 0.7, 0.6, 0.5)
 
 
-def quantize_asymmetric(x: jax.Array, bits: int, axis, scale_dtype, valid=None, search_range=False):
+def quantize_asymmetric(x: jax.Array, bits: int, axis, scale_dtype, valid=None, least_error=False):
   """Asymmetric quantization, ``x ~= code * scale + zero``, reduced over `axis`.
 
   Args:
@@ -58,7 +58,7 @@ def quantize_asymmetric(x: jax.Array, bits: int, axis, scale_dtype, valid=None, 
     scale_dtype: storage dtype of scale and zero.
     valid: optional bool mask broadcastable to x; masked-out entries do not
       enter the statistics (their codes are still clipped into range).
-    search_range: False: the grid spans the slice's min..max. True: each end of
+    least_error: False: the grid spans the slice's min..max. True: each end of
       that range may shrink toward its middle by a factor of `RANGE_SHRINK`,
       independently; the pair with the least squared rounding error (over the
       valid entries, outliers clipped) wins. min/max is a candidate, so the
@@ -76,7 +76,7 @@ def quantize_asymmetric(x: jax.Array, bits: int, axis, scale_dtype, valid=None, 
     hi = jnp.where(valid, x, -jnp.inf).max(axis, keepdims=True)
     lo, hi = jnp.where(hi >= lo, lo, 0.0), jnp.where(hi >= lo, hi, 0.0)
   qmax = float(2**bits - 1)
-  if search_range:
+  if least_error:
     lo, hi = least_error_range(x, lo, hi, qmax, axis, valid)
   zero = lo.astype(scale_dtype)
   scale = (hi - zero.astype(jnp.float32)) / qmax
@@ -158,11 +158,9 @@ def quantize_symmetric(x: jax.Array, bits: int, axis: int, scale_dtype):
   return codes.astype(jnp.int32), scale
 
 
-def fake_quantize_asymmetric(
-  x, bits, axis, valid=None, scale_dtype=jnp.float32, search_range=False
-):
+def fake_quantize_asymmetric(x, bits, axis, valid=None, scale_dtype=jnp.float32, least_error=False):
   """Quantize-dequantize (float32) with `quantize_asymmetric`'s rounding."""
-  codes, scale, zero = quantize_asymmetric(x, bits, axis, scale_dtype, valid, search_range)
+  codes, scale, zero = quantize_asymmetric(x, bits, axis, scale_dtype, valid, least_error)
   return codes.astype(jnp.float32) * scale.astype(jnp.float32) + zero.astype(jnp.float32)
 
 

@@ -79,11 +79,11 @@ class SymmetricLayer(NamedTuple):
   v_sink: jax.Array
 
 
-def encode(x: jax.Array, spec: CacheSpec, groups: int, search_range: bool = False, rounding=None):
+def encode(x: jax.Array, spec: CacheSpec, groups: int, least_error: bool = False, rounding=None):
   """[..., D] float -> (codes [..., D * bits / 8], scale [..., groups], zero [..., groups] or None).
 
   Each of the `groups` equal channel sub-groups of a row gets its own scale (and
-  zero point when `spec.zero_point`, then with `search_range` the range of least
+  zero point when `spec.zero_point`, then with `least_error` the range of least
   rounding error instead of min..max). `rounding`: None rounds each channel to
   its nearest code; an upper triangular [..., D, D] factor (its rows [..., D]
   broadcastable against x) rounds the row's channels by GPTQ on the same grid
@@ -93,7 +93,7 @@ def encode(x: jax.Array, spec: CacheSpec, groups: int, search_range: bool = Fals
   *lead, d = x.shape
   xg = x.reshape(*lead, groups, d // groups)
   if spec.zero_point:
-    codes, scale, zero = quantize_asymmetric(xg, bits, -1, spec.scale_jnp_dtype, None, search_range)
+    codes, scale, zero = quantize_asymmetric(xg, bits, -1, spec.scale_jnp_dtype, None, least_error)
     code_range, offset = (0, 2**bits - 1), 0
   else:
     codes, scale = quantize_symmetric(xg, bits, -1, spec.scale_jnp_dtype)
