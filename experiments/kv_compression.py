@@ -114,11 +114,11 @@ def _check_flags() -> None:
     common.fail(f"GGUF file not found: {FLAGS.gguf}")
 
 
-def _reference_key(model_cfg_name: str, text: str, n_windows: int) -> dict:
+def _reference_key(model_cfg_name: str, gguf: str, text: str, n_windows: int) -> dict:
   """The settings a dense reference row depends on (not the batch or block size)."""
   return {
     "model": model_cfg_name,
-    "gguf": os.path.abspath(FLAGS.gguf) if FLAGS.gguf else None,
+    "gguf": os.path.abspath(gguf),
     "dtype": FLAGS.dtype,
     "context": FLAGS.context,
     "prefill": _PREFILL.value,
@@ -180,7 +180,8 @@ def main(argv):
   except ValueError as e:
     common.fail(str(e))
 
-  tokenizer = Tokenizer.from_gguf(FLAGS.gguf or default_gguf_path())
+  gguf = FLAGS.gguf or default_gguf_path()
+  tokenizer = Tokenizer.from_gguf(gguf)
   if FLAGS.model == "tiny":
     tokenizer = common.ModuloTokenizer(tokenizer, cfg.vocab_size)
   if _CALIB_FILE.value is None:
@@ -202,7 +203,7 @@ def main(argv):
   dtype = jnp.dtype(FLAGS.dtype)
 
   rows, reference_top1 = [], None
-  ref_key = _reference_key(cfg.name, text, len(windows))
+  ref_key = _reference_key(cfg.name, gguf, text, len(windows))
   for method in methods:
     spec = specs[method]
     t0 = time.perf_counter()
