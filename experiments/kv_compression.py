@@ -21,9 +21,10 @@ change against the dense cache, and top-1 agreement with the dense cache.
 
 `--dense_reference=FILE.npz` keeps the dense row (perplexity and per-token
 argmaxes) in FILE: the first run writes it, later runs over the same text, model,
-dtype, context, prefill, chunk and window count read it instead of decoding the
-dense cache again (on the full WikiText-2 split that saves about 17 min per run);
-a file written under other settings is refused, naming the setting that differs.
+GGUF file, dtype, context, prefill, chunk, window count and kernel implementation
+read it instead of decoding the dense cache again (on the full WikiText-2 split that
+saves about 17 min per run); a file written under other settings is refused, naming
+the setting that differs.
 
 FireQ's scales are calibrated on `--calib_windows` windows of `--calib_file`
 (default: the standard library's docstrings, which never overlap the
@@ -233,8 +234,8 @@ def main(argv):
     else:
       scorer = StreamingScorer(model, make_cache, method_cfg)
       result, top1 = streaming_perplexity(scorer, windows, reference_top1, progress=True)
-    if method == "dense" and _DENSE_REFERENCE.value and stored is None:
-      _save_dense_reference(_DENSE_REFERENCE.value, ref_key, result, top1)
+      if method == "dense" and _DENSE_REFERENCE.value:
+        _save_dense_reference(_DENSE_REFERENCE.value, ref_key, result, top1)
     if reference_top1 is None:
       reference_top1, dense_ppl = top1, result["ppl"]
       result["top1_agree"] = 1.0
