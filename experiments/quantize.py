@@ -186,7 +186,7 @@ def main(argv):
   rows, details = [], {}
   for method, recipe in recipes.items():
     t0 = time.perf_counter()
-    model = apply_recipe(nnx.clone(pipe.model), recipe, stats, calib)
+    model = apply_recipe(nnx.clone(pipe.model), recipe, stats, calib, progress=True)
     t_quant = time.perf_counter() - t0
     result = perplexity(model, evaluation, progress=True)
     t_ppl = time.perf_counter() - t0 - t_quant

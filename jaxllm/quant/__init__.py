@@ -1,10 +1,17 @@
 """Post-training quantization: quantized weight containers, their matmuls, calibration,
-smoothing and recipes."""
+smoothing, GPTQ, block reconstruction and recipes."""
 
 from jaxllm.quant.apply import apply_recipe, quantize_model, weight_bytes
 from jaxllm.quant.calibrate import activation_absmax
 from jaxllm.quant.qtensor import METHODS, QTensor, quantize
-from jaxllm.quant.recipes import RECIPES, QuantRule, QuantSpec, Recipe, get_recipe
+from jaxllm.quant.recipes import (
+  RECIPES,
+  QuantRule,
+  QuantSpec,
+  Recipe,
+  Reconstruction,
+  get_recipe,
+)
 from jaxllm.quant.smoothing import smooth_model
 
 __all__ = [
@@ -14,6 +21,7 @@ __all__ = [
   "QuantRule",
   "QuantSpec",
   "Recipe",
+  "Reconstruction",
   "activation_absmax",
   "apply_recipe",
   "get_recipe",

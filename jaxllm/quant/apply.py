@@ -8,7 +8,7 @@ import numpy as np
 from flax import nnx
 
 from jaxllm.model import Llama
-from jaxllm.quant import smoothing
+from jaxllm.quant import calibrate, reconstruct, smoothing
 from jaxllm.quant.calibrate import input_hessians, layerwise_hessians
 from jaxllm.quant.gptq import gptq_quantize
 from jaxllm.quant.qtensor import QTensor
@@ -70,6 +70,7 @@ def apply_recipe(
   recipe: Recipe,
   act_absmax: Mapping[str, np.ndarray] | None = None,
   calib_windows=None,
+  progress: bool = False,
 ) -> Llama:
   """Smooths (if the recipe says so) and quantizes `model` in place; returns it.
 
@@ -82,15 +83,17 @@ def apply_recipe(
       or an alpha search: the Hessians are collected from the float model in one
       pass (and rescaled for the smoothing), so every layer sees float inputs; with
       `Recipe.sequential`, GPTQ's come layer by layer from the already-quantized
-      layers before it.
+      layers before it; `Recipe.reconstruct` learns each layer's rounding on them.
+    progress: a tqdm bar on stderr for block reconstruction (minutes per model).
   """
   if recipe.smooths and act_absmax is None:
     raise ValueError(f"recipe {recipe.name!r} smooths, so it needs calibration statistics")
-  if (recipe.gptq or recipe.alpha_grid) and calib_windows is None:
-    reason = "uses GPTQ" if recipe.gptq else "searches its smoothing per layer"
+  reason = _why_windows(recipe)
+  if reason and calib_windows is None:
     raise ValueError(f"recipe {recipe.name!r} {reason}, so it needs calibration windows")
   hessians = None
-  if recipe.alpha_grid or (recipe.gptq and not recipe.sequential):
+  layer_by_layer = recipe.sequential or recipe.reconstruct is not None
+  if recipe.alpha_grid or (recipe.gptq and not layer_by_layer):
     hessians = input_hessians(model, calib_windows)
   if recipe.smooths:
     if recipe.alpha_grid:
@@ -100,7 +103,9 @@ def apply_recipe(
     smoothing.apply_smoothing(model, scales)
     if hessians is not None:
       hessians = smoothing.smoothed_hessians(model, hessians, scales)
-  if not recipe.gptq:
+  if recipe.reconstruct is not None:
+    _reconstruct(model, recipe, calib_windows, progress)
+  elif not recipe.gptq:
     _quantize_linears(model, recipe, None)
   elif not recipe.sequential:
     _quantize_linears(model, recipe, hessians)
@@ -108,6 +113,49 @@ def apply_recipe(
     for i, layer_hessians in layerwise_hessians(model, calib_windows):
       _quantize_linears(model, recipe, layer_hessians, layer=i)
   return model
+
+
+def _why_windows(recipe: Recipe) -> str | None:
+  """What `recipe` needs calibration windows for (None: nothing)."""
+  if recipe.reconstruct is not None:
+    return "learns its rounding block by block"
+  if recipe.gptq:
+    return "uses GPTQ"
+  if recipe.alpha_grid:
+    return "searches its smoothing per layer"
+  return None
+
+
+def _reconstruct(model: Llama, recipe: Recipe, calib_windows, progress: bool) -> None:
+  """Block reconstruction (`jaxllm.quant.reconstruct`) of the smoothed `model`, in place."""
+  windows = calibrate.check_windows(calib_windows, model.config.vocab_size)
+  cfg, kernels = model.config, model.kernels
+  n_tokens = windows.shape[0] * windows.shape[1]
+
+  def specs_of_layer(i):
+    specs = {}
+    for path, _, contract in linear_params(model):
+      spec = recipe.spec_for(path)
+      if spec is not None and path.split(".")[1] == str(i):
+        _, _, module, name = path.split(".")
+        specs[(module, name, contract)] = spec
+    return specs
+
+  def quantize_own(i, inputs):
+    hessians = None
+    if recipe.gptq:
+      hessians = calibrate.block_hessians(model.layers[i], inputs, cfg, kernels, n_tokens, f"{i}.")
+    _quantize_linears(model, recipe, hessians, layer=i)
+
+  reconstruct.reconstruct_layers(
+    model,
+    nnx.clone(model),
+    calibrate.embed_windows(model, windows),
+    specs_of_layer,
+    quantize_own,
+    recipe.reconstruct,
+    progress=progress,
+  )
 
 
 def _quantize_linears(model: Llama, recipe: Recipe, hessians, layer: int | None = None) -> None:

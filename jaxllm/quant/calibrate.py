@@ -27,7 +27,8 @@ LINEAR_INPUTS = ("attn_in", "o_in", "mlp_in", "down_in")
 MIN_CALIBRATION_TOKENS = 16
 
 
-def _check_windows(windows, vocab_size: int, min_tokens: int) -> np.ndarray:
+def check_windows(windows, vocab_size: int, min_tokens: int = MIN_CALIBRATION_TOKENS) -> np.ndarray:
+  """`windows` as an int array [N, length], or a ValueError naming what is wrong."""
   windows = np.asarray(windows)
   if windows.ndim != 2 or not np.issubdtype(windows.dtype, np.integer):
     raise ValueError(
@@ -110,7 +111,7 @@ def activation_absmax(
   Raises:
     ValueError: empty set, windows too short, or ids outside the vocabulary.
   """
-  windows = _check_windows(windows, model.config.vocab_size, min_tokens)
+  windows = check_windows(windows, model.config.vocab_size, min_tokens)
   stats = _reduce_linear_inputs(
     model, windows, batch_size, _channel_absmax, jnp.maximum, "calibration", progress
   )
@@ -130,7 +131,7 @@ def input_hessians(
   flattened to H*D (the o projection's K). One jitted reduction per batch; the
   full activations never leave it. Raises like `activation_absmax`.
   """
-  windows = _check_windows(windows, model.config.vocab_size, min_tokens)
+  windows = check_windows(windows, model.config.vocab_size, min_tokens)
   total = _reduce_linear_inputs(model, windows, batch_size, _gram, jnp.add, "hessians", progress)
   n_tokens = windows.shape[0] * windows.shape[1]
   return {k: np.asarray(v) * (2.0 / n_tokens) for k, v in total.items()}
@@ -150,6 +151,34 @@ def _block_pass(graphdef, state, x, cfg, kernels, grams: bool):
   }
 
 
+def block_output(layer, x: jax.Array, cfg, kernels) -> jax.Array:
+  """One decoder layer's output [B, S, E] on a cacheless chunk x [B, S, E] (jitted)."""
+  graphdef, state = nnx.split(layer)
+  return _block_pass(graphdef, state, x, cfg, kernels, False)
+
+
+def block_hessians(layer, inputs, cfg, kernels, n_tokens: int, prefix: str = "") -> dict:
+  """GPTQ Hessians ``2 X^T X / n_tokens`` of `layer`'s linear inputs over the hidden
+  states `inputs` (a list of [B, S, E]), keyed ``{prefix}{input}``."""
+  graphdef, state = nnx.split(layer)
+  total = None
+  for x in inputs:
+    got = _block_pass(graphdef, state, x, cfg, kernels, True)
+    total = got if total is None else jax.tree.map(jnp.add, total, got)
+  return {f"{prefix}{name}": np.asarray(h) * (2.0 / n_tokens) for name, h in total.items()}
+
+
+def embed_windows(model: Llama, windows, batch_size: int = 1) -> list[jax.Array]:
+  """The embeddings [B, S, E] of `windows`, `batch_size` windows at a time."""
+  if batch_size < 1:
+    raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+  embed = nnx.jit(lambda m, t: m.embed_tokens(t))
+  return [
+    embed(model, jnp.asarray(windows[lo : lo + batch_size], jnp.int32))
+    for lo in range(0, len(windows), batch_size)
+  ]
+
+
 def layerwise_hessians(
   model: Llama,
   windows,
@@ -165,22 +194,10 @@ def layerwise_hessians(
   between layers are kept, so the whole pass costs one forward. Raises like
   `activation_absmax`.
   """
-  windows = _check_windows(windows, model.config.vocab_size, min_tokens)
-  if batch_size < 1:
-    raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+  windows = check_windows(windows, model.config.vocab_size, min_tokens)
   cfg, kernels = model.config, model.kernels
-  embed = nnx.jit(lambda m, t: m.embed_tokens(t))
-  hidden = [
-    embed(model, jnp.asarray(windows[lo : lo + batch_size], jnp.int32))
-    for lo in range(0, len(windows), batch_size)
-  ]
-  scale = 2.0 / (windows.shape[0] * windows.shape[1])
+  hidden = embed_windows(model, windows, batch_size)
+  n_tokens = windows.shape[0] * windows.shape[1]
   for i, layer in enumerate(model.layers):
-    graphdef, state = nnx.split(layer)
-    total = None
-    for x in hidden:
-      got = _block_pass(graphdef, state, x, cfg, kernels, True)
-      total = got if total is None else jax.tree.map(jnp.add, total, got)
-    yield i, {f"{i}.{name}": np.asarray(h) * scale for name, h in total.items()}
-    graphdef, state = nnx.split(layer)  # as the caller left it
-    hidden = [_block_pass(graphdef, state, x, cfg, kernels, False) for x in hidden]
+    yield i, block_hessians(layer, hidden, cfg, kernels, n_tokens, f"{i}.")
+    hidden = [block_output(layer, x, cfg, kernels) for x in hidden]  # as the caller left it

@@ -47,6 +47,24 @@ class QuantSpec:
 
 
 @dataclasses.dataclass(frozen=True)
+class Reconstruction:
+  """Block reconstruction (`jaxllm.quant.reconstruct`): how long and how fast each
+  block's rounding is learned by signed gradient descent."""
+
+  steps: int = 200
+  learning_rate: float = 5e-3
+
+  def __post_init__(self):
+    if not isinstance(self.steps, int) or self.steps < 1:
+      raise ValueError(f"reconstruction steps must be an int >= 1, got {self.steps!r}")
+    if not self.learning_rate > 0:
+      raise ValueError(f"reconstruction learning_rate must be > 0, got {self.learning_rate}")
+
+
+LEARNABLE_METHODS = ("w4a16", "fireq_w4a8")
+
+
+@dataclasses.dataclass(frozen=True)
 class QuantRule:
   """Weights whose path fully matches `pattern` are quantized with `spec` (None: kept float)."""
 
@@ -81,6 +99,10 @@ class Recipe:
       takes the alpha of this grid (or no smoothing) whose smoothed weights round
       with the least output error on calibration inputs
       (`jaxllm.quant.smoothing_search`, as AWQ); excludes `smoothing_alpha`.
+    reconstruct: learn each block's int4 rounding against the float block's
+      outputs (`jaxllm.quant.reconstruct`), layer by layer; each layer keeps the
+      learned weights or the recipe's own (GPTQ, sequential, or round-to-nearest),
+      whichever reproduces the block better on the calibration windows.
   """
 
   name: str
@@ -91,6 +113,7 @@ class Recipe:
   act_order: bool = False
   sequential: bool = False
   alpha_grid: tuple[float, ...] = ()
+  reconstruct: Reconstruction | None = None
 
   def __post_init__(self):
     if self.alpha_grid:
@@ -110,6 +133,15 @@ class Recipe:
       raise ValueError(f"recipe {self.name!r}: GPTQ handles the w4a16, fireq_w4a8, w8a8 weights")
     if self.smoothing_alpha is not None:
       alphas_per_input(self.smoothing_alpha)  # raises on a bad table
+    if self.reconstruct is not None:
+      if self.alpha_grid:
+        raise ValueError(f"recipe {self.name!r}: reconstruct does not combine with alpha_grid")
+      bad = [r.spec.method for r in self.rules if r.spec and r.spec.method not in LEARNABLE_METHODS]
+      if bad:
+        raise ValueError(
+          f"recipe {self.name!r}: block reconstruction learns {LEARNABLE_METHODS} weights, "
+          f"not {sorted(set(bad))}"
+        )
 
   def spec_for(self, path: str) -> QuantSpec | None:
     for rule in self.rules:
@@ -123,7 +155,7 @@ class Recipe:
 
   @property
   def needs_calibration(self) -> bool:
-    return self.smooths or self.gptq
+    return self.smooths or self.gptq or self.reconstruct is not None
 
 
 LINEARS = r"layers\.\d+\.(attn\.(q|k|v|o)|mlp\.(gate|up|down))"
@@ -157,6 +189,21 @@ _W4A16_G128 = QuantSpec("w4a16", group_size=128, pad_k=True, scale_dtype="bfloat
 
 def _all_linears(spec: QuantSpec) -> tuple[QuantRule, ...]:
   return (QuantRule(LINEARS, spec),)
+
+
+def _learned(base: str, spec: QuantSpec) -> Recipe:
+  """Recipe `base` (smoothing, GPTQ in act order) with block reconstruction."""
+  return Recipe(
+    f"{base}_learned",
+    f"{base} with block reconstruction: each layer's rounding learned against the float "
+    "block's outputs, or sequential GPTQ (act order) where that reproduces the block better",
+    _all_linears(spec),
+    _ALPHA,
+    gptq=True,
+    act_order=True,
+    sequential=True,
+    reconstruct=Reconstruction(),
+  )
 
 
 RECIPES: dict[str, Recipe] = {
@@ -195,6 +242,7 @@ RECIPES: dict[str, Recipe] = {
       gptq=True,
       act_order=True,
     ),
+    _learned('w4a16_g128', _W4A16_G128),
     Recipe(
       "w4a16_g128_k_order",
       "w4a16_g128 with GPTQ taking the rows in K order (grids from the updated weights)",
@@ -239,6 +287,7 @@ RECIPES: dict[str, Recipe] = {
       act_order=True,
       sequential=True,
     ),
+    _learned('fireq_w4a8', _FIREQ),
     Recipe(
       "fireq_w4a8_k_order",
       "FireQ with GPTQ taking the rows in K order (grids from the updated weights)",
