@@ -215,7 +215,6 @@ def reconstruct_layers(
   specs_of_layer: Callable[[int], Mapping[tuple[str, str, int], QuantSpec]],
   quantize_own: Callable[[int, list[jax.Array]], None],
   config: Reconstruction = Reconstruction(),
-  report: Callable[[int, float, float], None] | None = None,
   progress: bool = False,
 ) -> None:
   """Quantizes `student`'s layers in place, each by learned rounding or its own method.
@@ -228,7 +227,6 @@ def reconstruct_layers(
     quantize_own: ``(i, inputs)`` quantizes layer i of `student` in place by the
       recipe's own method (GPTQ or round-to-nearest) on those inputs.
     config: steps and learning rate.
-    report: called with ``(i, own error, learned error)`` for each layer.
     progress: a tqdm bar over the layers on stderr.
   """
   cfg, kernels = student.config, student.kernels
@@ -251,7 +249,5 @@ def reconstruct_layers(
     if learned_error < own_error:
       for (module, name), qt in learned.items():
         getattr(getattr(layer, module), name).set_value(qt)
-    if report is not None:
-      report(i, own_error, learned_error)
     hidden_quant = [block_output(layer, x, cfg, kernels) for x in hidden_quant]
     hidden_float = targets
