@@ -78,6 +78,18 @@ def test_implementations_agree_and_approximate_float(weight_and_input, case):
   assert 1e-4 < err < bound  # quantized (not a float passthrough) yet close
 
 
+@pytest.mark.parametrize("case", ["fireq_g32", "w4a16_g128"])
+def test_xla_path_passes_gradients_straight_through(weight_and_input, case):
+  """d sum(x @ q) / dx is the dequantized weight's row sums: FireQ's FP8 rounding of the
+  activations passes the gradient straight through (block reconstruction trains on it)."""
+  method, kwargs, _ = CASES[case]
+  w, x, _ = weight_and_input
+  q = quantize(w, method, **kwargs)
+  grad = jax.grad(lambda x: ops.linear(x, q, ops.KernelConfig("xla")).sum())(x)
+  want = np.broadcast_to(np.asarray(q.dequantize()).sum(axis=(1, 2)), x.shape)
+  np.testing.assert_allclose(np.asarray(grad), want, rtol=1e-4, atol=1e-5)
+
+
 def test_dequantize_round_trip_and_bytes(weight_and_input):
   w = weight_and_input[0]
   q8, q4 = quantize(w, "w8a8"), quantize(w, "w4a16", group_size=128)

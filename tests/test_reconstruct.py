@@ -13,7 +13,15 @@ from jaxllm.params import init_model
 from jaxllm.quant import QTensor, QuantRule, QuantSpec, Recipe, activation_absmax, apply_recipe
 from jaxllm.quant.calibrate import block_output, embed_windows
 from jaxllm.quant.recipes import Reconstruction
-from jaxllm.quant.reconstruct import _fake_quantize, _initial, _prepare, block_error, learn_block
+from jaxllm.quant.reconstruct import (
+  _fake_quantize,
+  _initial,
+  _learned_loss,
+  _prepare,
+  block_error,
+  learn_block,
+  reconstruct_layers,
+)
 
 SPECS = {
   "w4a16_g32_bf16": QuantSpec("w4a16", group_size=32, scale_dtype="bfloat16"),
@@ -53,9 +61,40 @@ def test_initial_parts_give_round_to_nearest(model, spec_name, linear):
   assert codes.shape == w2.shape
 
 
+@pytest.mark.parametrize("spec_name", ["w4a16_g128_padded", "fireq_g32"])
+def test_training_loss_is_the_stored_models_error(model, hidden, spec_name):
+  """At the initial parts the loss being minimized equals the round-to-nearest block's
+  error through the kernels' path, FireQ's FP8 activations included; without them
+  (plain float activations) FireQ's loss would be visibly lower."""
+  spec = SPECS[spec_name]
+  cfg, kernels = model.config, model.kernels
+  inputs, targets = hidden
+  layer = model.layers[0]
+  specs = {(m, n, c): spec for n, (m, c) in LINEARS.items()}
+  prepared = [_prepare(layer, m, n, s, c) for (m, n, c), s in specs.items()]
+  linears = tuple(p[0] for p in prepared)
+  arrays = tuple(p[2] for p in prepared)
+  learned = tuple(_initial(spec, w2) for w2, _ in arrays)
+  graphdef, state = nnx.split(layer)
+  loss = _learned_loss(graphdef, linears, cfg, state, arrays, learned, inputs[0], targets[0])
+  rtn = nnx.clone(layer)
+  for (module, name, _), (_, qt, _) in zip(specs, prepared):
+    getattr(getattr(rtn, module), name).set_value(qt)
+  want = block_error(rtn, inputs[:1], targets[:1], cfg, kernels)
+  np.testing.assert_allclose(float(loss), want, rtol=1e-4)
+  weights_only = nnx.clone(layer)
+  for (module, name, _), (_, qt, _) in zip(specs, prepared):
+    getattr(getattr(weights_only, module), name).set_value(qt.dequantize())
+  float_activations = block_error(weights_only, inputs[:1], targets[:1], cfg, kernels)
+  if spec.method == "fireq_w4a8":
+    assert float_activations < 0.98 * want, (float_activations, want)
+  else:
+    np.testing.assert_allclose(float_activations, want, rtol=1e-4)
+
+
 @pytest.mark.parametrize("spec_name", ["w4a16_g32_bf16", "fireq_g32"])
 def test_learned_rounding_lowers_the_block_error(model, hidden, spec_name):
-  """60 steps on 3 windows: 0.31x round-to-nearest's error (w4a16 g32), 0.21x (FireQ g32)."""
+  """60 steps on 3 windows: 0.29x round-to-nearest's error (w4a16 g32), 0.20x (FireQ g32)."""
   spec = SPECS[spec_name]
   cfg, kernels = model.config, model.kernels
   inputs, targets = hidden
@@ -134,3 +173,43 @@ def test_layers_without_rules_stay_float():
   assert not isinstance(model.layers[0].attn.q.get_value(), QTensor)
   for name in ("gate", "up", "down"):
     assert not isinstance(getattr(model.layers[1].mlp, name).get_value(), QTensor)
+
+
+def test_layer_choices_report_what_was_kept(capsys):
+  """One `LayerChoice` per layer: layer 0 (rules for its MLP) compares both errors and keeps
+  the lower; layer 1 (no rules) has nothing learned and keeps its own (float) weights.
+  With progress on, the choices are reported on stderr only."""
+  tokens = np.random.default_rng(9).integers(0, 512, size=(2, 32)).astype(np.int32)
+  spec = SPECS["w4a16_g32_bf16"]
+  student = init_model(jaxllm.TINY, seed=3)
+  teacher = nnx.clone(student)
+  specs = {("mlp", n, 1): spec for n in ("gate", "up", "down")}
+
+  def quantize_own(i, inputs):
+    del inputs
+    for module, name, contract in specs if i == 0 else ():
+      param = getattr(getattr(student.layers[i], module), name)
+      param.set_value(spec.quantize(param.get_value(), contract))
+
+  choices = reconstruct_layers(
+    student,
+    teacher,
+    embed_windows(student, tokens),
+    lambda i: specs if i == 0 else {},
+    quantize_own,
+    Reconstruction(30),
+    progress=True,
+  )
+  printed = capsys.readouterr()
+  assert printed.out == ""
+  assert str(choices[0]) in printed.err and "layer 1:" not in printed.err
+  assert [c.layer for c in choices] == list(range(len(student.layers)))
+  first, second = choices[0], choices[1]
+  assert np.isfinite(first.learned_error) and first.own_error > 0
+  assert first.kept == ("learned" if first.learned_error < first.own_error else "own")
+  assert second.learned_error == float("inf") and second.kept == "own"
+  stored = student.layers[0].mlp.down.get_value()
+  rtn = spec.quantize(teacher.layers[0].mlp.down.get_value(), 1)
+  same_as_rtn = bool(np.array_equal(np.asarray(stored.values), np.asarray(rtn.values)))
+  assert same_as_rtn == (first.kept == "own")
+  assert str(first).startswith("layer 0: learned ") and str(first).endswith(first.kept)

@@ -84,7 +84,8 @@ def apply_recipe(
       pass (and rescaled for the smoothing), so every layer sees float inputs; with
       `Recipe.sequential`, GPTQ's come layer by layer from the already-quantized
       layers before it; `Recipe.reconstruct` learns each layer's rounding on them.
-    progress: a tqdm bar on stderr for block reconstruction (minutes per model).
+    progress: for block reconstruction (minutes per model), a tqdm bar on stderr and a
+      line per layer saying whether it kept learned rounding or the recipe's own.
   """
   if recipe.smooths and act_absmax is None:
     raise ValueError(f"recipe {recipe.name!r} smooths, so it needs calibration statistics")

@@ -9,10 +9,14 @@
 * ``reference``: the kernels' own jnp references.
 
 A QTensor whose K was zero-padded (``k_pad``) gets zero-padded activations.
+The ``xla`` path is differentiable: FireQ's FP8 rounding of the activations
+passes gradients straight through (as in quantization-aware training), which
+block reconstruction relies on.
 """
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 
 from jaxllm import ops
@@ -36,6 +40,20 @@ def _fireq_scales(w):
   return w.scales.astype(jnp.float32)
 
 
+@jax.custom_jvp
+def _fp8_activations(x):
+  """x [M, K] -> (FP8 e4m3 values as f32, per-token f32 scale [M, 1]), as the kernel takes them."""
+  x_fp8, x_scale = qmm.quantize_activations_fp8(x)
+  return x_fp8.astype(jnp.float32), x_scale
+
+
+@_fp8_activations.defjvp
+def _fp8_activations_jvp(primals, tangents):
+  """Straight through: the values move as x / scale, the scale is held fixed."""
+  values, scale = _fp8_activations(*primals)
+  return (values, scale), (tangents[0].astype(jnp.float32) / scale, jnp.zeros_like(scale))
+
+
 @ops.register("quantized_linear", "xla")
 def _xla(x, w):
   x = _pad_k(x, w)
@@ -44,8 +62,8 @@ def _xla(x, w):
     acc = jnp.dot(x_q, w.values, preferred_element_type=jnp.int32)
     return (acc.astype(jnp.float32) * x_scale * w.scales).astype(x.dtype)
   if w.method == "fireq_w4a8":
-    x_fp8, x_scale = qmm.quantize_activations_fp8(x)
-    acc = jnp.dot(x_fp8.astype(jnp.float32), w.dequantize_padded(jnp.float32))
+    x_values, x_scale = _fp8_activations(x)
+    acc = jnp.dot(x_values, w.dequantize_padded(jnp.float32))
     return (acc * x_scale).astype(x.dtype)
   wf = w.dequantize_padded(x.dtype)  # [K', N]
   return jnp.dot(x, wf, preferred_element_type=jnp.float32).astype(x.dtype)

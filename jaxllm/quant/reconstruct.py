@@ -9,7 +9,8 @@ of the whole block stays close. The layers are taken in order, and for each one:
     already-quantized layers before it produce;
   * each int4 weight is fake-quantized on its group grid with two learned
     parts, both passed straight through the rounding and the scale storage for
-    the gradients:
+    the gradients, and the block runs them through the ``quantized_linear`` op's
+    xla path, so FireQ's per-token FP8 activations are in the loss as well:
       - rounding offsets v in [-1/2, 1/2], with ``code = round(w / scale + v)``
         (for w4a16, measured from the group minimum);
       - per-group range multipliers in [1/2, 1]: for w4a16 one each on the
@@ -29,12 +30,14 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import sys
 from collections.abc import Callable, Mapping
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxllm import ops
 from jaxllm.model import run_block
 from jaxllm.quant import qtensor
 from jaxllm.quant.calibrate import block_output
@@ -91,7 +94,26 @@ class _Linear:
   name: str
   spec: QuantSpec
   shape: tuple[int, ...]  # the float weight's
-  k: int  # rows of K before padding
+  contract_dims: int
+  k_pad: int  # zero rows appended to K
+
+
+@dataclasses.dataclass(frozen=True)
+class _FakeQuantized:
+  """A fake-quantized weight that `ops.linear` sends down the ``quantized_linear``
+  op like the QTensor it will become, so the linear quantizes its activations
+  (FireQ: FP8 per token) as the stored model will; its dequantized matrix carries
+  the gradients of the learned parts."""
+
+  padded: jax.Array  # [K', N] f32, on the int4 grid
+  method: str
+  shape: tuple[int, ...]
+  contract_dims: int
+  k_pad: int
+  values = None  # what marks a quantized weight to `ops.linear`
+
+  def dequantize_padded(self, dtype=jnp.float32) -> jax.Array:
+    return self.padded.astype(dtype)
 
 
 def _prepare(layer, module: str, name: str, spec: QuantSpec, contract: int):
@@ -104,7 +126,8 @@ def _prepare(layer, module: str, name: str, spec: QuantSpec, contract: int):
   rtn = spec.quantize(w, contract, clip_search=False)
   w2 = jnp.pad(jnp.asarray(w, jnp.float32).reshape(rtn.k, -1), ((0, rtn.k_pad), (0, 0)))
   tensor_scale = jnp.ones((1, 1)) if rtn.tensor_scale is None else rtn.tensor_scale
-  return _Linear(module, name, spec, tuple(w.shape), rtn.k), rtn, (w2, tensor_scale)
+  lin = _Linear(module, name, spec, tuple(w.shape), contract, rtn.k_pad)
+  return lin, rtn, (w2, tensor_scale)
 
 
 def _initial(spec: QuantSpec, w2: jax.Array):
@@ -125,19 +148,26 @@ def _fake_weights(linears, arrays, learned):
   out = {}
   for lin, (w2, tensor_scale), parts in zip(linears, arrays, learned):
     w_hat = _fake_quantize(lin.spec, w2, parts, tensor_scale)[0]
-    out[(lin.module, lin.name)] = w_hat[: lin.k].reshape(lin.shape)
+    out[(lin.module, lin.name)] = _FakeQuantized(
+      w_hat, lin.spec.method, lin.shape, lin.contract_dims, lin.k_pad
+    )
   return out
 
 
-def _learned_loss(graphdef, linears, cfg, kernels, state, arrays, learned, x, target):
+# The loss differentiates through the block, so it runs the xla implementations
+# whatever the model's kernels are.
+_DIFFERENTIABLE = ops.KernelConfig(implementation="xla")
+
+
+def _learned_loss(graphdef, linears, cfg, state, arrays, learned, x, target):
   layer = _with_weights(graphdef, state, _fake_weights(linears, arrays, learned))
-  return jnp.mean((run_block(layer, x, cfg, kernels) - target) ** 2)
+  return jnp.mean((run_block(layer, x, cfg, _DIFFERENTIABLE) - target) ** 2)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3))
-def _signed_step(graphdef, linears, cfg, kernels, state, arrays, learned, x, target, lr):
-  grads = jax.grad(_learned_loss, argnums=6)(
-    graphdef, linears, cfg, kernels, state, arrays, learned, x, target
+@functools.partial(jax.jit, static_argnums=(0, 1, 2))
+def _signed_step(graphdef, linears, cfg, state, arrays, learned, x, target, lr):
+  grads = jax.grad(_learned_loss, argnums=5)(
+    graphdef, linears, cfg, state, arrays, learned, x, target
   )
 
   def move(p, g, lo, hi):
@@ -197,7 +227,7 @@ def learn_block(
     j = step % len(inputs)
     lr = config.learning_rate * (1.0 - step / config.steps)
     learned = _signed_step(
-      graphdef, linears, cfg, kernels, state, arrays, learned, inputs[j], targets[j], lr
+      graphdef, linears, cfg, state, arrays, learned, inputs[j], targets[j], lr
     )
   quantized = {}
   for (lin, rtn, (w2, tensor_scale)), parts in zip(prepared, learned):
@@ -208,6 +238,26 @@ def learn_block(
   return quantized, block_error(trial, inputs, targets, cfg, kernels)
 
 
+@dataclasses.dataclass(frozen=True)
+class LayerChoice:
+  """What block reconstruction kept for one layer, and the block errors it compared."""
+
+  layer: int
+  learned_error: float  # inf where the layer has nothing to learn
+  own_error: float  # the recipe's own method (GPTQ or round-to-nearest)
+
+  @property
+  def kept(self) -> str:
+    return "learned" if self.learned_error < self.own_error else "own"
+
+  def __str__(self) -> str:
+    ratio = f" ({self.learned_error / self.own_error:.2f}x)" if self.own_error > 0 else ""
+    return (
+      f"layer {self.layer}: learned {self.learned_error:.4g}, own {self.own_error:.4g}"
+      f"{ratio} -> {self.kept}"
+    )
+
+
 def reconstruct_layers(
   student,
   teacher,
@@ -216,7 +266,7 @@ def reconstruct_layers(
   quantize_own: Callable[[int, list[jax.Array]], None],
   config: Reconstruction = Reconstruction(),
   progress: bool = False,
-) -> None:
+) -> list[LayerChoice]:
   """Quantizes `student`'s layers in place, each by learned rounding or its own method.
 
   Args:
@@ -227,7 +277,10 @@ def reconstruct_layers(
     quantize_own: ``(i, inputs)`` quantizes layer i of `student` in place by the
       recipe's own method (GPTQ or round-to-nearest) on those inputs.
     config: steps and learning rate.
-    progress: a tqdm bar over the layers on stderr.
+    progress: a tqdm bar over the layers on stderr, and a line per layer on its choice.
+
+  Returns:
+    One `LayerChoice` per layer, in order.
   """
   cfg, kernels = student.config, student.kernels
   hidden_float, hidden_quant = list(embed_windows), list(embed_windows)
@@ -236,6 +289,7 @@ def reconstruct_layers(
     import tqdm  # pylint: disable=import-outside-toplevel
 
     layers = tqdm.tqdm(layers, desc="block reconstruction", total=len(student.layers), leave=False)
+  choices = []
   for i, (layer, reference) in layers:
     targets = [block_output(reference, x, cfg, kernels) for x in hidden_float]
     specs = specs_of_layer(i)
@@ -246,8 +300,13 @@ def reconstruct_layers(
       )
     quantize_own(i, hidden_quant)
     own_error = block_error(layer, hidden_quant, targets, cfg, kernels)
-    if learned_error < own_error:
+    choice = LayerChoice(i, learned_error, own_error)
+    if choice.kept == "learned":
       for (module, name), qt in learned.items():
         getattr(getattr(layer, module), name).set_value(qt)
+    if progress and specs:
+      layers.write(str(choice), file=sys.stderr)  # stdout stays the caller's
+    choices.append(choice)
     hidden_quant = [block_output(layer, x, cfg, kernels) for x in hidden_quant]
     hidden_float = targets
+  return choices
