@@ -1,6 +1,10 @@
 """Perplexity of a model on a text file (protocol: ../shared/data/README.md).
 
   python -m experiments.perplexity --text_file=F --context=1024 [--max_windows=N]
+      [--checkpoint=DIR]
+
+With --checkpoint: the model saved there by `jaxllm.checkpoint.save` (for example a
+quantized one from `experiments.quantize --save_dir`), as stored, instead of --model.
 
 Without --text_file: the shared WikiText-2 test split if present, else the
 standard library's docstrings (`experiments.common.default_text`).
@@ -23,6 +27,9 @@ from experiments import common
 NAME = "perplexity"
 common.define_common_flags(NAME)
 _BATCH = flags.DEFINE_integer("batch_size", 1, "Windows per forward pass.", lower_bound=1)
+_CHECKPOINT = flags.DEFINE_string(
+  "checkpoint", None, "Score this saved jaxllm checkpoint (as stored) instead of --model."
+)
 FLAGS = flags.FLAGS
 
 
@@ -35,6 +42,35 @@ def _check_flags() -> None:
     common.fail(f"--max_windows must be >= 1, got {FLAGS.max_windows}")
   if FLAGS.gguf is not None and not os.path.isfile(FLAGS.gguf):
     common.fail(f"GGUF file not found: {FLAGS.gguf}")
+  if _CHECKPOINT.value is not None and not os.path.isdir(_CHECKPOINT.value):
+    common.fail(f"checkpoint directory not found: {_CHECKPOINT.value}")
+
+
+def _config():
+  """The model's config: the checkpoint's with --checkpoint, else --model's preset."""
+  if _CHECKPOINT.value is None:
+    return common.model_config(FLAGS.model, FLAGS.context)
+  from jaxllm import checkpoint  # pylint: disable=import-outside-toplevel
+
+  try:
+    cfg = checkpoint.load_config(_CHECKPOINT.value)
+  except (FileNotFoundError, TypeError, ValueError) as e:
+    common.fail(f"--checkpoint {_CHECKPOINT.value}: {e}")
+  if FLAGS.context > cfg.max_seq_len:
+    common.fail(f"--context={FLAGS.context} exceeds the checkpoint's max_seq_len={cfg.max_seq_len}")
+  return cfg
+
+
+def _load(cfg):
+  """(model or pipeline, dtype label)."""
+  # pylint: disable=import-outside-toplevel
+  if _CHECKPOINT.value is None:
+    from jaxllm.pipeline import load_pipeline
+
+    return load_pipeline(FLAGS.model, FLAGS.gguf, FLAGS.dtype, FLAGS.seed), FLAGS.dtype
+  from jaxllm import checkpoint
+
+  return checkpoint.restore(_CHECKPOINT.value), "as saved"
 
 
 def main(argv):
@@ -46,15 +82,14 @@ def main(argv):
   # pylint: disable=import-outside-toplevel
   from jaxllm.gguf_loader import default_gguf_path
   from jaxllm.perplexity import perplexity, tokenize_windows
-  from jaxllm.pipeline import load_pipeline
   from jaxllm.tokenizer import Tokenizer
 
-  cfg = common.model_config(FLAGS.model, FLAGS.context)
+  cfg = _config()
 
   # Tokenize before loading the model, so a text too short fails fast.
   gguf = FLAGS.gguf or default_gguf_path()
   tokenizer, tokenizer_note = Tokenizer.from_gguf(gguf), "gguf"
-  if FLAGS.model == "tiny":
+  if cfg.vocab_size < tokenizer.vocab_size:  # --model=tiny, or a checkpoint of it
     tokenizer = common.ModuloTokenizer(tokenizer, cfg.vocab_size)
     tokenizer_note = f"gguf ids % {cfg.vocab_size}"
   try:
@@ -66,14 +101,14 @@ def main(argv):
     windows = windows[: FLAGS.max_windows]
   t_tokenized = time.perf_counter()
 
-  pipe = load_pipeline(FLAGS.model, FLAGS.gguf, FLAGS.dtype, FLAGS.seed)
+  model, dtype = _load(cfg)
   t_loaded = time.perf_counter()
 
-  result = perplexity(pipe, windows, batch_size=_BATCH.value, progress=True)
+  result = perplexity(model, windows, batch_size=_BATCH.value, progress=True)
   seconds = time.perf_counter() - t_loaded
 
   print(f"{'text':24s} {label}")
-  print(f"{'model / dtype':24s} {pipe.config.name} / {FLAGS.dtype}")
+  print(f"{'model / dtype':24s} {model.config.name} / {dtype}")
   print(f"{'context':24s} {result['context']}")
   print(f"{'windows':24s} {result['windows']} of {available}")
   print(f"{'scored tokens':24s} {result['tokens']}")
@@ -88,13 +123,14 @@ def main(argv):
     "context": result["context"],
     "windows": result["windows"],
     "text": label,
-    "model": pipe.config.name,
-    "dtype": FLAGS.dtype,
+    "model": model.config.name,
+    "dtype": dtype,
     "seconds": round(seconds, 3),
   }
   record = {
     "config": {
       "model": FLAGS.model,
+      "checkpoint": None if _CHECKPOINT.value is None else os.path.abspath(_CHECKPOINT.value),
       "gguf": FLAGS.gguf,
       "dtype": FLAGS.dtype,
       "context": FLAGS.context,

@@ -15,7 +15,10 @@ Methods are the recipes of `jaxllm.quant.recipes.RECIPES` (FireQ's ablations
   * decode_tok_s: batch-1 greedy decoding with `jaxllm.decoding.Generator` on CPU:
     (N-1) / (t(N new tokens) - t(1 new token)), medians of 3 after a warm-up;
   * orbax_checkpoint_bytes_on_disk (JSON file): the model saved with
-    `jaxllm.checkpoint.save` (quantized linears as stored, embedding float).
+    `jaxllm.checkpoint.save` (quantized linears as stored, embedding float), kept
+    under --save_dir/METHOD when --save_dir is given;
+  * layer_choices (JSON file, block-reconstruction recipes): per layer, whether
+    learned rounding or the recipe's own method was kept, and both block errors.
 
 Calibration (for smoothing) never overlaps evaluation: the calibration windows
 are the last --calib_windows windows of --calib_file if given, else of the
@@ -28,6 +31,7 @@ before them. Without --text_file the text is WikiText-2's test split when
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import statistics
 import sys
@@ -56,6 +60,13 @@ _DECODE_TOKENS = flags.DEFINE_integer(
   "decode_tokens", 32, "New tokens for the decode-speed measurement.", lower_bound=2
 )
 _SKIP_DECODE = flags.DEFINE_bool("skip_decode", False, "Do not measure decode speed.")
+_SAVE_DIR = flags.DEFINE_string(
+  "save_dir",
+  None,
+  "Keep each method's orbax checkpoint in SAVE_DIR/METHOD (restore with "
+  "`jaxllm.checkpoint.restore`, score with `experiments.perplexity --checkpoint`); "
+  "default: measured in a temporary directory and deleted.",
+)
 FLAGS = flags.FLAGS
 
 _DECODE_PROMPT = "The history of the city begins in"
@@ -76,6 +87,8 @@ def _check_flags(recipes) -> list[str]:
     common.fail(f"GGUF file not found: {FLAGS.gguf}")
   if _ALPHA.value is not None and not 0.0 <= _ALPHA.value <= 1.0:
     common.fail(f"--alpha must lie in [0, 1], got {_ALPHA.value}")
+  if _SAVE_DIR.value is not None and os.path.isfile(_SAVE_DIR.value):
+    common.fail(f"--save_dir {_SAVE_DIR.value} is a file, not a directory")
   return ["fp32"] + [m for m in dict.fromkeys(methods) if m != "fp32"]
 
 
@@ -140,6 +153,17 @@ def _decode_tok_s(model, tokenizer, vocab: int, new_tokens: int) -> float:
   return (new_tokens - 1) / max(median_s(new_tokens) - median_s(1), 1e-9)
 
 
+def _choice_record(choice) -> dict:
+  """A `LayerChoice` as JSON (no learned error where the layer had nothing to learn)."""
+  learned = choice.learned_error if math.isfinite(choice.learned_error) else None
+  return {
+    "layer": choice.layer,
+    "kept": choice.kept,
+    "learned_error": learned,
+    "own_error": choice.own_error,
+  }
+
+
 def _fmt(x: float) -> str:
   return f"{x:.3f}" if abs(x) < 1e5 else f"{x:.3e}"
 
@@ -186,7 +210,10 @@ def main(argv):
   rows, details = [], {}
   for method, recipe in recipes.items():
     t0 = time.perf_counter()
-    model = apply_recipe(nnx.clone(pipe.model), recipe, stats, calib, progress=True)
+    choices = []
+    model = apply_recipe(
+      nnx.clone(pipe.model), recipe, stats, calib, progress=True, on_choice=choices.append
+    )
     t_quant = time.perf_counter() - t0
     result = perplexity(model, evaluation, progress=True)
     t_ppl = time.perf_counter() - t0 - t_quant
@@ -205,8 +232,11 @@ def main(argv):
         "decode_tok_s": tok_s,
       }
     )
-    with tempfile.TemporaryDirectory() as ckpt_dir:
-      disk = checkpoint.save(model, ckpt_dir)
+    if _SAVE_DIR.value is None:
+      with tempfile.TemporaryDirectory() as ckpt_dir:
+        disk = checkpoint.save(model, ckpt_dir)
+    else:
+      disk = checkpoint.save(model, os.path.join(_SAVE_DIR.value, method))
     print(
       f"{method}: ppl {result['ppl']:.4f}, bytes/bf16 {rows[-1]['weight_bytes_vs_bf16']:.3f}, "
       f"decode {tok_s} tok/s",
@@ -222,6 +252,8 @@ def main(argv):
       "orbax_checkpoint_bytes_on_disk": disk,
       "seconds": {"quantize": t_quant, "perplexity": t_ppl},
     }
+    if choices:
+      details[method]["layer_choices"] = [_choice_record(c) for c in choices]
     del model
   base = rows[0]["ppl"]
   for r in rows:
@@ -274,6 +306,7 @@ def main(argv):
       "calib_windows": _CALIB_WINDOWS.value,
       "calib_file": _CALIB_FILE.value,
       "alpha": _ALPHA.value,
+      "save_dir": None if _SAVE_DIR.value is None else os.path.abspath(_SAVE_DIR.value),
       "decode_tokens": _DECODE_TOKENS.value,
       "decode_prompt": _DECODE_PROMPT,
       "seed": FLAGS.seed,

@@ -100,15 +100,21 @@ def save(model: Llama, directory: str) -> int:
   return disk_bytes(directory)
 
 
+def load_config(directory: str) -> ModelConfig:
+  """The `ModelConfig` of the checkpoint saved by `save` under `directory` (cheap:
+  the params are not read)."""
+  config_path = os.path.join(os.path.abspath(directory), _CONFIG)
+  if not os.path.isfile(config_path):
+    raise FileNotFoundError(f"{directory} is not a jaxllm checkpoint: {_CONFIG} is missing")
+  with open(config_path) as f:
+    return ModelConfig(**json.load(f))
+
+
 def restore(directory: str, dtype=None, kernels: ops.KernelConfig = ops.KernelConfig()) -> Llama:
   """Rebuilds the model saved by `save` (float params cast to `dtype` if given;
   quantized weights come back exactly as saved)."""
   directory = os.path.abspath(directory)
-  config_path = os.path.join(directory, _CONFIG)
-  if not os.path.isfile(config_path):
-    raise FileNotFoundError(f"{directory} is not a jaxllm checkpoint: {_CONFIG} is missing")
-  with open(config_path) as f:
-    cfg = ModelConfig(**json.load(f))
+  cfg = load_config(directory)
   with ocp.StandardCheckpointer() as ckptr:
     params = ckptr.restore(os.path.join(directory, _PARAMS))
   quant_path = os.path.join(directory, _QUANT)

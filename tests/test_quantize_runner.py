@@ -83,3 +83,44 @@ def test_text_too_short_for_calibration(tmp_path, text_file):
   )
   assert proc.returncode != 0
   assert "too few for 4 calibration windows" in proc.stderr.splitlines()[-1]
+
+
+def test_saved_learned_checkpoint_scores_as_in_the_run(tmp_path, text_file):
+  """--save_dir keeps the quantized model; `experiments.perplexity --checkpoint` restores it
+  and scores the same window to the same perplexity; the JSON lists each layer's choice."""
+  out, saved = tmp_path / "out", tmp_path / "saved"
+  method = "w4a16_g128_learned"
+  common = (f"--text_file={text_file}", "--context=64", "--max_windows=1")
+  proc = run(
+    "--model=tiny",
+    *common,
+    "--calib_windows=1",
+    f"--methods={method}",
+    "--skip_decode",
+    f"--save_dir={saved}",
+    f"--out_dir={out}",
+  )
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  record = json.loads((out / "quantize.json").read_text())
+  quantized = record["methods"][method]
+  choices = quantized["layer_choices"]
+  assert [c["layer"] for c in choices] == [0, 1]  # the tiny model's layers
+  for c in choices:
+    assert c["own_error"] > 0 and c["learned_error"] > 0
+    assert c["kept"] == ("learned" if c["learned_error"] < c["own_error"] else "own")
+  assert "layer_choices" not in record["methods"]["fp32"]
+  assert quantized["orbax_checkpoint_bytes_on_disk"] > 0
+
+  scored = subprocess.run(
+    [sys.executable, "-m", "experiments.perplexity", f"--checkpoint={saved / method}", *common],
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    timeout=300,
+    check=False,
+  )
+  assert scored.returncode == 0, scored.stderr[-2000:]
+  summary = json.loads(scored.stdout.strip().splitlines()[-1])
+  assert summary["dtype"] == "as saved" and summary["tokens"] == 63
+  assert summary["ppl"] == pytest.approx(quantized["perplexity"]["ppl"], rel=1e-6)
+  assert summary["ppl"] != pytest.approx(record["methods"]["fp32"]["perplexity"]["ppl"], rel=1e-3)

@@ -113,6 +113,15 @@ def test_missing_text_file(tmp_path):
   assert proc.stdout == ""
 
 
+def test_checkpoint_that_is_not_one(tmp_path, text_file):
+  missing = tmp_path / "no_such_dir"
+  assert str(missing) in _one_line_error(
+    run("perplexity", f"--checkpoint={missing}", f"--text_file={text_file}")
+  )
+  msg = _one_line_error(run("perplexity", f"--checkpoint={tmp_path}", f"--text_file={text_file}"))
+  assert "not a jaxllm checkpoint: config.json is missing" in msg
+
+
 def test_bad_context(text_file):
   assert "--context" in _one_line_error(
     run("perplexity", f"--text_file={text_file}", "--context=1")

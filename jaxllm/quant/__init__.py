@@ -12,10 +12,12 @@ from jaxllm.quant.recipes import (
   Reconstruction,
   get_recipe,
 )
+from jaxllm.quant.reconstruct import LayerChoice
 from jaxllm.quant.smoothing import smooth_model
 
 __all__ = [
   "METHODS",
+  "LayerChoice",
   "RECIPES",
   "QTensor",
   "QuantRule",

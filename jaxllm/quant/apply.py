@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 
 import numpy as np
 from flax import nnx
@@ -71,6 +71,7 @@ def apply_recipe(
   act_absmax: Mapping[str, np.ndarray] | None = None,
   calib_windows=None,
   progress: bool = False,
+  on_choice: Callable[[reconstruct.LayerChoice], None] | None = None,
 ) -> Llama:
   """Smooths (if the recipe says so) and quantizes `model` in place; returns it.
 
@@ -86,6 +87,8 @@ def apply_recipe(
       layers before it; `Recipe.reconstruct` learns each layer's rounding on them.
     progress: for block reconstruction (minutes per model), a tqdm bar on stderr and a
       line per layer saying whether it kept learned rounding or the recipe's own.
+    on_choice: for block reconstruction, called with each layer's
+      `jaxllm.quant.reconstruct.LayerChoice` (what it kept, and both block errors).
   """
   if recipe.smooths and act_absmax is None:
     raise ValueError(f"recipe {recipe.name!r} smooths, so it needs calibration statistics")
@@ -105,7 +108,7 @@ def apply_recipe(
     if hessians is not None:
       hessians = smoothing.smoothed_hessians(model, hessians, scales)
   if recipe.reconstruct is not None:
-    _reconstruct(model, recipe, calib_windows, progress)
+    _reconstruct(model, recipe, calib_windows, progress, on_choice)
   elif not recipe.gptq:
     _quantize_linears(model, recipe, None)
   elif not recipe.sequential:
@@ -127,7 +130,7 @@ def _why_windows(recipe: Recipe) -> str | None:
   return None
 
 
-def _reconstruct(model: Llama, recipe: Recipe, calib_windows, progress: bool) -> None:
+def _reconstruct(model: Llama, recipe: Recipe, calib_windows, progress: bool, on_choice) -> None:
   """Block reconstruction (`jaxllm.quant.reconstruct`) of the smoothed `model`, in place."""
   windows = calibrate.check_windows(calib_windows, model.config.vocab_size)
   cfg, kernels = model.config, model.kernels
@@ -156,6 +159,7 @@ def _reconstruct(model: Llama, recipe: Recipe, calib_windows, progress: bool) ->
     quantize_own,
     recipe.reconstruct,
     progress=progress,
+    on_choice=on_choice,
   )
 
 

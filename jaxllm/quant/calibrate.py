@@ -168,13 +168,17 @@ def block_hessians(layer, inputs, cfg, kernels, n_tokens: int, prefix: str = "")
   return {f"{prefix}{name}": np.asarray(h) * (2.0 / n_tokens) for name, h in total.items()}
 
 
+@nnx.jit
+def _embed(model: Llama, tokens: jax.Array) -> jax.Array:
+  return model.embed_tokens(tokens)
+
+
 def embed_windows(model: Llama, windows, batch_size: int = 1) -> list[jax.Array]:
   """The embeddings [B, S, E] of `windows`, `batch_size` windows at a time."""
   if batch_size < 1:
     raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-  embed = nnx.jit(lambda m, t: m.embed_tokens(t))
   return [
-    embed(model, jnp.asarray(windows[lo : lo + batch_size], jnp.int32))
+    _embed(model, jnp.asarray(windows[lo : lo + batch_size], jnp.int32))
     for lo in range(0, len(windows), batch_size)
   ]
 

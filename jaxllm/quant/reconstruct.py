@@ -266,6 +266,7 @@ def reconstruct_layers(
   quantize_own: Callable[[int, list[jax.Array]], None],
   config: Reconstruction = Reconstruction(),
   progress: bool = False,
+  on_choice: Callable[[LayerChoice], None] | None = None,
 ) -> list[LayerChoice]:
   """Quantizes `student`'s layers in place, each by learned rounding or its own method.
 
@@ -278,6 +279,7 @@ def reconstruct_layers(
       recipe's own method (GPTQ or round-to-nearest) on those inputs.
     config: steps and learning rate.
     progress: a tqdm bar over the layers on stderr, and a line per layer on its choice.
+    on_choice: called with each layer's `LayerChoice` as soon as it is made.
 
   Returns:
     One `LayerChoice` per layer, in order.
@@ -307,6 +309,8 @@ def reconstruct_layers(
     if progress and specs:
       layers.write(str(choice), file=sys.stderr)  # stdout stays the caller's
     choices.append(choice)
+    if on_choice is not None:
+      on_choice(choice)
     hidden_quant = [block_output(layer, x, cfg, kernels) for x in hidden_quant]
     hidden_float = targets
   return choices
