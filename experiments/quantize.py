@@ -87,9 +87,14 @@ def _check_flags(recipes) -> list[str]:
     common.fail(f"GGUF file not found: {FLAGS.gguf}")
   if _ALPHA.value is not None and not 0.0 <= _ALPHA.value <= 1.0:
     common.fail(f"--alpha must lie in [0, 1], got {_ALPHA.value}")
-  if _SAVE_DIR.value is not None and os.path.isfile(_SAVE_DIR.value):
-    common.fail(f"--save_dir {_SAVE_DIR.value} is a file, not a directory")
-  return ["fp32"] + [m for m in dict.fromkeys(methods) if m != "fp32"]
+  methods = ["fp32"] + [m for m in dict.fromkeys(methods) if m != "fp32"]
+  if _SAVE_DIR.value is not None:
+    if os.path.isfile(_SAVE_DIR.value):
+      common.fail(f"--save_dir {_SAVE_DIR.value} is a file, not a directory")
+    taken = [m for m in methods if os.path.exists(os.path.join(_SAVE_DIR.value, m))]
+    if taken:  # refused before any work, rather than overwritten after it
+      common.fail(f"--save_dir {_SAVE_DIR.value} already holds checkpoints for {taken}")
+  return methods
 
 
 def _windows(tokenizer, tokenize_windows):

@@ -124,3 +124,7 @@ def test_saved_learned_checkpoint_scores_as_in_the_run(tmp_path, text_file):
   assert summary["dtype"] == "as saved" and summary["tokens"] == 63
   assert summary["ppl"] == pytest.approx(quantized["perplexity"]["ppl"], rel=1e-6)
   assert summary["ppl"] != pytest.approx(record["methods"]["fp32"]["perplexity"]["ppl"], rel=1e-3)
+
+  again = run(*common, f"--methods={method}", f"--save_dir={saved}", f"--out_dir={out}")
+  assert again.returncode != 0 and again.stdout == ""
+  assert f"already holds checkpoints for ['fp32', '{method}']" in again.stderr.splitlines()[-1]
