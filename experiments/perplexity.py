@@ -42,8 +42,11 @@ def _check_flags() -> None:
     common.fail(f"--max_windows must be >= 1, got {FLAGS.max_windows}")
   if FLAGS.gguf is not None and not os.path.isfile(FLAGS.gguf):
     common.fail(f"GGUF file not found: {FLAGS.gguf}")
-  if _CHECKPOINT.value is not None and not os.path.isdir(_CHECKPOINT.value):
-    common.fail(f"checkpoint directory not found: {_CHECKPOINT.value}")
+  # A missing --checkpoint directory is reported by `checkpoint.load_config`, which
+  # also finds the old copy an interrupted two-rename save may have left aside.
+  ckpt = _CHECKPOINT.value
+  if ckpt is not None and os.path.exists(ckpt) and not os.path.isdir(ckpt):
+    common.fail(f"--checkpoint={ckpt} is not a directory")
 
 
 def _config():
@@ -52,30 +55,32 @@ def _config():
     return common.model_config(FLAGS.model, FLAGS.context)
   from jaxllm import checkpoint  # pylint: disable=import-outside-toplevel
 
-  try:
+  with common.one_line_errors():  # the messages name the directory
     cfg = checkpoint.load_config(_CHECKPOINT.value)
-  except (FileNotFoundError, TypeError, ValueError) as e:
-    common.fail(f"--checkpoint {_CHECKPOINT.value}: {e}")
   if FLAGS.context > cfg.max_seq_len:
     common.fail(f"--context={FLAGS.context} exceeds the checkpoint's max_seq_len={cfg.max_seq_len}")
   return cfg
 
 
 def _load(cfg):
-  """(model or pipeline, dtype label)."""
+  """(model or pipeline, dtype label); a corrupt GGUF file (a non-finite tensor, a
+  tensor of the wrong shape) or a partial checkpoint ends the run with one line."""
   # pylint: disable=import-outside-toplevel
   if _CHECKPOINT.value is None:
     from jaxllm.pipeline import load_pipeline
 
-    return load_pipeline(FLAGS.model, FLAGS.gguf, FLAGS.dtype, FLAGS.seed), FLAGS.dtype
+    with common.one_line_errors():  # the loader's messages name the file and tensor
+      return load_pipeline(FLAGS.model, FLAGS.gguf, FLAGS.dtype, FLAGS.seed), FLAGS.dtype
   from jaxllm import checkpoint
 
-  return checkpoint.restore(_CHECKPOINT.value), "as saved"
+  with common.one_line_errors():  # the messages name the directory
+    return checkpoint.restore(_CHECKPOINT.value), "as saved"
 
 
 def main(argv):
   del argv
   _check_flags()
+  common.start()
   text, label, path = common.read_eval_text(FLAGS.text_file)
   t_start = time.perf_counter()
   # Heavy imports (jax) only once the input looks sane.

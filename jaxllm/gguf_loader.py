@@ -72,42 +72,80 @@ def open_gguf(path: str | None):
     raise ValueError(f"{path} is truncated or corrupt: {type(e).__name__}: {e}") from e
 
 
+def _source(reader) -> str:
+  """The file `reader` reads, for messages."""
+  return str(getattr(getattr(reader, "data", None), "filename", None) or "GGUF file")
+
+
 def _field(reader, key: str, default=None):
   field = reader.fields.get(key)
   if field is None:
     if default is None:
-      raise ValueError(f"GGUF metadata is missing {key!r}")
+      raise ValueError(f"{_source(reader)}: GGUF metadata is missing {key!r}")
     return default
   return field.contents()
 
 
+def _positive(reader, key: str, default=None) -> int:
+  """Metadata `key` (or `default`), which must be a positive integer."""
+  value = _field(reader, key, default)
+  if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
+    raise ValueError(
+      f"{_source(reader)}: GGUF metadata {key!r} must be a positive integer, got {value!r}"
+    )
+  return int(value)
+
+
 def config_from_gguf(reader, name: str = "smollm2-135m") -> ModelConfig:
-  """Builds a ModelConfig from GGUF metadata; only the llama architecture is supported."""
+  """Builds a ModelConfig from GGUF metadata; only the llama architecture is supported.
+
+  Zero, negative or inconsistent metadata raises a one-line ValueError naming
+  the key and the file.
+  """
+  src = _source(reader)
   arch = _field(reader, "general.architecture")
   if arch != "llama":
-    raise ValueError(f"unsupported GGUF architecture {arch!r}: jaxllm loads 'llama' models")
+    raise ValueError(f"{src}: unsupported GGUF architecture {arch!r}: jaxllm loads 'llama' models")
   p = "llama."
-  embed = int(_field(reader, p + "embedding_length"))
-  heads = int(_field(reader, p + "attention.head_count"))
-  names = {t.name for t in reader.tensors}
+  embed = _positive(reader, p + "embedding_length")
+  heads = _positive(reader, p + "attention.head_count")
+  kv_heads = _positive(reader, p + "attention.head_count_kv", heads)
+  if heads % kv_heads:
+    raise ValueError(
+      f"{src}: GGUF metadata {p}attention.head_count={heads} is not a multiple of "
+      f"{p}attention.head_count_kv={kv_heads}"
+    )
+  if p + "rope.dimension_count" in reader.fields:
+    head_dim = _positive(reader, p + "rope.dimension_count")
+  elif embed % heads:
+    raise ValueError(
+      f"{src}: GGUF metadata {p}embedding_length={embed} is not a multiple of "
+      f"{p}attention.head_count={heads} (and {p}rope.dimension_count is absent)"
+    )
+  else:
+    head_dim = embed // heads
   vocab = _field(reader, p + "vocab_size", 0) or len(_field(reader, "tokenizer.ggml.tokens"))
-  return ModelConfig(
-    name=name,
-    vocab_size=int(vocab),
-    num_layers=int(_field(reader, p + "block_count")),
-    embed_dim=embed,
-    num_heads=heads,
-    num_kv_heads=int(_field(reader, p + "attention.head_count_kv", heads)),
-    head_dim=int(_field(reader, p + "rope.dimension_count", embed // heads)),
-    mlp_dim=int(_field(reader, p + "feed_forward_length")),
-    rope_theta=float(_field(reader, p + "rope.freq_base", 10000.0)),
-    norm_eps=float(_field(reader, p + "attention.layer_norm_rms_epsilon", 1e-5)),
-    tie_embeddings="output.weight" not in names,
-    max_seq_len=int(_field(reader, p + "context_length", 2048)),
-    bos_id=int(_field(reader, "tokenizer.ggml.bos_token_id", 1)),
-    eos_id=int(_field(reader, "tokenizer.ggml.eos_token_id", 2)),
-    pad_id=int(_field(reader, "tokenizer.ggml.padding_token_id", 2)),
-  )
+  names = {t.name for t in reader.tensors}
+  try:
+    return ModelConfig(
+      name=name,
+      vocab_size=int(vocab),
+      num_layers=_positive(reader, p + "block_count"),
+      embed_dim=embed,
+      num_heads=heads,
+      num_kv_heads=kv_heads,
+      head_dim=head_dim,
+      mlp_dim=_positive(reader, p + "feed_forward_length"),
+      rope_theta=float(_field(reader, p + "rope.freq_base", 10000.0)),
+      norm_eps=float(_field(reader, p + "attention.layer_norm_rms_epsilon", 1e-5)),
+      tie_embeddings="output.weight" not in names,
+      max_seq_len=_positive(reader, p + "context_length", 2048),
+      bos_id=int(_field(reader, "tokenizer.ggml.bos_token_id", 1)),
+      eos_id=int(_field(reader, "tokenizer.ggml.eos_token_id", 2)),
+      pad_id=int(_field(reader, "tokenizer.ggml.padding_token_id", 2)),
+    )
+  except (TypeError, ValueError) as e:
+    raise ValueError(f"{src}: GGUF metadata gives an invalid model config: {e}") from e
 
 
 # ------------------------------------------------------------------ dequantization
@@ -177,16 +215,66 @@ class GGUFModel:
   reader: object
 
 
+def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+  """Numpy (row-major) shape of every GGUF tensor a model of `cfg` reads, by name."""
+  e, h, kvh, d, m = cfg.embed_dim, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.mlp_dim
+  shapes = {}
+  for i in range(cfg.num_layers):
+    blk = f"blk.{i}."
+    shapes.update(
+      {
+        blk + "attn_norm.weight": (e,),
+        blk + "attn_q.weight": (h * d, e),
+        blk + "attn_k.weight": (kvh * d, e),
+        blk + "attn_v.weight": (kvh * d, e),
+        blk + "attn_output.weight": (e, h * d),
+        blk + "ffn_norm.weight": (e,),
+        blk + "ffn_gate.weight": (m, e),
+        blk + "ffn_up.weight": (m, e),
+        blk + "ffn_down.weight": (e, m),
+      }
+    )
+  shapes["token_embd.weight"] = (cfg.vocab_size, e)
+  shapes["output_norm.weight"] = (e,)
+  if not cfg.tie_embeddings:
+    shapes["output.weight"] = (cfg.vocab_size, e)
+  return shapes
+
+
 def load_gguf(path: str | None = None, dtype=np.float32) -> GGUFModel:
-  """Reads config and params; params are numpy arrays of `dtype`."""
+  """Reads config and params; params are numpy arrays of `dtype`.
+
+  Before any tensor is dequantized, every tensor's stored shape is checked
+  against the shape the metadata implies; every dequantized tensor is checked to
+  be finite. Either failure is a one-line ValueError naming the file and the
+  tensor.
+  """
   reader = open_gguf(path)
+  src = _source(reader)
   cfg = config_from_gguf(reader)
   tensors = {t.name: t for t in reader.tensors}
+  for name, shape in expected_shapes(cfg).items():
+    if name not in tensors:
+      raise ValueError(f"{src}: GGUF is missing tensor {name!r}")
+    stored = tuple(int(n) for n in reversed(tensors[name].shape))
+    if stored != shape:
+      raise ValueError(
+        f"{src}: tensor {name!r} has shape {stored} ({int(np.prod(stored))} values), "
+        f"expected {shape} from the GGUF metadata"
+      )
 
   def get(name, transpose=False, permute_heads=0):
-    if name not in tensors:
-      raise ValueError(f"GGUF is missing tensor {name!r}")
-    w = dequantize(tensors[name])
+    try:
+      w = dequantize(tensors[name])
+    except ValueError as e:
+      raise ValueError(f"{src}: {e}") from e
+    finite = np.isfinite(w)
+    if not finite.all():
+      bad = w.size - int(np.count_nonzero(finite))
+      raise ValueError(
+        f"{src}: tensor {name!r} has {bad} non-finite values (NaN or inf) of {w.size} "
+        "after dequantization; the file is corrupt"
+      )
     if permute_heads:
       w = unpermute_qk(w, permute_heads)
     return np.ascontiguousarray(w.T if transpose else w).astype(dtype, copy=False)
