@@ -8,6 +8,7 @@ and never retraced per token.
 from __future__ import annotations
 
 import dataclasses
+import numbers
 import threading
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -19,7 +20,7 @@ from flax import nnx
 
 from jaxllm.kv_cache import KVCache
 from jaxllm.model import Llama
-from jaxllm.sampling import SamplingConfig, sample
+from jaxllm.sampling import MIN_TEMPERATURE, SamplingConfig, sample
 
 
 def bucket(n: int, multiple: int = 64) -> int:
@@ -47,15 +48,35 @@ def left_pad(prompts: Sequence[Sequence[int]], length: int, pad_id: int):
 CacheFactory = Callable[[int, int, jax.Array], Any]
 
 
+def _sample_checked(logits: jax.Array, key: jax.Array, sampling: SamplingConfig):
+  """(sampled ids int32 [B], finite bool [B]: no NaN/inf in the row's logits [B, V])."""
+  return sample(logits, key, sampling), jnp.isfinite(logits).all(axis=-1)
+
+
+def raise_if_not_finite(finite: np.ndarray, step: int) -> None:
+  """Raises ValueError naming the first row whose logits at `step` held NaN/inf
+  (step 0: the prefill, which gives the first token; step n: the n-th decode step)."""
+  if not finite.all():
+    row = int(np.flatnonzero(~finite)[0])
+    raise ValueError(
+      f"logits at step {step}, row {row} are not finite: the weights or activations hold NaN/inf"
+    )
+
+
 class Generator:
   """Holds a split model and its compiled prefill/decode functions.
 
   Args:
     model: the model to run.
-    max_cache_len: cap on prompt + generated tokens (default: the model's max).
+    max_cache_len: cap on prompt + generated tokens, in [1, config.max_seq_len]
+      (None: the model's max_seq_len).
     prompt_bucket: prompts are left-padded to a multiple of this many tokens.
     make_cache: builds the (compressed) cache generation runs through; by
       default a dense cache holding the prefill chunk as computed.
+
+  Each step's logits are checked for NaN/inf inside the jitted prefill and decode
+  step (one bool per row, fetched with the sampled ids), and `generate` raises
+  ValueError naming the step and row; it also raises if the cache overflowed.
   """
 
   def __init__(
@@ -66,13 +87,31 @@ class Generator:
     make_cache: CacheFactory | None = None,
   ):
     self.config = model.config
+    limit = model.config.max_seq_len
+    if max_cache_len is None:
+      max_cache_len = limit
+    if (
+      isinstance(max_cache_len, bool)
+      or not isinstance(max_cache_len, numbers.Integral)
+      or not 1 <= max_cache_len <= limit
+    ):
+      raise ValueError(
+        f"max_cache_len must be an int in [1, {limit}] (the model's max_seq_len) or None, "
+        f"got {max_cache_len!r}"
+      )
+    if (
+      isinstance(prompt_bucket, bool)
+      or not isinstance(prompt_bucket, numbers.Integral)
+      or prompt_bucket < 1
+    ):
+      raise ValueError(f"prompt_bucket must be an int >= 1, got {prompt_bucket!r}")
     self.dtype = model.dtype  # activations and KV cache (params may be quantized)
     self.graphdef, self.state = nnx.split(model)
     # Jitted functions take the params as a plain dict: JAX flattens it in C++,
     # ~0.4 ms less dispatch per decode step than an nnx.State of Variables.
     self.params = self.state.to_pure_dict()
-    self.max_cache_len = max_cache_len or model.config.max_seq_len
-    self.prompt_bucket = prompt_bucket
+    self.max_cache_len = int(max_cache_len)
+    self.prompt_bucket = int(prompt_bucket)
     self.make_cache = make_cache
     self._prefill = jax.jit(self._prefill_fn, static_argnames=("capacity", "sampling"))
     self._step = jax.jit(self._step_fn, static_argnames=("sampling",), donate_argnames=("cache",))
@@ -93,12 +132,12 @@ class Generator:
     else:
       empty = self.make_cache(tokens.shape[0], capacity, start)
       logits, cache = model(tokens, cache=empty, logits_at="last")
-    return sample(logits[:, -1], key, sampling), cache
+    return (*_sample_checked(logits[:, -1], key, sampling), cache)
 
   def _step_fn(self, params, cache, tokens, key, *, sampling):
     model = self._model(params)
     logits, cache = model(tokens[:, None], cache=cache, logits_at="last")
-    return sample(logits[:, -1], key, sampling), cache
+    return (*_sample_checked(logits[:, -1], key, sampling), cache)
 
   def _compile_step(self, batch: int, capacity: int, sampling: SamplingConfig) -> None:
     """Compiles the decode step for this shape ahead of time (jit caches the result)."""
@@ -159,7 +198,10 @@ class Generator:
     self.validate(prompts, max_new_tokens)
     if key is None:
       if not sampling.greedy:
-        raise ValueError("sampling with temperature > 0 needs an explicit PRNG key")
+        raise ValueError(
+          f"sampling with temperature {sampling.temperature} (>= {MIN_TEMPERATURE}, not "
+          "greedy) needs an explicit PRNG key"
+        )
       key = jax.random.key(0)
     length = min(
       bucket(max(map(len, prompts)), self.prompt_bucket), self.max_cache_len - max_new_tokens
@@ -174,7 +216,7 @@ class Generator:
     )
     if max_new_tokens > 1:
       step_compile.start()
-    next_tok, cache = self._prefill(
+    next_tok, finite, cache = self._prefill(
       self.params, tokens, start, keys[0], capacity=capacity, sampling=sampling
     )
     out = np.zeros((len(prompts), max_new_tokens), np.int32)
@@ -182,6 +224,7 @@ class Generator:
     n = 0
     for n in range(max_new_tokens):
       ids = np.asarray(next_tok)
+      raise_if_not_finite(np.asarray(finite), n)
       out[:, n] = ids
       if on_tokens is not None:
         on_tokens(np.where(done, -1, ids))
@@ -191,7 +234,10 @@ class Generator:
         break
       if n == 0:
         step_compile.join()
-      next_tok, cache = self._step(self.params, cache, next_tok, keys[n + 1], sampling=sampling)
+      next_tok, finite, cache = self._step(
+        self.params, cache, next_tok, keys[n + 1], sampling=sampling
+      )
+    cache.check_overflow()  # cannot fire: `validate` bounds the length; one scalar fetch
     results, finished = [], []
     for row in out[:, : n + 1]:
       hit = np.flatnonzero(row == self.config.eos_id) if stop_at_eos else []

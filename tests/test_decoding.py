@@ -90,3 +90,58 @@ def test_cache_factory_path_matches_default(tiny_model):
   ).generate(prompts, 12, stop_at_eos=False)
   assert factory.tokens == default.tokens
   assert len(factory.tokens[0]) == 12
+
+
+@pytest.mark.parametrize("value", [0, -1, 513, 100000, 2.5, "64", True])
+def test_max_cache_len_must_lie_in_one_to_max_seq_len(tiny_model, value):
+  with pytest.raises(ValueError, match=r"max_cache_len must be an int in \[1, 512\]"):
+    Generator(tiny_model, max_cache_len=value)
+
+
+def test_max_cache_len_bounds_are_accepted(tiny_model):
+  assert Generator(tiny_model).max_cache_len == 512
+  assert Generator(tiny_model, max_cache_len=1).max_cache_len == 1
+  assert Generator(tiny_model, max_cache_len=np.int64(512)).max_cache_len == 512
+
+
+def _with_weight(model, edit):
+  """A copy of `model` whose pure-dict params went through `edit` (in place, numpy)."""
+  from flax import nnx
+
+  from jaxllm.params import model_from_params
+
+  params = jax.tree.map(np.array, nnx.state(model).to_pure_dict())
+  edit(params)
+  return model_from_params(model.config, params)
+
+
+def test_nan_weight_raises_at_the_prefill(tiny_model):
+  def poison(params):
+    params["layers"][1]["mlp"]["down"][3, 5] = np.nan
+
+  gen = Generator(_with_weight(tiny_model, poison), max_cache_len=64, prompt_bucket=16)
+  seen = []
+  with pytest.raises(ValueError, match=r"^logits at step 0, row 0 are not finite: .*NaN/inf$"):
+    gen.generate([[1, 2, 3], [4, 5]], 1, on_tokens=seen.append)
+  assert seen == []  # raised before any token was handed out
+
+
+def test_nan_reached_in_a_decode_step_names_its_step_and_row():
+  # Untied embeddings: a NaN in token b's embedding row is read only once b is fed back.
+  from jaxllm.params import init_model
+
+  cfg = jaxllm.TINY.replace(name="tiny-untied", tie_embeddings=False, num_layers=1)
+  model = init_model(cfg, seed=0)
+  prompts = [[5, 6, 7], [9, 10, 11]]
+  clean = Generator(model, max_cache_len=64, prompt_bucket=16)
+  a, b = (row[0] for row in clean.generate(prompts, 1, stop_at_eos=False).tokens)  # prefill only
+  assert a != b and b not in prompts[0] + prompts[1] + [a]
+
+  def poison(params):
+    params["embed"][:, b] = np.nan
+
+  gen = Generator(_with_weight(model, poison), max_cache_len=64, prompt_bucket=16)
+  seen = []
+  with pytest.raises(ValueError, match=r"^logits at step 1, row 1 are not finite"):
+    gen.generate(prompts, 6, on_tokens=seen.append, stop_at_eos=False)
+  np.testing.assert_array_equal(np.stack(seen), [[a, b]])  # step 0 was finite

@@ -6,7 +6,7 @@ import jax
 import numpy as np
 import pytest
 
-from jaxllm.sampling import SamplingConfig, filter_logits, sample
+from jaxllm.sampling import MIN_TEMPERATURE, SamplingConfig, filter_logits, sample
 
 
 def _logits(seed=0, b=3, v=50):
@@ -55,6 +55,30 @@ def test_same_key_same_tokens():
   cfg = SamplingConfig(0.8, top_k=10, top_p=0.9)
   a = sample(x, jax.random.key(7), cfg)
   np.testing.assert_array_equal(a, sample(x, jax.random.key(7), cfg))
+
+
+@pytest.mark.parametrize("temperature", [1e-40, 1e-30, 1e-8, 1e-6])
+def test_tiny_temperatures_pick_the_argmax_of_large_logits(temperature):
+  # Logits of order 1e9 overflow float32 once divided by a temperature below ~1e-29.
+  x = _logits(4, b=4, v=300) * 1e9
+  want = x.argmax(-1)
+  config = SamplingConfig(temperature, top_k=50, top_p=0.9)
+  assert config.greedy == (temperature < MIN_TEMPERATURE)
+  for seed in range(3):
+    np.testing.assert_array_equal(sample(x, jax.random.key(seed), config), want)
+  filtered = np.asarray(filter_logits(x, config))
+  assert not np.isnan(filtered).any() and (filtered <= 0).all()
+  np.testing.assert_array_equal(filtered[np.arange(len(x)), want], 0.0)  # the max, finite
+  np.testing.assert_array_equal(filtered.argmax(-1), want)
+
+
+def test_filter_subtracts_the_row_max_first():
+  x = _logits(5) + 40.0
+  filtered = np.asarray(filter_logits(x, SamplingConfig(0.5, top_k=20)))
+  kept = np.isfinite(filtered)
+  assert kept.sum() == 3 * 20
+  want = (x - x.max(-1, keepdims=True)) / 0.5
+  np.testing.assert_allclose(filtered[kept], want[kept], rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize(

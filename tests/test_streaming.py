@@ -158,3 +158,20 @@ def test_bad_windows(tiny_model):
     streaming_perplexity(scorer, _windows(vocab, 1, 5))
   with pytest.raises(ValueError, match="reference_top1"):
     streaming_perplexity(scorer, _windows(vocab, 1, 8), reference_top1=np.zeros((1, 8)))
+
+
+def test_non_finite_logits_in_a_decode_step_raise_naming_window_and_position():
+  # Untied embeddings: a NaN in token x's embedding reaches the logits only where x is read.
+  import jaxllm
+  from jaxllm.params import init_model
+
+  cfg = jaxllm.TINY.replace(name="tiny-untied", tie_embeddings=False, num_layers=1)
+  model = init_model(cfg, seed=0)
+  x = 17
+  windows = _windows(cfg.vocab_size, 2, 16, seed=2)
+  windows[windows == x] = x + 1
+  windows[1, 11] = x  # decoded after a prefill of 4
+  model.embed.value = model.embed.value.at[:, x].set(np.nan)
+  scorer = _dense_scorer(model, prefill=4, block=16, batch_size=2)
+  with pytest.raises(ValueError, match=r"^logits of window 1 at position 11 are not finite"):
+    streaming_perplexity(scorer, windows)

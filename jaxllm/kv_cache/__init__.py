@@ -8,6 +8,11 @@ cached, as stored, and causally over the chunk, then write the chunk),
 ``for_chunked_decode(first, chunk)`` (the cache set to decode `chunk` tokens
 per step with the scores of one per step, or ValueError; see `jaxllm.streaming`).
 
+Capacity: `check_room` raises before a write past the capacity when the length
+is concrete. Under jit it is traced, so every cache carries ``overflow``, a bool
+scalar set by a write past the capacity (such writes are clamped) and kept from
+then on; ``check_overflow()`` raises ValueError on the host when it is set.
+
 Methods (`METHODS`, by name):
   * dense: float K/V (`KVCache`).
   * int8: K and V int8, symmetric, one scale per (token, KV head).

@@ -26,12 +26,39 @@ def check_room(length, num_tokens: int, capacity: int) -> None:
     )
 
 
+def no_overflow() -> jax.Array:
+  """The `overflow` flag of a new cache: a bool scalar, False."""
+  return jnp.zeros((), jnp.bool_)
+
+
+def overflow_after(overflow, length, num_tokens: int, capacity: int) -> jax.Array:
+  """The `overflow` flag after writing `num_tokens` at `length`: set (and kept) once
+  a write goes past `capacity`. Works under jit, where `check_room` cannot."""
+  return jnp.logical_or(overflow, length + num_tokens > capacity)
+
+
 class SlotCacheMixin:
-  """`check_room` and `rollback` for caches with `length` and `capacity`."""
+  """`check_room`, `check_overflow` and `rollback` for caches with `length`,
+  `capacity` and an `overflow` flag.
+
+  Writes past the capacity under jit (a traced `length`, e.g. in `lax.scan` or a
+  jitted decode step) cannot raise; they are clamped to the last slots and set
+  `overflow`, a bool scalar that every later cache (`advance`, `rollback`, `grow`,
+  `for_chunked_decode`) keeps. `check_overflow` raises on the host when it is set.
+  """
 
   def check_room(self, num_tokens: int) -> None:
     """Raises ValueError if `num_tokens` more tokens do not fit (checked when length is concrete)."""
     check_room(self.length, num_tokens, self.capacity)
+
+  def check_overflow(self) -> None:
+    """Raises ValueError if a write went past the capacity (host side: fetches the flag)."""
+    if bool(jax.device_get(self.overflow)):
+      raise ValueError(
+        f"KV cache overflow: a write under jit went past the capacity of {self.capacity} "
+        f"tokens (length now {int(jax.device_get(self.length))}); the writes past it were "
+        "clamped and what followed is wrong; create the cache with a larger capacity"
+      )
 
   def rollback(self, length):
     """Cache truncated to `length` slots (never longer than now)."""

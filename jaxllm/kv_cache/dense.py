@@ -17,7 +17,13 @@ import jax.numpy as jnp
 
 from jaxllm import ops
 from jaxllm.config import ModelConfig
-from jaxllm.kv_cache.base import SlotCacheMixin, bf16_bytes_per_token, memory_report
+from jaxllm.kv_cache.base import (
+  SlotCacheMixin,
+  bf16_bytes_per_token,
+  memory_report,
+  no_overflow,
+  overflow_after,
+)
 
 
 @flax.struct.dataclass
@@ -34,12 +40,15 @@ class KVCache(SlotCacheMixin):
     keys, values: one [B * Hkv, T, D] array per layer.
     length: int32 scalar, slots written so far (same for every row).
     start: [B] int32, first valid slot of each row.
+    overflow: bool scalar, set once a write went past the capacity (see
+      `SlotCacheMixin.check_overflow`); replicated, no logical axes.
   """
 
   keys: tuple[jax.Array, ...]
   values: tuple[jax.Array, ...]
   length: jax.Array
   start: jax.Array
+  overflow: jax.Array
 
   LOGICAL_AXES = ("cache_rows", "cache_length", "head_dim")
 
@@ -61,6 +70,7 @@ class KVCache(SlotCacheMixin):
       values=tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers)),
       length=jnp.zeros((), jnp.int32),
       start=start,
+      overflow=no_overflow(),
     )
 
   @classmethod
@@ -71,6 +81,7 @@ class KVCache(SlotCacheMixin):
       values=tuple(_rows(v) for v in values),
       length=jnp.asarray(keys[0].shape[2], jnp.int32),
       start=start,
+      overflow=no_overflow(),
     )
 
   @property
@@ -129,6 +140,7 @@ class KVCache(SlotCacheMixin):
       keys=tuple(_rows(k) for k, _ in layer_states),
       values=tuple(_rows(v) for _, v in layer_states),
       length=self.length + num_tokens,
+      overflow=overflow_after(self.overflow, self.length, num_tokens, self.capacity),
     )
 
   def grow(self, capacity: int) -> "KVCache":

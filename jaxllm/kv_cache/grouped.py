@@ -60,6 +60,8 @@ from jaxllm.kv_cache.base import (
   concrete_int,
   insert_chunk,
   memory_report,
+  no_overflow,
+  overflow_after,
   tree_bytes,
 )
 from jaxllm.kv_cache.dispatch import QUANTIZED_KV_ATTENTION
@@ -104,6 +106,8 @@ class GroupedKVCache(SlotCacheMixin):
     length: int32 scalar, tokens written (same for every row).
     quantized_length: int32 scalar, tokens in the quantized store (a multiple of G).
     start: [B] int32 first valid slot per row.
+    overflow: bool scalar, set once a write went past `capacity_tokens` (see
+      `SlotCacheMixin.check_overflow`).
     capacity_tokens: static capacity (tokens); the store has extra spare slots.
     spec, config: static.
     kernels: static `KernelConfig` for the decode op ``quantized_kv_attention``;
@@ -115,6 +119,7 @@ class GroupedKVCache(SlotCacheMixin):
   length: jax.Array
   quantized_length: jax.Array
   start: jax.Array
+  overflow: jax.Array
   capacity_tokens: int = flax.struct.field(pytree_node=False)
   spec: CacheSpec = flax.struct.field(pytree_node=False)
   config: ModelConfig = flax.struct.field(pytree_node=False)
@@ -166,6 +171,7 @@ class GroupedKVCache(SlotCacheMixin):
       length=jnp.zeros((), jnp.int32),
       quantized_length=jnp.zeros((), jnp.int32),
       start=start,
+      overflow=no_overflow(),
       capacity_tokens=capacity,
       spec=spec,
       config=config,
@@ -393,6 +399,7 @@ class GroupedKVCache(SlotCacheMixin):
       layers=tuple(state for state, _ in layer_states),
       quantized_length=layer_states[0][1],
       length=self.length + num_tokens,
+      overflow=overflow_after(self.overflow, self.length, num_tokens, self.capacity),
     )
 
   def for_chunked_decode(self, first: int, chunk: int) -> "GroupedKVCache":

@@ -45,6 +45,8 @@ from jaxllm.kv_cache.base import (
   check_room,
   insert_chunk,
   memory_report,
+  no_overflow,
+  overflow_after,
   repeat_kv_heads,
   tree_bytes,
 )
@@ -138,6 +140,8 @@ class SymmetricKVCache(SlotCacheMixin):
     recent_pos: [ring slots] int32, the position each ring entry holds; -1 = none.
     length: int32 scalar, slots written.
     start: [B] int32 first valid slot per row.
+    overflow: bool scalar, set once a write went past the capacity (see
+      `SlotCacheMixin.check_overflow`).
     spec, config: static.
     chunks_as_decode: static; a chunk of S > 1 tokens reads its own earlier
       tokens as S one-token steps would (see `for_chunked_decode`), not exactly
@@ -150,6 +154,7 @@ class SymmetricKVCache(SlotCacheMixin):
   recent_pos: jax.Array
   length: jax.Array
   start: jax.Array
+  overflow: jax.Array
   spec: CacheSpec = flax.struct.field(pytree_node=False)
   config: ModelConfig = flax.struct.field(pytree_node=False)
   chunks_as_decode: bool = flax.struct.field(pytree_node=False, default=False)
@@ -198,6 +203,7 @@ class SymmetricKVCache(SlotCacheMixin):
       recent_pos=jnp.full((ring,), -1, jnp.int32),
       length=jnp.zeros((), jnp.int32),
       start=start,
+      overflow=no_overflow(),
       spec=spec,
       config=config,
     )
@@ -325,7 +331,10 @@ class SymmetricKVCache(SlotCacheMixin):
       newest = last - (last - entry) % slots  # the newest position written to each entry
       recent_pos = jnp.where(newest >= self.length, newest, recent_pos)
     return self.replace(
-      layers=tuple(layer_states), recent_pos=recent_pos, length=self.length + num_tokens
+      layers=tuple(layer_states),
+      recent_pos=recent_pos,
+      length=self.length + num_tokens,
+      overflow=overflow_after(self.overflow, self.length, num_tokens, self.capacity),
     )
 
   def memory(self) -> dict:
