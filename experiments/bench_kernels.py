@@ -350,6 +350,7 @@ def _print_row(row: dict) -> None:
 
 def main(argv):
   del argv
+  common.start()
   import jax  # pylint: disable=import-outside-toplevel
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
 

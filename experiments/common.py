@@ -7,11 +7,18 @@ a non-zero exit code.
 
 Heavy imports (jax) happen inside functions, so a runner can reject bad input
 before paying for them.
+
+A NaN or infinite figure is a failed run, never a ``null``: `write_results`,
+`print_summary` and `finish` still write every figure (the non-finite ones
+spelled ``"nan"``, ``"inf"``, ``"-inf"``, with a top-level ``"error"`` naming
+them), then exit non-zero with a one-line error. ``None`` stays ``null``: it
+marks a field that is legitimately absent (a peer not installed, a step skipped).
 """
 
 from __future__ import annotations
 
 import ast
+import contextlib
 import importlib.metadata
 import json
 import math
@@ -22,6 +29,8 @@ import sysconfig
 from collections.abc import Iterable
 
 from absl import flags
+
+from jaxllm import runtime  # imports only absl (jaxllm loads its names lazily)
 
 FLAGS = flags.FLAGS
 
@@ -35,7 +44,8 @@ WIKITEXT_TEST = os.path.normpath(
 
 
 def define_common_flags(name: str, only: Iterable[str] = COMMON_FLAGS) -> None:
-  """Defines the CONTRACT's common flags that runner `name` uses.
+  """Defines the CONTRACT's common flags that runner `name` uses, and
+  ``--compilation_cache`` (`jaxllm.runtime.define_flags`) for `start`.
 
   Flags already defined (e.g. two runners imported into one process) are kept.
 
@@ -70,6 +80,20 @@ def define_common_flags(name: str, only: Iterable[str] = COMMON_FLAGS) -> None:
   for flag in only:
     if flag not in FLAGS:
       definitions[flag]()
+  if "compilation_cache" not in FLAGS:
+    runtime.define_flags()
+    flags.declare_key_flag("compilation_cache")  # listed with the common flags
+
+
+def start() -> str | None:
+  """Process set-up at the start of a runner's `main`: `jaxllm.runtime.setup`
+  (no INFO line about absent TPU/GPU backends; JAX's persistent compilation
+  cache unless ``--nocompilation_cache``). Returns the cache directory or None.
+  Exits with a one-line error when the cache directory cannot be created."""
+  try:
+    return runtime.setup()
+  except ValueError as e:
+    fail(str(e))
 
 
 def fail(msg: str, code: int = 1):
@@ -77,6 +101,16 @@ def fail(msg: str, code: int = 1):
   line = " ".join(str(msg).split())
   print(f"error: {line}", file=sys.stderr, flush=True)
   sys.exit(code)
+
+
+@contextlib.contextmanager
+def one_line_errors(prefix: str = ""):
+  """Inside: a FileNotFoundError or ValueError (a missing, corrupt or non-finite
+  GGUF file, say) ends the run with ``error: PREFIX message``, not a traceback."""
+  try:
+    yield
+  except (FileNotFoundError, ValueError) as e:
+    fail(f"{prefix}{e}")
 
 
 def package_version(name: str) -> str | None:
@@ -102,8 +136,37 @@ def run_info() -> dict:
   }
 
 
+_NONFINITE_SHOWN = 20  # key paths named in one error line
+
+
+def nonfinite_figures(obj, path: str = "") -> list[str]:
+  """Key paths (``rows[2].ppl``) of every NaN or infinite float in `obj`.
+
+  Walks dicts, lists and tuples; numpy and jax values are read through
+  ``tolist()``. ``None`` is not a figure (an absent field) and is not reported.
+  """
+  if isinstance(obj, dict):
+    return [
+      p for k, v in obj.items() for p in nonfinite_figures(v, f"{path}.{k}" if path else str(k))
+    ]
+  if isinstance(obj, (list, tuple)):
+    return [p for i, v in enumerate(obj) for p in nonfinite_figures(v, f"{path}[{i}]")]
+  if hasattr(obj, "tolist") and not isinstance(obj, (str, bytes)):  # numpy / jax values
+    return nonfinite_figures(obj.tolist(), path)
+  if isinstance(obj, float) and not math.isfinite(obj):
+    return [path or "(value)"]
+  return []
+
+
+def _nonfinite_message(paths: list[str]) -> str:
+  shown = ", ".join(paths[:_NONFINITE_SHOWN])
+  more = f" and {len(paths) - _NONFINITE_SHOWN} more" if len(paths) > _NONFINITE_SHOWN else ""
+  return f"non-finite figure(s) (NaN or inf): {shown}{more}"
+
+
 def _jsonable(obj):
-  """Plain-JSON copy of `obj`: numpy scalars/arrays unwrapped, non-finite floats -> None."""
+  """Plain-JSON copy of `obj`: numpy scalars/arrays unwrapped, non-finite floats
+  spelled as the strings "nan", "inf" and "-inf" (JSON has no such numbers)."""
   if isinstance(obj, dict):
     return {str(k): _jsonable(v) for k, v in obj.items()}
   if isinstance(obj, (list, tuple)):
@@ -111,30 +174,73 @@ def _jsonable(obj):
   if hasattr(obj, "tolist") and not isinstance(obj, (str, bytes)):  # numpy / jax values
     return _jsonable(obj.tolist())
   if isinstance(obj, float) and not math.isfinite(obj):
-    return None
+    return "nan" if math.isnan(obj) else ("inf" if obj > 0 else "-inf")
   return obj
 
 
-def write_results(out_dir: str, name: str, payload: dict) -> str:
-  """Writes `payload` as ``out_dir/name.json``; returns the path."""
+def _with_error(obj: dict, problem: str | None) -> dict:
+  """`obj` with a top-level ``"error"`` (first) when there is a `problem`."""
+  if problem is None:
+    return obj
+  if obj.get("error"):
+    problem = f"{problem}; {obj['error']}"
+  return {"error": problem, **{k: v for k, v in obj.items() if k != "error"}}
+
+
+def _write_json(out_dir: str, name: str, payload: dict, problem: str | None) -> str:
   os.makedirs(out_dir, exist_ok=True)
   path = os.path.join(out_dir, f"{name}.json")
   with open(path, "w", encoding="utf-8") as f:
-    json.dump(_jsonable(payload), f, indent=1, sort_keys=False)
+    json.dump(_jsonable(_with_error(payload, problem)), f, indent=1, sort_keys=False)
     f.write("\n")
   return path
 
 
-def print_summary(obj: dict) -> None:
-  """Prints `obj` as one JSON line; call it last, so it is stdout's last line."""
+def write_results(out_dir: str, name: str, payload: dict) -> str:
+  """Writes `payload` as ``out_dir/name.json``; returns the path.
+
+  A NaN or infinite figure in `payload` is a failed run: the file is still
+  written (those values as strings, a top-level ``"error"`` naming them), then
+  the process exits non-zero with a one-line error naming them and the file.
+  """
+  bad = nonfinite_figures(payload)
+  problem = _nonfinite_message(bad) if bad else None
+  path = _write_json(out_dir, name, payload, problem)
+  if problem:
+    fail(f"{problem}; results written to {path}")
+  return path
+
+
+def _print_json_line(obj: dict, problem: str | None) -> None:
   sys.stderr.flush()
-  print(json.dumps(_jsonable(obj)), flush=True)
+  print(json.dumps(_jsonable(_with_error(obj, problem))), flush=True)
+
+
+def print_summary(obj: dict) -> None:
+  """Prints `obj` as one JSON line; call it last, so it is stdout's last line.
+
+  A NaN or infinite figure is printed as a string, then the process exits
+  non-zero with a one-line error naming it."""
+  bad = nonfinite_figures(obj)
+  problem = _nonfinite_message(bad) if bad else None
+  _print_json_line(obj, problem)
+  if problem:
+    fail(f"{problem} in the summary")
 
 
 def finish(out_dir: str, name: str, record: dict, summary: dict) -> None:
-  """Writes `record` (holding `summary`), then prints `summary` as stdout's last line."""
-  summary["results_file"] = write_results(out_dir, name, record)
-  print_summary(summary)
+  """Writes `record` (holding `summary`), then prints `summary` as stdout's last line.
+
+  If either holds a NaN or infinite figure, both are still written (see
+  `write_results`) and the process then exits non-zero with a one-line error
+  naming the figures and the results file."""
+  bad_record, bad_summary = nonfinite_figures(record), nonfinite_figures(summary)
+  bad = bad_record + [f"summary.{p}" for p in bad_summary if f"summary.{p}" not in bad_record]
+  problem = _nonfinite_message(bad) if bad else None
+  summary["results_file"] = _write_json(out_dir, name, record, problem)
+  _print_json_line(summary, problem)
+  if problem:
+    fail(f"{problem}; results written to {summary['results_file']}")
 
 
 def default_text() -> tuple[str, str]:

@@ -148,19 +148,37 @@ def _load_dense_reference(path: str, key: dict) -> tuple[dict, np.ndarray] | Non
   return result, top1
 
 
-def _save_dense_reference(path: str, key: dict, result: dict, top1: np.ndarray) -> None:
+def _save_dense_reference(path: str, key: dict, result: dict, top1: np.ndarray) -> bool:
+  """Writes the dense row to `path`; returns whether it did. A row with a NaN or
+  infinite figure is not kept (the run fails on it; a later run recomputes it)."""
+  bad = common.nonfinite_figures(result)
+  if bad:
+    print(f"dense: not written to --dense_reference {path}: {', '.join(bad)} not finite")
+    return False
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   tmp = path + ".tmp.npz"
   np.savez_compressed(
     tmp, key=json.dumps(key), result=json.dumps(result), top1=top1.astype(np.int32)
   )
   os.replace(tmp, path)  # a killed run leaves no half-written reference
+  return True
+
+
+def _fail_keeping_rows(method: str, error, config: dict, rows: list[dict]):
+  """Ends the run on a method that could not be scored: writes the rows measured
+  before it (and the error) to the results file, then a one-line error."""
+  msg = f"{method}: {' '.join(str(error).split())}"
+  path = common.write_results(
+    FLAGS.out_dir, NAME, {"error": msg, "config": config, "rows": rows, "run": common.run_info()}
+  )
+  common.fail(f"{msg}; the {len(rows)} row(s) measured before it are in {path}")
 
 
 def main(argv):
   del argv
   _check_flags()
   methods = _methods()
+  common.start()
   text, label, path = common.read_eval_text(FLAGS.text_file)
   # pylint: disable=import-outside-toplevel
   import jax.numpy as jnp
@@ -181,8 +199,10 @@ def main(argv):
   except ValueError as e:
     common.fail(str(e))
 
-  gguf = FLAGS.gguf or default_gguf_path()
-  tokenizer = Tokenizer.from_gguf(gguf)
+  with common.one_line_errors():
+    gguf = FLAGS.gguf or default_gguf_path()
+  with common.one_line_errors(f"{gguf}: "):
+    tokenizer = Tokenizer.from_gguf(gguf)
   if FLAGS.model == "tiny":
     tokenizer = common.ModuloTokenizer(tokenizer, cfg.vocab_size)
   if _CALIB_FILE.value is None:
@@ -198,11 +218,28 @@ def main(argv):
   if FLAGS.max_windows is not None:
     windows = windows[: FLAGS.max_windows]
 
-  pipe = load_pipeline(FLAGS.model, FLAGS.gguf, FLAGS.dtype, FLAGS.seed)
+  with common.one_line_errors():  # the loader's messages name the file and tensor
+    pipe = load_pipeline(FLAGS.model, FLAGS.gguf, FLAGS.dtype, FLAGS.seed)
   kernels = ops.KernelConfig(implementation=_IMPL.value, interpret=_INTERPRET.value)
   pipe.model.kernels = kernels
   dtype = jnp.dtype(FLAGS.dtype)
 
+  config = {
+    "model": FLAGS.model,
+    "gguf": FLAGS.gguf,
+    "dtype": FLAGS.dtype,
+    "context": FLAGS.context,
+    "max_windows": FLAGS.max_windows,
+    "prefill": _PREFILL.value,
+    "block": _BLOCK.value,
+    "chunk": _CHUNK.value,
+    "batch_size": _BATCH.value,
+    "implementation": _IMPL.value,
+    "interpret": _INTERPRET.value,
+    "dense_reference": _DENSE_REFERENCE.value,
+    "methods": methods,
+    "specs": {m: repr(s) for m, s in specs.items()},
+  }
   rows, reference_top1 = [], None
   ref_key = _reference_key(cfg.name, gguf, text, len(windows))
   for method in methods:
@@ -233,7 +270,10 @@ def main(argv):
       print(f"dense: read from --dense_reference {_DENSE_REFERENCE.value}", flush=True)
     else:
       scorer = StreamingScorer(model, make_cache, method_cfg)
-      result, top1 = streaming_perplexity(scorer, windows, reference_top1, progress=True)
+      try:
+        result, top1 = streaming_perplexity(scorer, windows, reference_top1, progress=True)
+      except ValueError as e:  # non-finite scores (jaxllm.streaming), named by window
+        _fail_keeping_rows(method, e, config, rows)
       if method == "dense" and _DENSE_REFERENCE.value:
         _save_dense_reference(_DENSE_REFERENCE.value, ref_key, result, top1)
     if reference_top1 is None:
@@ -285,22 +325,7 @@ def main(argv):
   keys = ("method", "ppl", "delta_pct", "bytes_per_token_vs_bf16", "top1_agree")
   summary = {"results": [{k: row[k] for k in keys} for row in rows]}
   record = {
-    "config": {
-      "model": FLAGS.model,
-      "gguf": FLAGS.gguf,
-      "dtype": FLAGS.dtype,
-      "context": FLAGS.context,
-      "max_windows": FLAGS.max_windows,
-      "prefill": _PREFILL.value,
-      "block": _BLOCK.value,
-      "chunk": _CHUNK.value,
-      "batch_size": _BATCH.value,
-      "implementation": _IMPL.value,
-      "interpret": _INTERPRET.value,
-      "dense_reference": _DENSE_REFERENCE.value,
-      "methods": methods,
-      "specs": {m: repr(s) for m, s in specs.items()},
-    },
+    "config": config,
     "text": {
       "label": label,
       "path": os.path.abspath(path) if path else None,

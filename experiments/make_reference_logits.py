@@ -64,12 +64,21 @@ def main(argv):
   gguf = flags.FLAGS.gguf or peers.installed_gguf_path()
   if not os.path.isfile(gguf):
     common.fail(f"GGUF file not found: {gguf}")
+  common.start()
   model, tok = peers.load_hf(gguf, _DTYPE.value)
   k = _TOP_K.value
   prompts = []
   for name, text in PROMPTS.items():
     ids = tok.encode(text, add_special_tokens=False)
     logits = peers.hf_logits(model, ids)  # (S, V)
+    bad = ~np.isfinite(logits)
+    if bad.any():  # a fixture of NaN would pass for a reference: keep the old file instead
+      pos, tok_id = np.argwhere(bad)[0]
+      common.fail(
+        f"transformers' logits for prompt {name!r} are not finite ({int(bad.sum())} of "
+        f"{logits.size} NaN or inf, first at position {pos}, token id {tok_id}); "
+        f"{_OUT.value} not written"
+      )
     top = np.argsort(-logits, axis=-1, kind="stable")[:, :k]
     prompts.append(
       {
@@ -115,7 +124,7 @@ def main(argv):
     "tokens": sum(len(p["ids"]) for p in prompts),
     **fixture["tokenizer"],
   }
-  print(json.dumps(summary))
+  common.print_summary(summary)
 
 
 if __name__ == "__main__":

@@ -59,9 +59,11 @@ def main(argv):
   del argv
   if FLAGS.gguf and not os.path.isfile(FLAGS.gguf):
     common.fail(f"GGUF file not found: {FLAGS.gguf}")
+  common.start()
   import jaxllm  # pylint: disable=import-outside-toplevel
 
-  gguf = FLAGS.gguf or jaxllm.default_gguf_path()
+  with common.one_line_errors():
+    gguf = FLAGS.gguf or jaxllm.default_gguf_path()
   fixture = None
   if os.path.isfile(FIXTURE):
     with open(FIXTURE) as f:
@@ -73,7 +75,8 @@ def main(argv):
   else:
     common.fail(f"no --prompts given and no fixture at {FIXTURE}")
 
-  pipe = jaxllm.load_pipeline(gguf_path=gguf, dtype=FLAGS.dtype)
+  with common.one_line_errors():  # the loader's messages name the file and tensor
+    pipe = jaxllm.load_pipeline(gguf_path=gguf, dtype=FLAGS.dtype)
   seqs = [pipe.tokenizer.encode(t) for t in texts]
   if not all(seqs):
     common.fail("a prompt encodes to zero tokens")

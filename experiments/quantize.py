@@ -158,9 +158,53 @@ def _decode_tok_s(model, tokenizer, vocab: int, new_tokens: int) -> float:
   return (new_tokens - 1) / max(median_s(new_tokens) - median_s(1), 1e-9)
 
 
+def _config_record() -> dict:
+  return {
+    "model": FLAGS.model,
+    "gguf": FLAGS.gguf,
+    "dtype": FLAGS.dtype,
+    "context": FLAGS.context,
+    "max_windows": FLAGS.max_windows,
+    "calib_windows": _CALIB_WINDOWS.value,
+    "calib_file": _CALIB_FILE.value,
+    "alpha": _ALPHA.value,
+    "save_dir": None if _SAVE_DIR.value is None else os.path.abspath(_SAVE_DIR.value),
+    "decode_tokens": _DECODE_TOKENS.value,
+    "decode_prompt": _DECODE_PROMPT,
+    "seed": FLAGS.seed,
+  }
+
+
+def _fail_keeping_rows(method: str, error, rows: list[dict], details: dict):
+  """Ends the run on a method that could not be quantized or scored (e.g. GPTQ
+  refusing a non-finite Hessian): writes the methods measured before it (and the
+  error) to the results file, then a one-line error."""
+  msg = f"{method}: {' '.join(str(error).split())}"
+  record = {"error": msg, "config": _config_record(), "results": rows, "methods": details}
+  path = common.write_results(FLAGS.out_dir, NAME, {**record, "run": common.run_info()})
+  common.fail(f"{msg}; the {len(rows)} method(s) measured before it are in {path}")
+
+
+def _decode_figure(model, tokenizer, vocab: int) -> tuple[float | None, str | None]:
+  """(decode tokens/s or None with --skip_decode, error or None). A decode that
+  raises ValueError (`Generator` refuses non-finite logits) is a failed figure:
+  NaN, so the run still writes every figure and then fails (`common.finish`)."""
+  if _SKIP_DECODE.value:
+    return None, None
+  try:
+    return _decode_tok_s(model, tokenizer, vocab, _DECODE_TOKENS.value), None
+  except ValueError as e:
+    return math.nan, " ".join(str(e).split())
+
+
 def _choice_record(choice) -> dict:
-  """A `LayerChoice` as JSON (no learned error where the layer had nothing to learn)."""
-  learned = choice.learned_error if math.isfinite(choice.learned_error) else None
+  """A `LayerChoice` as JSON (no learned error where the layer had nothing to learn).
+
+  +inf is `LayerChoice`'s mark for a layer with nothing to learn: an absent
+  figure, written null. A NaN learned error (the learned rounding diverged) is
+  a figure and stays NaN, so the run fails on it (`common.finish`).
+  """
+  learned = None if choice.learned_error == math.inf else choice.learned_error
   return {
     "layer": choice.layer,
     "kept": choice.kept,
@@ -175,6 +219,7 @@ def _fmt(x: float) -> str:
 
 def main(argv):
   del argv
+  common.start()
   # Heavy imports (jax) only once the flags look sane.
   # pylint: disable=import-outside-toplevel
   from jaxllm.quant import recipes as recipes_lib
@@ -193,12 +238,16 @@ def main(argv):
   from jaxllm.tokenizer import Tokenizer
 
   cfg = common.model_config(FLAGS.model, FLAGS.context)
-  tokenizer = Tokenizer.from_gguf(FLAGS.gguf or default_gguf_path())
+  with common.one_line_errors():
+    gguf = FLAGS.gguf or default_gguf_path()
+  with common.one_line_errors(f"{gguf}: "):
+    tokenizer = Tokenizer.from_gguf(gguf)
   if FLAGS.model == "tiny":
     tokenizer = common.ModuloTokenizer(tokenizer, cfg.vocab_size)
   evaluation, calib, text_record = _windows(tokenizer, tokenize_windows)
 
-  pipe = load_pipeline(FLAGS.model, FLAGS.gguf, FLAGS.dtype, FLAGS.seed)
+  with common.one_line_errors():  # the loader's messages name the file and tensor
+    pipe = load_pipeline(FLAGS.model, FLAGS.gguf, FLAGS.dtype, FLAGS.seed)
   t_loaded = time.perf_counter()
   recipes = {m: recipes_lib.RECIPES[m] for m in methods}
   if _ALPHA.value is not None:
@@ -216,18 +265,17 @@ def main(argv):
   for method, recipe in recipes.items():
     t0 = time.perf_counter()
     choices = []
-    model = apply_recipe(
-      nnx.clone(pipe.model), recipe, stats, calib, progress=True, on_choice=choices.append
-    )
-    t_quant = time.perf_counter() - t0
-    result = perplexity(model, evaluation, progress=True)
+    try:
+      model = apply_recipe(
+        nnx.clone(pipe.model), recipe, stats, calib, progress=True, on_choice=choices.append
+      )
+      t_quant = time.perf_counter() - t0
+      result = perplexity(model, evaluation, progress=True)
+    except ValueError as e:
+      _fail_keeping_rows(method, e, rows, details)
     t_ppl = time.perf_counter() - t0 - t_quant
     nbytes = weight_bytes(model)
-    tok_s = (
-      None
-      if _SKIP_DECODE.value
-      else _decode_tok_s(model, pipe.tokenizer, cfg.vocab_size, _DECODE_TOKENS.value)
-    )
+    tok_s, decode_error = _decode_figure(model, pipe.tokenizer, cfg.vocab_size)
     rows.append(
       {
         "method": method,
@@ -257,6 +305,8 @@ def main(argv):
       "orbax_checkpoint_bytes_on_disk": disk,
       "seconds": {"quantize": t_quant, "perplexity": t_ppl},
     }
+    if decode_error:
+      details[method]["decode_error"] = decode_error
     if choices:
       details[method]["layer_choices"] = [_choice_record(c) for c in choices]
     del model
@@ -302,20 +352,7 @@ def main(argv):
     "text": text_record["label"],
   }
   record = {
-    "config": {
-      "model": FLAGS.model,
-      "gguf": FLAGS.gguf,
-      "dtype": FLAGS.dtype,
-      "context": FLAGS.context,
-      "max_windows": FLAGS.max_windows,
-      "calib_windows": _CALIB_WINDOWS.value,
-      "calib_file": _CALIB_FILE.value,
-      "alpha": _ALPHA.value,
-      "save_dir": None if _SAVE_DIR.value is None else os.path.abspath(_SAVE_DIR.value),
-      "decode_tokens": _DECODE_TOKENS.value,
-      "decode_prompt": _DECODE_PROMPT,
-      "seed": FLAGS.seed,
-    },
+    "config": _config_record(),
     "text": text_record,
     "methods": details,
     "plot": plot_path,

@@ -1,33 +1,42 @@
-"""jaxllm: fast, memory-lean LLM inference in JAX/XLA with Pallas kernels."""
+"""jaxllm: fast, memory-lean LLM inference in JAX/XLA with Pallas kernels.
 
-from jaxllm import kv_cache, quant, streaming
-from jaxllm.config import SMOLLM2_135M, TINY, ModelConfig, get_config
-from jaxllm.decoding import GenerationResult, Generator
-from jaxllm.gguf_loader import default_gguf_path, load_gguf
-from jaxllm.kv_cache import KVCache
-from jaxllm.model import Llama
-from jaxllm.ops import KernelConfig
-from jaxllm.pipeline import Pipeline, load_pipeline
-from jaxllm.sampling import SamplingConfig
+The names below load on first use (PEP 562), so ``import jaxllm.runtime`` or a
+runner's flag parsing does not pay for importing jax.
+"""
+
+import importlib
 
 __version__ = "0.1.0"
 
-__all__ = [
-  "SMOLLM2_135M",
-  "TINY",
-  "GenerationResult",
-  "Generator",
-  "KVCache",
-  "KernelConfig",
-  "Llama",
-  "ModelConfig",
-  "Pipeline",
-  "SamplingConfig",
-  "default_gguf_path",
-  "kv_cache",
-  "quant",
-  "streaming",
-  "get_config",
-  "load_gguf",
-  "load_pipeline",
-]
+# public name -> module that defines it
+_EXPORTS = {
+  "SMOLLM2_135M": "jaxllm.config",
+  "TINY": "jaxllm.config",
+  "ModelConfig": "jaxllm.config",
+  "get_config": "jaxllm.config",
+  "GenerationResult": "jaxllm.decoding",
+  "Generator": "jaxllm.decoding",
+  "default_gguf_path": "jaxllm.gguf_loader",
+  "load_gguf": "jaxllm.gguf_loader",
+  "KVCache": "jaxllm.kv_cache",
+  "Llama": "jaxllm.model",
+  "KernelConfig": "jaxllm.ops",
+  "Pipeline": "jaxllm.pipeline",
+  "load_pipeline": "jaxllm.pipeline",
+  "SamplingConfig": "jaxllm.sampling",
+}
+_SUBMODULES = ("kv_cache", "quant", "streaming")
+
+__all__ = sorted((*_EXPORTS, *_SUBMODULES))
+
+
+def __getattr__(name: str):
+  if name in _EXPORTS:
+    return getattr(importlib.import_module(_EXPORTS[name]), name)
+  if name in _SUBMODULES:
+    return importlib.import_module(f"jaxllm.{name}")
+  raise AttributeError(f"module 'jaxllm' has no attribute {name!r}")
+
+
+def __dir__():
+  return sorted((*globals(), *__all__))

@@ -28,6 +28,19 @@ def run(*args: str) -> subprocess.CompletedProcess:
   )
 
 
+@pytest.fixture(scope="module")
+def _xla_cache(tmp_path_factory):
+  return tmp_path_factory.mktemp("xla_cache")
+
+
+@pytest.fixture(autouse=True)
+def _compilation_cache_in_tmp(_xla_cache, monkeypatch):
+  """The runners' compiled programs go to a temporary directory, not the user's
+  cache; it is shared by this module's runs, so a repeated configuration skips
+  its compiles."""
+  monkeypatch.setenv("JAXLLM_COMPILATION_CACHE_DIR", str(_xla_cache))
+
+
 @pytest.fixture
 def text_file(tmp_path):
   path = tmp_path / "text.txt"
@@ -112,7 +125,14 @@ def test_saved_learned_checkpoint_scores_as_in_the_run(tmp_path, text_file):
   assert quantized["orbax_checkpoint_bytes_on_disk"] > 0
 
   scored = subprocess.run(
-    [sys.executable, "-m", "experiments.perplexity", f"--checkpoint={saved / method}", *common],
+    [
+      sys.executable,
+      "-m",
+      "experiments.perplexity",
+      f"--checkpoint={saved / method}",
+      f"--out_dir={tmp_path / 'ppl'}",
+      *common,
+    ],
     cwd=ROOT,
     capture_output=True,
     text=True,

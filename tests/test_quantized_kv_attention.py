@@ -293,6 +293,45 @@ def test_bad_inputs_raise(kernel, name, over, msg):
     _run_bad(kernel, _bad(**over))
 
 
+def _empty(axis: int):
+  """Valid small inputs with the batch (axis 0) or the cache length (axis 2) emptied."""
+  a = _bad()
+  cut = lambda x: jax.lax.slice_in_dim(x, 0, 0, axis=min(axis, x.ndim - 1))
+  a["kv"] = type(a["kv"])(*(cut(x) for x in a["kv"]))
+  if axis == 0:
+    a.update(q=a["q"][:0], kr=a["kr"][:0], vr=a["vr"][:0])
+  return a
+
+
+BAD_TYPES_AND_EMPTY = [
+  ("q_list", lambda: _bad(q=np.zeros((1, 9, 64)).tolist()), TypeError, "q must be a jax or numpy"),
+  ("kv_tuple", lambda: _bad(kv=tuple(_kv)), TypeError, "kv must be a QuantizedKV, got tuple"),
+  (
+    "residual_list",
+    lambda: _bad(kr=np.zeros((1, 3, 16, 64)).tolist()),
+    TypeError,
+    "k_residual must be a jax or numpy array, got list",
+  ),
+  ("empty_batch", lambda: _empty(0), ValueError, r"q has shape \(0, 9, 64\); batch, heads"),
+  ("empty_cache", lambda: _empty(2), ValueError, r"k_packed has shape \(1, 3, 0, 64\): an empty"),
+]
+
+
+@pytest.mark.parametrize(
+  "kernel",
+  [quantized_kv_decode_attention, quantized_kv_decode_attention_portable],
+  ids=["tpu", "portable"],
+)
+@pytest.mark.parametrize(
+  "name,make,exc,msg", BAD_TYPES_AND_EMPTY, ids=[c[0] for c in BAD_TYPES_AND_EMPTY]
+)
+def test_non_arrays_and_empty_dims_raise_before_lowering(kernel, name, make, exc, msg):
+  """A list or a plain tuple is a TypeError naming the argument; an empty batch or
+  cache is a ValueError naming the shape, before any lowering."""
+  with pytest.raises(exc, match=msg):
+    _run_bad(kernel, make())
+
+
 @pytest.mark.parametrize(
   "block_t,msg",
   [

@@ -315,6 +315,51 @@ def test_bad_dtype_raises():
     qm.w4a8_fireq_matmul_quantized(x.astype(jnp.bfloat16), jnp.ones((8, 1)), w4, ws, ts)
 
 
+def _kernel_calls(x):
+  """Every matmul kernel entry point, called on activations `x` [M, 256] (any M)."""
+  _, w = _data(1, 256, 128)
+  w8, w8s = qm.quantize_w8(w)
+  w4, s4, z4 = qm.quantize_w4a16(w, 128)
+  wf, wfs, ts = qm.quantize_w4_fireq(w)
+  m = len(x) if isinstance(x, list) else x.shape[0]
+  x_q, x_fp8 = jnp.zeros((m, 256), jnp.int8), jnp.zeros((m, 256), jnp.float8_e4m3fn)
+  x_s = jnp.ones((m, 1), jnp.float32)
+  if isinstance(x, list):  # the already-quantized entries get the list as their x too
+    x_q = x_fp8 = x
+  kw = dict(interpret=True)
+  return {
+    "int8_matmul": lambda: qm.int8_matmul(x_q, w8, **kw),
+    "w8a8_matmul_quantized": lambda: qm.w8a8_matmul_quantized(x_q, x_s, w8, w8s, **kw),
+    "w8a8_matmul": lambda: qm.w8a8_matmul(x, w8, w8s, **kw),
+    "w4a16_matmul": lambda: qm.w4a16_matmul(x, w4, s4, z4, **kw),
+    "w4a8_fireq_matmul_quantized": lambda: qm.w4a8_fireq_matmul_quantized(
+      x_fp8, x_s, wf, wfs, ts, **kw
+    ),
+    "w4a8_fireq_matmul": lambda: qm.w4a8_fireq_matmul(x, wf, wfs, ts, **kw),
+  }
+
+
+_KERNELS = [
+  "int8_matmul",
+  "w8a8_matmul_quantized",
+  "w8a8_matmul",
+  "w4a16_matmul",
+  "w4a8_fireq_matmul_quantized",
+  "w4a8_fireq_matmul",
+]
+
+
+@pytest.mark.parametrize("kernel", _KERNELS)
+def test_zero_rows_and_list_input_raise_before_lowering(kernel):
+  """M=0 is a ValueError naming the argument and its shape (it used to fail inside
+  the HLO interpreter); a Python list is a TypeError naming the argument and type
+  (it used to be an AttributeError)."""
+  with pytest.raises(ValueError, match=r"^\w+: x(_q|_fp8)? has shape \(0, 256\); every dimension"):
+    _kernel_calls(jnp.zeros((0, 256), jnp.float32))[kernel]()
+  with pytest.raises(TypeError, match=r"^\w+: x(_q|_fp8)? must be a jax or numpy array, got list"):
+    _kernel_calls([[0.0] * 256] * 8)[kernel]()
+
+
 def test_group_not_dividing_k_raises():
   _, w = _data(1, 576, 128)
   with pytest.raises(ValueError, match="K=576"):

@@ -45,6 +45,19 @@ def run(module: str, *args: str) -> subprocess.CompletedProcess:
   )
 
 
+@pytest.fixture(scope="module")
+def _xla_cache(tmp_path_factory):
+  return tmp_path_factory.mktemp("xla_cache")
+
+
+@pytest.fixture(autouse=True)
+def _compilation_cache_in_tmp(_xla_cache, monkeypatch):
+  """The runners' compiled programs go to a temporary directory, not the user's
+  cache; it is shared by this module's runs, so a repeated configuration skips
+  its compiles."""
+  monkeypatch.setenv("JAXLLM_COMPILATION_CACHE_DIR", str(_xla_cache))
+
+
 def last_json(proc: subprocess.CompletedProcess) -> dict:
   assert proc.returncode == 0, proc.stderr[-2000:]
   return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -146,7 +159,8 @@ def test_default_text_is_sizeable():
 
 
 def test_write_results_and_summary(tmp_path, capsys):
-  payload = {"a": np.float32(1.5), "b": np.arange(3), "c": float("nan"), "d": (1, None)}
+  """numpy values unwrapped, None kept (non-finite figures: tests/test_runner_guard.py)."""
+  payload = {"a": np.float32(1.5), "b": np.arange(3), "c": None, "d": (1, None)}
   path = common.write_results(str(tmp_path / "new"), "demo", payload)
   assert path == str(tmp_path / "new" / "demo.json")
   want = {"a": 1.5, "b": [0, 1, 2], "c": None, "d": [1, None]}

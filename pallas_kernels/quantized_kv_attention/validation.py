@@ -1,4 +1,5 @@
-"""Input checks shared by the kernels; every failure is a ValueError naming the shape/dtype."""
+"""Input checks shared by the kernels; every failure is a ValueError naming the
+shape/dtype, or a TypeError naming an argument that is not an array."""
 
 from __future__ import annotations
 
@@ -21,6 +22,11 @@ class Dims:
   num_tokens: int  # quantized slots T
   residual: int  # residual slots R (0 when absent)
   pack: int  # codes per uint8
+
+
+def _check_array(name, x):
+  if not (hasattr(x, "shape") and hasattr(x, "dtype")):
+    raise TypeError(f"{name} must be a jax or numpy array, got {type(x).__name__}")
 
 
 def _check_float(name, x):
@@ -48,13 +54,24 @@ def validate(q, kv: QuantizedKV, k_residual, v_residual, bits: int, group_size: 
     The call's ``Dims``.
 
   Raises:
-    ValueError: on any mismatch.
+    TypeError: an argument is not an array, or `kv` not a ``QuantizedKV``.
+    ValueError: on any mismatch, or an empty batch, head or cache dimension.
   """
   pf = pack_factor(bits)
+  _check_array("q", q)
+  if not isinstance(kv, QuantizedKV):
+    raise TypeError(f"kv must be a QuantizedKV, got {type(kv).__name__}")
+  for name, x in zip(QuantizedKV._fields, kv):
+    _check_array(name, x)
+  for name, x in (("k_residual", k_residual), ("v_residual", v_residual)):
+    if x is not None:
+      _check_array(name, x)
   if q.ndim != 3:
     raise ValueError(f"q must be (B, Hq, D), got shape {q.shape}")
   _check_float("q", q)
   b, hq, d = q.shape
+  if 0 in q.shape:
+    raise ValueError(f"q has shape {tuple(q.shape)}; batch, heads and head_dim must be >= 1")
   kp = kv.k_packed
   if kp.ndim != 4:
     raise ValueError(f"k_packed must be (B, Hkv, T/{pf}, D), got shape {kp.shape}")
@@ -72,6 +89,8 @@ def validate(q, kv: QuantizedKV, k_residual, v_residual, bits: int, group_size: 
       f"group_size {group_size} must be a positive multiple of {8 * pf} for {bits}-bit keys"
     )
   t = kp.shape[2] * pf
+  if t == 0:
+    raise ValueError(f"k_packed has shape {tuple(kp.shape)}: an empty cache (T=0)")
   if t % group_size:
     raise ValueError(
       f"cache length T={t} (k_packed shape {kp.shape}) is not a multiple of group_size {group_size}"

@@ -106,6 +106,16 @@ def check_blocks(name: str, m_pad: int, n: int, bm: int, bn: int, triton: bool) 
     raise ValueError(f"{name}: Triton needs power-of-2 blocks >= 16, got block_m={bm} block_n={bn}")
 
 
+def check_array(name: str, arg: str, arr) -> None:
+  """Raise TypeError unless `arr` is an array (a jax or numpy array, or a tracer),
+  and ValueError if a dimension has size 0 (M=0 rows, say): Pallas cannot tile it."""
+  if not (hasattr(arr, "shape") and hasattr(arr, "dtype")):
+    raise TypeError(f"{name}: {arg} must be a jax or numpy array, got {type(arr).__name__}")
+  shape = tuple(arr.shape)
+  if 0 in shape:
+    raise ValueError(f"{name}: {arg} has shape {shape}; every dimension must be >= 1")
+
+
 def check_dtype(name: str, arg: str, arr, allowed) -> None:
   """Raise ValueError unless the dtype of `arr` (an array or a dtype) is in `allowed`."""
   dt = jnp.dtype(arr) if isinstance(arr, (type, str, np.dtype)) else jnp.dtype(arr.dtype)

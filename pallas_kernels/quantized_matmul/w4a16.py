@@ -63,6 +63,7 @@ def quantize_w4a16(w: jax.Array, group_size: int = 128, scale_dtype=jnp.float32)
   Returns:
     (w_q int8 [K/2, N] packed, scales [K/g, N], mins [K/g, N]).
   """
+  common.check_array("quantize_w4a16", "w", w)
   if w.ndim != 2:
     raise ValueError(f"quantize_w4a16: w must be 2-D [K, N], got shape {tuple(w.shape)}")
   common.check_dtype("quantize_w4a16", "w", w, (jnp.float32, jnp.bfloat16, jnp.float16))
@@ -108,6 +109,8 @@ def w4a16_matmul_reference(x, w_q, scales, mins, *, out_dtype=None) -> jax.Array
 
 def _validate(x, w_q, scales, mins) -> int:
   """Check shapes/dtypes; return the group size."""
+  for arg, a in (("x", x), ("w_q", w_q), ("scales", scales), ("mins", mins)):
+    common.check_array(_NAME, arg, a)
   if x.ndim != 2:
     raise ValueError(f"{_NAME}: x must be 2-D [M, K], got shape {tuple(x.shape)}")
   common.check_dtype(_NAME, "x", x, _X_DTYPES)

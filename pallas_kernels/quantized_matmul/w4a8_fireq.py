@@ -56,6 +56,7 @@ def quantize_w4_fireq(w: jax.Array, group_size: int | None = None):
   Returns:
     (w_q int8 [K/2, N] packed, w_scale f32 [K/g, N], tensor_scale f32 [1, 1]).
   """
+  common.check_array("quantize_w4_fireq", "w", w)
   if w.ndim != 2:
     raise ValueError(f"quantize_w4_fireq: w must be 2-D [K, N], got shape {tuple(w.shape)}")
   k, n = w.shape
@@ -80,6 +81,7 @@ def quantize_activations_fp8(x: jax.Array, per_token: bool = True):
     (x_fp8 float8_e4m3fn [M, K], x_scale f32 [M, 1]); with per_token=False all rows
     share one scale.
   """
+  common.check_array("quantize_activations_fp8", "x", x)
   if x.ndim != 2:
     raise ValueError(f"quantize_activations_fp8: x must be 2-D, got shape {tuple(x.shape)}")
   x = x.astype(jnp.float32)
@@ -97,6 +99,9 @@ def dequantize_w4_fireq(w_q, w_scale, tensor_scale) -> jax.Array:
 
 def _validate(x_fp8, x_scale, w_q, w_scale, tensor_scale) -> int:
   """Check shapes/dtypes; return the group size (K for per-channel)."""
+  args = (x_fp8, x_scale, w_q, w_scale, tensor_scale)
+  for arg, a in zip(("x_fp8", "x_scale", "w_q", "w_scale", "tensor_scale"), args):
+    common.check_array(_NAME, arg, a)
   if x_fp8.ndim != 2:
     raise ValueError(f"{_NAME}: x must be 2-D [M, K], got shape {tuple(x_fp8.shape)}")
   common.check_dtype(_NAME, "x_fp8", x_fp8, (_FP8,))
@@ -246,6 +251,7 @@ def w4a8_fireq_matmul(
   compiler_params=None,
 ) -> jax.Array:
   """Float x [M, K] quantized to FP8 (per token or per tensor) in the wrapper, then the kernel."""
+  common.check_array(_NAME, "x", x)
   if x.ndim != 2:
     raise ValueError(f"{_NAME}: x must be 2-D [M, K], got shape {tuple(x.shape)}")
   common.check_dtype(_NAME, "x", x, _X_DTYPES)
@@ -266,6 +272,7 @@ def w4a8_fireq_matmul(
 
 def w4a8_fireq_matmul_reference(x, w_q, w_scale, tensor_scale, *, per_token=True, out_dtype=None):
   """Reference for `w4a8_fireq_matmul` (same activation quantization)."""
+  common.check_array(_NAME, "x", x)
   if x.ndim != 2:
     raise ValueError(f"{_NAME}: x must be 2-D [M, K], got shape {tuple(x.shape)}")
   common.check_dtype(_NAME, "x", x, _X_DTYPES)

@@ -41,6 +41,7 @@ def quantize_w8(w: jax.Array):
   Returns:
     (w_q int8 [K, N], w_scale f32 [1, N]).
   """
+  common.check_array("quantize_w8", "w", w)
   if w.ndim != 2:
     raise ValueError(f"quantize_w8: w must be 2-D [K, N], got shape {tuple(w.shape)}")
   w = w.astype(jnp.float32)
@@ -59,6 +60,7 @@ def quantize_activations_int8(x: jax.Array):
   Returns:
     (x_q int8 [M, K], x_scale f32 [M, 1]).
   """
+  common.check_array("quantize_activations_int8", "x", x)
   if x.ndim != 2:
     raise ValueError(f"quantize_activations_int8: x must be 2-D, got shape {tuple(x.shape)}")
   x = x.astype(jnp.float32)
@@ -67,6 +69,8 @@ def quantize_activations_int8(x: jax.Array):
 
 
 def _validate_int(x_q, w_q, name=_NAME) -> None:
+  common.check_array(name, "x_q", x_q)
+  common.check_array(name, "w_q", w_q)
   if x_q.ndim != 2 or w_q.ndim != 2:
     raise ValueError(f"{name}: x_q {tuple(x_q.shape)} and w_q {tuple(w_q.shape)} must both be 2-D")
   common.check_dtype(name, "x_q", x_q, (jnp.int8,))
@@ -78,6 +82,8 @@ def _validate_int(x_q, w_q, name=_NAME) -> None:
 
 
 def _validate_scales(x_q, w_q, x_scale, w_scale) -> None:
+  common.check_array(_NAME, "x_scale", x_scale)
+  common.check_array(_NAME, "w_scale", w_scale)
   common.check_dtype(_NAME, "x_scale", x_scale, (jnp.float32,))
   common.check_dtype(_NAME, "w_scale", w_scale, (jnp.float32,))
   common.check_shape(_NAME, "x_scale", x_scale, (x_q.shape[0], 1))
@@ -106,6 +112,7 @@ def w8a8_matmul_reference(x, w_q, w_scale, *, out_dtype=None) -> jax.Array:
 
 
 def _validate_float_x(x) -> None:
+  common.check_array(_NAME, "x", x)
   if x.ndim != 2:
     raise ValueError(f"{_NAME}: x must be 2-D [M, K], got shape {tuple(x.shape)}")
   common.check_dtype(_NAME, "x", x, _X_DTYPES)
