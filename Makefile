@@ -41,7 +41,11 @@ test-chips:
 	.venv-chips/bin/python -m pytest -m slow
 
 # Comparison peers (llama.cpp, transformers) for experiments.parity / bench_decode.
+# llama-cpp-python is built from source for the instruction sets this CPU reports
+# (GGML_NATIVE off, no wheel from pip's cache); `python -m experiments.peer_build_flags
+# --command` prints the build command without running it.
 peers: setup
+	$(BIN)/python -m experiments.peer_build_flags --install
 	$(BIN)/pip install -q -e '.[dev,peers]'
 
 lint: setup

@@ -1,10 +1,16 @@
 """Prefill and decode speed of jaxllm, beside llama.cpp and transformers.
 
   python -m experiments.bench_decode [--model=smollm2-135m] [--peers] [--reps=3]
+      [--prompt_lens=512,2048,8192]
 
 Every figure is the median of --reps timed repetitions after one untimed
 warm-up, with results synced to the host (block_until_ready / np.asarray):
   * prefill: the Generator's jitted prefill on one --prompt_len-token prompt;
+  * prefill sweep, per --prompt_lens length: the prefill's compile time (trace
+    and lowering, then XLA's compile, with the persistent compilation cache off
+    so it is a real compile), its run time (median and min-max of --reps runs
+    after the first), and the time to first token (trace, compile, first run
+    and fetching the sampled id, as a first generate() call pays it);
   * decode: --new_tokens greedy steps of the Generator's jitted decode step
     after an untimed prefill of a --decode_prompt_len-token prompt, fetching
     each step's ids to the host as `Generator.generate` does; batch 1 (in
@@ -12,22 +18,34 @@ warm-up, with results synced to the host (block_until_ready / np.asarray):
   * first call: wall time of a fresh Python process that loads the model and
     generates one token (`python -m jaxllm.generate --max_new_tokens=1`;
     interpreter start, imports, load, compile and exit included), and the
-    time to first token that process reports for itself;
+    time to first token that process reports for itself; measured twice in one
+    new, empty persistent compilation cache directory: cold (every program
+    compiles and is stored), then warm (a second process reads them back);
   * read bandwidth: a jitted sum over a --bandwidth_mib MiB float32 array, and
     from it the batch-1 decode bound ``bandwidth / bytes of all weights``.
-Peers (when installed, never for --model=tiny) run the same GGUF file:
-llama.cpp on its own (quantized) weights with os.cpu_count() threads, and
-transformers dequantized to float32.
+Peers (when installed, never for --model=tiny) run the same GGUF file, each in
+its own subprocess (`python -m experiments.peers`), so a peer that crashes (a
+llama.cpp build for another CPU dies with SIGILL) is recorded as failed with
+its exit code while every other figure is still written: llama.cpp on its own
+(quantized) weights with os.cpu_count() threads, and transformers dequantized
+to float32.
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import json
+import logging
+import math
 import os
 import re
+import shutil
+import signal
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 
 from absl import app, flags
@@ -48,19 +66,42 @@ _NEW_TOKENS = flags.DEFINE_integer("new_tokens", 128, "Timed decode steps.", low
 _BANDWIDTH_MIB = flags.DEFINE_integer(
   "bandwidth_mib", 512, "Array size for the bandwidth probe.", lower_bound=1
 )
-_FIRST_CALL = flags.DEFINE_bool("first_call", True, "Measure first-call latency in a subprocess.")
+_FIRST_CALL = flags.DEFINE_bool(
+  "first_call",
+  True,
+  "Measure first-call latency in fresh processes, with a cold and then a warm compilation cache.",
+)
+_PROMPT_LENS = flags.DEFINE_list(
+  "prompt_lens",
+  None,
+  "Prompt lengths of the prefill sweep (compile time, run time, first token); default "
+  f"{','.join(map(str, (512, 2048, 8192)))}, each capped at the model's max_seq_len. "
+  "Empty: no sweep.",
+)
+_PEER_TIMEOUT_S = flags.DEFINE_integer(
+  "peer_timeout_s", 1800, "Seconds each peer's subprocess may run.", lower_bound=1
+)
 FLAGS = flags.FLAGS
+
+DEFAULT_PROMPT_LENS = (512, 2048, 8192)
 
 LARGE_BATCH = 16
 FIRST_CALL_PROMPT = "The capital of France is"
 FIRST_CALL_SNIPPET = """
-import sys
+import sys, time
+from jaxllm import runtime
 from jaxllm.pipeline import load_pipeline
+t0 = time.perf_counter()
+runtime.setup(compilation_cache=True)
 model, gguf, dtype, prompt = sys.argv[1], sys.argv[2] or None, sys.argv[3], sys.argv[4]
 pipe = load_pipeline(model, gguf, dtype)
 ids = pipe.tokenizer.encode(prompt) if pipe.tokenizer else [5, 6, 7, 8, 9]
 pipe.generator.generate([ids], max_new_tokens=1)
+sys.stderr.write(f"first token after {time.perf_counter() - t0:.2f}s\\n")
 """
+# Peers in the order they are measured; figures each peer's subprocess reports.
+PEERS = ("llamacpp", "hf")
+PEER_FIGURES = ("prefill_tok_s", "decode_bs1_tok_s")
 
 
 def _median_s(fn, reps: int) -> float:
@@ -128,15 +169,96 @@ class JaxllmBench:
     step = self.gen._step  # pylint: disable=protected-access
 
     def once():
-      tok, cache = jax.block_until_ready(self._prefill(tokens, start, capacity))
+      # The prefill and the step return (ids, ..., cache).
+      out = jax.block_until_ready(self._prefill(tokens, start, capacity))
+      tok, cache = out[0], out[-1]
       t0 = time.perf_counter()
       for _ in range(new_tokens):
-        tok, cache = step(self.gen.params, cache, tok, self.key, sampling=self.sampling)
+        out = step(self.gen.params, cache, tok, self.key, sampling=self.sampling)
+        tok, cache = out[0], out[-1]
         np.asarray(tok)  # the host needs each step's ids, as in Generator.generate
       jax.block_until_ready(cache)
       return time.perf_counter() - t0
 
     return batch * new_tokens / _median_s(once, self.reps)
+
+  def prefill_sweep_point(self, prompt_len: int) -> dict:
+    """Compile time, run time and first-token time of the prefill of one
+    `prompt_len`-token prompt (left-padded to the Generator's bucket, in a cache
+    of one more slot, or of max_cache_len when that is the whole model)."""
+    import jax  # pylint: disable=import-outside-toplevel
+    import numpy as np  # pylint: disable=import-outside-toplevel
+
+    from jaxllm.decoding import bucket, left_pad  # pylint: disable=import-outside-toplevel
+
+    gen = self.gen
+    length = bucket(prompt_len, gen.prompt_bucket)
+    if length > gen.max_cache_len:
+      raise ValueError(
+        f"a {prompt_len}-token prompt pads to {length} tokens; {gen.config.name} holds "
+        f"{gen.max_cache_len}"
+      )
+    capacity = min(bucket(length + 1, gen.prompt_bucket), gen.max_cache_len)
+    prompts = _prompts(1, prompt_len, gen.config.vocab_size, self.seed)
+    tokens, start = left_pad(prompts, length, gen.config.pad_id)
+
+    def prefill_fn(*args, **kwargs):  # a new function: jit reuses no earlier trace or compile
+      return gen._prefill_fn(*args, **kwargs)  # pylint: disable=protected-access
+
+    prefill = jax.jit(prefill_fn, static_argnames=("capacity", "sampling"))
+    with _persistent_cache_off():
+      t0 = time.perf_counter()
+      lowered = prefill.lower(
+        gen.params, tokens, start, self.key, capacity=capacity, sampling=self.sampling
+      )
+      t1 = time.perf_counter()
+      compiled = lowered.compile()
+      t2 = time.perf_counter()
+    out = compiled(gen.params, tokens, start, self.key)  # (ids, ..., cache)
+    np.asarray(out[0])  # the first token, on the host
+    t3 = time.perf_counter()
+    del out
+    runs = []
+    for _ in range(self.reps):
+      t = time.perf_counter()
+      jax.block_until_ready(compiled(gen.params, tokens, start, self.key))
+      runs.append(time.perf_counter() - t)
+    run_s = statistics.median(runs)
+    return {
+      "prompt_len": prompt_len,
+      "padded_len": length,
+      "lower_s": t1 - t0,
+      "compile_s": t2 - t0,
+      "run_s": run_s,
+      "run_min_s": min(runs),
+      "run_max_s": max(runs),
+      "tok_s": prompt_len / run_s,
+      "first_token_s": t3 - t0,
+    }
+
+
+@contextlib.contextmanager
+def _persistent_cache_off():
+  """JAX's persistent compilation cache off inside (so a compile is timed as one,
+  not read back from disk), as it was after."""
+  import jax  # pylint: disable=import-outside-toplevel
+  from jax.experimental.compilation_cache import (  # pylint: disable=import-outside-toplevel
+    compilation_cache,
+  )
+
+  enabled = jax.config.jax_enable_compilation_cache
+  log = logging.getLogger(compilation_cache.reset_cache.__module__)  # logs each reset at INFO
+  level = log.level
+  log.setLevel(max(level, logging.WARNING))
+  # JAX decides once per process whether to use the cache; reset_cache makes it decide again.
+  compilation_cache.reset_cache()
+  jax.config.update("jax_enable_compilation_cache", False)
+  try:
+    yield
+  finally:
+    jax.config.update("jax_enable_compilation_cache", enabled)
+    compilation_cache.reset_cache()
+    log.setLevel(level)
 
 
 def read_bandwidth_gbps(mib: int, reps: int) -> float:
@@ -164,18 +286,22 @@ def weight_bytes(model) -> int:
   return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
 
 
-def first_call_s() -> tuple[float | None, float | None, str]:
-  """Seconds until a fresh process has generated one token.
+def first_call_s(cache_dir: str) -> tuple[float | None, float | None, str]:
+  """Seconds until a fresh process has generated one token, with JAX's
+  persistent compilation cache in `cache_dir` (``$JAXLLM_COMPILATION_CACHE_DIR``).
 
   Returns:
     (wall seconds of the whole process: interpreter start, imports, load,
     compile, one token, exit; the process's own time to first token when it
     reports one, as `jaxllm.generate` does; how it was run).
   """
+  from jaxllm import runtime  # pylint: disable=import-outside-toplevel
+
   env = dict(
     os.environ,
     PYTHONPATH=os.pathsep.join(p for p in (common.REPO_ROOT, os.environ.get("PYTHONPATH")) if p),
   )
+  env[runtime.CACHE_DIR_ENV] = cache_dir
   attempts = []
   if FLAGS.model == "smollm2-135m" and importlib.util.find_spec("jaxllm.generate") is not None:
     cmd = [
@@ -191,7 +317,7 @@ def first_call_s() -> tuple[float | None, float | None, str]:
     attempts.append(("python -m jaxllm.generate --max_new_tokens=1", cmd))
   attempts.append(
     (
-      "python -c load_pipeline+generate(max_new_tokens=1)",
+      "python -c runtime.setup+load_pipeline+generate(max_new_tokens=1)",
       [
         sys.executable,
         "-c",
@@ -218,44 +344,144 @@ def first_call_s() -> tuple[float | None, float | None, str]:
   return None, None, "failed: " + " | ".join(errors)
 
 
-def measure_peers(
-  gguf: str, prompt_len: int, decode_prompt_len: int, new_tokens: int, reps: int
+def first_calls() -> tuple[dict, str]:
+  """First-call figures of two fresh processes sharing one new, empty compilation
+  cache directory: cold (compiles and stores every program), then warm (reads
+  them back). Returns (figures, how they were run)."""
+  cache_dir = tempfile.mkdtemp(prefix="jaxllm_bench_xla_")
+  try:
+    cold_s, cold_in_process_s, method = first_call_s(cache_dir)
+    entries = sum(len(files) for _, _, files in os.walk(cache_dir))
+    warm_s, warm_in_process_s, warm_method = first_call_s(cache_dir)
+  finally:
+    shutil.rmtree(cache_dir, ignore_errors=True)
+  if warm_method != method:
+    method = f"cold: {method}; warm: {warm_method}"
+  return {
+    "first_call_s": cold_s,
+    "first_call_in_process_s": cold_in_process_s,
+    "first_call_warm_s": warm_s,
+    "first_call_warm_in_process_s": warm_in_process_s,
+    "first_call_cache_files": entries,
+  }, method
+
+
+def _exit_description(code: int) -> str:
+  """``exit 3``, or for a process killed by a signal ``exit -4 (SIGILL)``."""
+  if code < 0:
+    try:
+      return f"exit {code} ({signal.Signals(-code).name})"
+    except ValueError:
+      pass
+  return f"exit {code}"
+
+
+def run_peer(
+  peer: str,
+  gguf: str,
+  prompt_len: int,
+  decode_prompt_len: int,
+  new_tokens: int,
+  reps: int,
+  timeout_s: int,
 ) -> tuple[dict, dict]:
-  """Peer figures (None when a peer is missing or fails) and notes on each."""
+  """Measures one peer in its own process (`python -m experiments.peers`).
+
+  Returns:
+    ({figure: tokens/s} as the peer reported them, or {} when it failed; the
+    peer's status: ``{"status": "ok" | "failed", "exit_code": int | None,
+    "error": str | None, "note": str | None}``).
+  """
+  cmd = [
+    sys.executable,
+    "-m",
+    "experiments.peers",
+    peer,
+    f"--gguf={gguf}",
+    f"--prompt_len={prompt_len}",
+    f"--decode_prompt_len={decode_prompt_len}",
+    f"--new_tokens={new_tokens}",
+    f"--reps={reps}",
+  ]
+  env = dict(
+    os.environ,
+    PYTHONPATH=os.pathsep.join(p for p in (common.REPO_ROOT, os.environ.get("PYTHONPATH")) if p),
+  )
+  status = {"status": "failed", "exit_code": None, "error": None, "note": None}
+  try:
+    proc = subprocess.run(
+      cmd,
+      capture_output=True,
+      text=True,
+      env=env,
+      cwd=common.REPO_ROOT,
+      timeout=timeout_s,
+      check=False,
+    )
+  except subprocess.TimeoutExpired:
+    status["error"] = f"no result after --peer_timeout_s={timeout_s}s; killed"
+    return {}, status
+  status["exit_code"] = proc.returncode
+  lines = proc.stdout.strip().splitlines()
+  if proc.returncode != 0:
+    tail = (proc.stderr.strip().splitlines() or ["(no output on stderr)"])[-1]
+    status["error"] = f"{_exit_description(proc.returncode)}: {tail.strip()}"
+    return {}, status
+  try:
+    reported = json.loads(lines[-1])
+    figures = {f"{peer}_{name}": float(reported[name]) for name in PEER_FIGURES}
+  except (IndexError, KeyError, TypeError, ValueError):
+    status["error"] = f"exit 0 without a result line: {(lines or ['(no output)'])[-1][:200]}"
+    return {}, status
+  bad = sorted(k for k, x in figures.items() if not math.isfinite(x) or x <= 0)
+  if bad:
+    status["error"] = f"exit 0 with figures that are not positive and finite: {bad}"
+    return {}, status
+  status.update(status="ok", note=reported.get("note"))
+  return figures, status
+
+
+def measure_peers(
+  peers_to_run: tuple[str, ...],
+  gguf: str,
+  prompt_len: int,
+  decode_prompt_len: int,
+  new_tokens: int,
+  reps: int,
+  timeout_s: int,
+  log,
+  skip_reason: str = "skipped",
+) -> tuple[dict, dict]:
+  """Peer figures (None unless measured) and each peer's status; each of
+  `peers_to_run` runs in its own process, so a crash costs only its figures; the
+  others get status `skip_reason`."""
   from experiments import peers  # pylint: disable=import-outside-toplevel
 
-  out = dict.fromkeys(
-    (
-      "llamacpp_prefill_tok_s",
-      "llamacpp_decode_bs1_tok_s",
-      "hf_prefill_tok_s",
-      "hf_decode_bs1_tok_s",
-    )
-  )
-  notes = {}
-  if peers.llamacpp_available():
-    try:
-      out["llamacpp_prefill_tok_s"] = peers.llamacpp_prefill_tok_s(gguf, prompt_len, reps)
-      out["llamacpp_decode_bs1_tok_s"] = peers.llamacpp_decode_tok_s(
-        gguf, new_tokens, prompt_len=decode_prompt_len, reps=reps
+  out = {f"{peer}_{name}": None for peer in PEERS for name in PEER_FIGURES}
+  status = {}
+  available = {"llamacpp": peers.llamacpp_available, "hf": peers.hf_available}
+  for peer in PEERS:
+    if peer not in peers_to_run:
+      status[peer] = {"status": skip_reason, "exit_code": None, "error": None, "note": None}
+    elif not (available[peer]() or peers.crash_requested(peer)):
+      status[peer] = {"status": "not installed", "exit_code": None, "error": None, "note": None}
+    else:
+      log(f"peer {peer} (own process)")
+      figures, status[peer] = run_peer(
+        peer, gguf, prompt_len, decode_prompt_len, new_tokens, reps, timeout_s
       )
-      notes["llamacpp"] = f"GGUF weights as stored, n_threads={os.cpu_count()}"
-    except Exception as e:  # noqa: BLE001  # a failing peer must not sink the bench
-      notes["llamacpp"] = f"failed: {type(e).__name__}: {e}"
-  else:
-    notes["llamacpp"] = "not installed"
-  if peers.hf_available():
-    try:
-      model, _ = peers.load_hf(gguf, "float32")
-      out["hf_prefill_tok_s"] = peers.hf_prefill_tok_s(model, prompt_len, reps)
-      out["hf_decode_bs1_tok_s"] = peers.hf_decode_tok_s(model, decode_prompt_len, new_tokens, reps)
-      notes["hf"] = "transformers, GGUF dequantized to float32"
-      del model
-    except Exception as e:  # noqa: BLE001  # a failing peer must not sink the bench
-      notes["hf"] = f"failed: {type(e).__name__}: {e}"
-  else:
-    notes["hf"] = "not installed"
-  return out, notes
+      out.update(figures)
+      if status[peer]["status"] != "ok":
+        log(f"peer {peer} failed: {status[peer]['error']}")
+  return out, status
+
+
+def _peer_note(st: dict) -> str:
+  if st["status"] == "ok":
+    return st["note"] or "ok"
+  if st["status"] == "failed":
+    return f"failed: {st['error']}"
+  return st["status"]
 
 
 def _ratio(a, b):
@@ -288,23 +514,63 @@ def print_table(s: dict) -> None:
     )
   print(f"{'read bandwidth (GB/s)':24s} {_fmt(s['read_bandwidth_GBps'], '.2f'):>9s}")
   print(f"{'bs1 decode / bw limit':24s} {_fmt(s['decode_bs1_vs_bw_limit'], '.3f'):>9s}")
-  print(f"{'first call (s)':24s} {_fmt(s['first_call_s'], '.2f'):>9s}  fresh process, wall")
+  for peer, label in (("llamacpp", "llama.cpp"), ("hf", "HF")):
+    print(f"{'peer ' + label:24s} {_peer_note(s['peers'][peer])}")
+  print(
+    f"{'first call (s)':24s} {_fmt(s['first_call_s'], '.2f'):>9s}  fresh process, wall, "
+    f"cold cache; warm: {_fmt(s['first_call_warm_s'], '.2f')}"
+  )
   print(
     f"{'first token (s)':24s} {_fmt(s['first_call_in_process_s'], '.2f'):>9s}  "
-    "as the process reports it (after imports)"
+    f"as the process reports it (after imports), cold cache; warm: "
+    f"{_fmt(s['first_call_warm_in_process_s'], '.2f')}"
   )
+  if s["prefill_sweep"]:
+    print(f"\nprefill sweep ({s['dtype']}, batch 1; compile: trace+lower+XLA, no persistent cache)")
+    print(
+      f"{'prompt':>7s} {'compile s':>10s} {'run s':>8s} {'run min-max s':>15s} "
+      f"{'tok/s':>9s} {'first token s':>14s}"
+    )
+    for p in s["prefill_sweep"]:
+      print(
+        f"{p['prompt_len']:7d} {p['compile_s']:10.2f} {p['run_s']:8.3f} "
+        f"{p['run_min_s']:7.3f}-{p['run_max_s']:<7.3f} {p['tok_s']:9.1f} "
+        f"{p['first_token_s']:14.2f}"
+      )
+
+
+def _prompt_lens(cfg) -> list[int]:
+  """--prompt_lens as ints (default: DEFAULT_PROMPT_LENS capped at max_seq_len)."""
+  if _PROMPT_LENS.value is None:
+    return sorted({min(n, cfg.max_seq_len) for n in DEFAULT_PROMPT_LENS})
+  lens = []
+  for item in _PROMPT_LENS.value:
+    try:
+      n = int(item)
+    except ValueError:
+      n = 0
+    if n < 1:
+      raise ValueError(f"--prompt_lens: {item!r} is not a positive integer")
+    if n > cfg.max_seq_len:
+      raise ValueError(
+        f"--prompt_lens: {n} exceeds {cfg.name}'s max_seq_len of {cfg.max_seq_len} tokens"
+      )
+    lens.append(n)
+  return lens
 
 
 def main(argv):
   del argv
   if FLAGS.gguf is not None and not os.path.isfile(FLAGS.gguf):
     common.fail(f"GGUF file not found: {FLAGS.gguf}")
+  from experiments import peers  # pylint: disable=import-outside-toplevel
   from jaxllm.config import get_config  # pylint: disable=import-outside-toplevel
   from jaxllm.gguf_loader import default_gguf_path  # pylint: disable=import-outside-toplevel
   from jaxllm.pipeline import load_pipeline  # pylint: disable=import-outside-toplevel
 
   try:
     cfg = get_config(FLAGS.model)
+    sweep_lens = _prompt_lens(cfg)
   except ValueError as e:
     common.fail(str(e))
   reps, new_tokens, seed = _REPS.value, _NEW_TOKENS.value, FLAGS.seed
@@ -320,6 +586,7 @@ def main(argv):
   def log(msg):
     print(f"[bench_decode] {msg}", file=sys.stderr, flush=True)
 
+  common.start()
   s = {}
   log(f"jaxllm {cfg.name} {FLAGS.dtype}")
   pipe = load_pipeline(FLAGS.model, FLAGS.gguf, FLAGS.dtype, seed)
@@ -331,6 +598,14 @@ def main(argv):
     log(f"decode bs1 {s['jaxllm_decode_bs1_tok_s']:.1f} tok/s")
     s["jaxllm_decode_bs16_tok_s"] = bench.decode_tok_s(LARGE_BATCH, decode_prompt_len, new_tokens)
     log(f"decode bs{LARGE_BATCH} {s['jaxllm_decode_bs16_tok_s']:.1f} tok/s")
+    s["prefill_sweep"] = []
+    for n in sweep_lens:
+      point = bench.prefill_sweep_point(n)
+      s["prefill_sweep"].append(point)
+      log(
+        f"prefill {n} tokens: compile {point['compile_s']:.2f}s, run {point['run_s']:.3f}s, "
+        f"first token {point['first_token_s']:.2f}s"
+      )
   except ValueError as e:
     common.fail(str(e))
   w_bytes = weight_bytes(pipe.model)
@@ -361,29 +636,45 @@ def main(argv):
   s["decode_bs1_vs_bw_limit"] = s["jaxllm_decode_bs1_tok_s"] / bw_limit
   log(f"read bandwidth {s['read_bandwidth_GBps']:.2f} GB/s")
 
-  if _PEERS.value and FLAGS.model != "tiny":
-    gguf = FLAGS.gguf or default_gguf_path()
-    log("peers")
-    peer_figs, notes = measure_peers(gguf, prompt_len, decode_prompt_len, new_tokens, reps)
+  # Peers run the SmolLM2 GGUF, so --model=tiny skips them, except a peer the
+  # crash test hook names (experiments.peers.CRASH_ENV).
+  if not _PEERS.value:
+    to_run, skip_reason = (), "skipped: --nopeers"
+  elif FLAGS.model == "tiny":
+    to_run, skip_reason = (
+      tuple(p for p in PEERS if peers.crash_requested(p)),
+      "skipped: --model=tiny",
+    )
   else:
-    peer_figs = dict.fromkeys(
-      (
-        "llamacpp_prefill_tok_s",
-        "llamacpp_decode_bs1_tok_s",
-        "hf_prefill_tok_s",
-        "hf_decode_bs1_tok_s",
-      )
-    )
-    notes = dict.fromkeys(
-      ("llamacpp", "hf"), "skipped: --model=tiny" if _PEERS.value else "skipped: --nopeers"
-    )
+    to_run, skip_reason = PEERS, "skipped"
+  gguf = FLAGS.gguf or (default_gguf_path() if to_run else None)
+  peer_figs, s["peers"] = measure_peers(
+    to_run,
+    gguf,
+    prompt_len,
+    decode_prompt_len,
+    new_tokens,
+    reps,
+    _PEER_TIMEOUT_S.value,
+    log,
+    skip_reason,
+  )
   s.update(peer_figs)
+  notes = {peer: _peer_note(st) for peer, st in s["peers"].items()}
 
   method = "skipped: --nofirst_call"
-  s["first_call_s"] = s["first_call_in_process_s"] = None
+  for key in (
+    "first_call_s",
+    "first_call_in_process_s",
+    "first_call_warm_s",
+    "first_call_warm_in_process_s",
+    "first_call_cache_files",
+  ):
+    s[key] = None
   if _FIRST_CALL.value:
-    log("first call (fresh process)")
-    s["first_call_s"], s["first_call_in_process_s"], method = first_call_s()
+    log("first call (fresh processes: cold, then warm compilation cache)")
+    first, method = first_calls()
+    s.update(first)
 
   for peer in ("llamacpp", "hf"):
     for suffix in ("", "_bf16"):
@@ -420,6 +711,7 @@ def main(argv):
       "dtype": FLAGS.dtype,
       "reps": reps,
       "prompt_len": prompt_len,
+      "prompt_lens": sweep_lens,
       "decode_prompt_len": decode_prompt_len,
       "new_tokens": new_tokens,
       "large_batch": LARGE_BATCH,
@@ -428,12 +720,18 @@ def main(argv):
     },
     "method": {
       "prefill": "Generator._prefill (jitted), one prompt, block_until_ready",
+      "prefill_sweep": "per prompt length: compile_s = Generator._prefill.lower + compile "
+      "(persistent compilation cache off), first_token_s = compile_s + first run + fetching "
+      f"the sampled id, run_s = median (min-max) of {reps} runs after it",
       "decode": "Generator._step (jitted) x new_tokens after an untimed prefill, greedy, "
       "ids fetched to host each step; tok/s = batch * new_tokens / seconds",
-      "first_call": method,
+      "first_call": f"{method}; cold, then warm: two processes sharing one new, empty "
+      "$JAXLLM_COMPILATION_CACHE_DIR",
       "bandwidth": "jax.jit(jnp.sum) over a float32 array",
       "bw_limit": "read_bandwidth / weight_bytes (all parameters, tied embedding once)",
       "peers": notes,
+      "peer_process": "each peer in its own process (python -m experiments.peers); a peer "
+      "that crashes is recorded as failed with its exit code",
       "statistic": f"median of {reps} after 1 warm-up",
     },
     "weight_bytes": {"main": w_bytes, "bfloat16": bf16_bytes},

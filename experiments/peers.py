@@ -5,18 +5,39 @@ return the median tokens/s of >= 3 timed runs after one warm-up.
 Every heavy import happens inside a function, so importing this module costs
 nothing and works without the `peers` extra installed. Nothing here touches the
 network: transformers runs with HF_HUB_OFFLINE=1 and local_files_only=True.
+
+Run as a module, it measures one peer and prints its figures as one JSON line;
+`experiments.bench_decode` runs each peer so, in its own process, so a peer that
+crashes (a llama.cpp build for another CPU dies with SIGILL) takes only itself down:
+
+  python -m experiments.peers llamacpp --gguf=F --prompt_len=512 --decode_prompt_len=64 \\
+      --new_tokens=128 --reps=3
 """
 
 from __future__ import annotations
 
+import argparse
 import importlib.util
+import json
 import os
+import signal
 import statistics
+import sys
 import time
 
 import numpy as np
 
 _INSTALL_HINT = "install the comparison peers with: pip install -e '.[peers]'"
+
+# Test hook: a peer named in this variable kills its own process with SIGILL where
+# it would load, as a llama.cpp build with instructions this CPU lacks does; lets
+# a test check that bench_decode survives a crashing peer without installing one.
+CRASH_ENV = "JAXLLM_TEST_CRASH_PEER"
+
+
+def crash_requested(peer: str) -> bool:
+  """Whether the test hook `CRASH_ENV` names `peer`."""
+  return peer in os.environ.get(CRASH_ENV, "").split(",")
 
 
 def installed_gguf_path() -> str:
@@ -193,3 +214,64 @@ def llamacpp_decode_tok_s(
       llm.eval([int(np.argmax(_last_logits(llm)))])
     times.append(time.perf_counter() - t0)
   return new_tokens / statistics.median(times[1:])
+
+
+# ------------------------------------------------------------ one peer, own process
+
+
+def _crash_if_requested(peer: str) -> None:
+  if crash_requested(peer):
+    import resource  # pylint: disable=import-outside-toplevel
+
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))  # no core file from the test
+    os.kill(os.getpid(), signal.SIGILL)
+
+
+def measure(
+  peer: str, gguf: str, prompt_len: int, decode_prompt_len: int, new_tokens: int, reps: int
+) -> dict:
+  """Prefill and batch-1 decode tokens/s of `peer` ("llamacpp" or "hf") on `gguf`."""
+  _crash_if_requested(peer)
+  if peer == "llamacpp":
+    _require(llamacpp_available(), "llama-cpp-python")
+    return {
+      "prefill_tok_s": llamacpp_prefill_tok_s(gguf, prompt_len, reps),
+      "decode_bs1_tok_s": llamacpp_decode_tok_s(
+        gguf, new_tokens, prompt_len=decode_prompt_len, reps=reps
+      ),
+      "note": f"GGUF weights as stored, n_threads={os.cpu_count()}",
+    }
+  if peer == "hf":
+    model, _ = load_hf(gguf, "float32")
+    return {
+      "prefill_tok_s": hf_prefill_tok_s(model, prompt_len, reps),
+      "decode_bs1_tok_s": hf_decode_tok_s(model, decode_prompt_len, new_tokens, reps),
+      "note": "transformers, GGUF dequantized to float32",
+    }
+  raise ValueError(f"unknown peer {peer!r}; choose llamacpp or hf")
+
+
+def main(argv: list[str] | None = None) -> int:
+  parser = argparse.ArgumentParser(
+    prog="python -m experiments.peers", description="Measure one comparison peer."
+  )
+  parser.add_argument("peer", choices=("llamacpp", "hf"))
+  parser.add_argument("--gguf", required=True)
+  parser.add_argument("--prompt_len", type=int, default=512)
+  parser.add_argument("--decode_prompt_len", type=int, default=64)
+  parser.add_argument("--new_tokens", type=int, default=128)
+  parser.add_argument("--reps", type=int, default=3)
+  args = parser.parse_args(argv)
+  try:
+    figures = measure(
+      args.peer, args.gguf, args.prompt_len, args.decode_prompt_len, args.new_tokens, args.reps
+    )
+  except (ImportError, OSError, ValueError) as e:
+    print(f"error: {args.peer}: {' '.join(str(e).split())}", file=sys.stderr)
+    return 1
+  print(json.dumps(figures), flush=True)
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -25,3 +25,13 @@ def smollm(smollm_path) -> jaxllm.Pipeline:
 @pytest.fixture(scope="session")
 def tiny_model() -> jaxllm.Llama:
   return init_model(jaxllm.TINY, seed=0)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _compilation_cache_in_tmp(tmp_path_factory):
+  """Compiled programs of the CLIs and runners that tests launch go to one
+  temporary directory per test process, not the user's cache (tests that check
+  the cache itself set JAXLLM_COMPILATION_CACHE_DIR to their own)."""
+  with pytest.MonkeyPatch.context() as mp:
+    mp.setenv("JAXLLM_COMPILATION_CACHE_DIR", str(tmp_path_factory.mktemp("xla_cache")))
+    yield

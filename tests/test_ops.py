@@ -76,15 +76,65 @@ def test_attention_matches_numpy(b, s, extra, hkv, g, d, seed):
     np.testing.assert_allclose(np.asarray(got), want, atol=2e-5, rtol=1e-4, err_msg=impl)
 
 
-def test_blocked_prefill_attention_matches_dense():
-  """S == T > block takes the blocked causal path; it must equal the dense one."""
+@pytest.mark.parametrize(
+  "s,t,starts,slots",
+  [
+    (600, 600, [0, 37], "run"),  # a prefill chunk: S == T, two query blocks, left padding
+    (300, 400, [0, 50], "random"),  # slots that are not one run take the general path
+  ],
+)
+def test_blocked_attention_matches_reference(s, t, starts, slots):
+  """S > the sub-block takes the looped, blocked causal path; it must equal the
+  reference, left padding (`kv_start`) and grouped query heads (9 / 3) included."""
+  rng = np.random.default_rng(s + t)
+  q, k, v, q_slots, start = _attention_inputs(rng, 2, s, t, 3, 3, 64, offset=t - s)
+  start[:] = starts
+  if slots == "random":
+    q_slots = rng.integers(0, t, size=q_slots.shape).astype(np.int32)
+  got, want = (
+    np.asarray(jax.jit(ops.attention, static_argnums=5)(q, k, v, q_slots, start, config))
+    for config in (ops.KernelConfig("xla"), ops.KernelConfig("reference"))
+  )
+  assert np.isfinite(got).all()  # padding queries see no key, yet stay finite
+  valid = q_slots >= start[:, None]
+  np.testing.assert_allclose(got[valid], want[valid], atol=2e-5, rtol=1e-4)
+  if slots == "run":  # spot-check against the float64 loop too
+    np.testing.assert_allclose(
+      got[1, -3:], _numpy_attention(q, k, v, q_slots, start)[1, -3:], atol=2e-5
+    )
+
+
+def _count_ops(s: int, op: str) -> int:
   rng = np.random.default_rng(0)
-  q, k, v, q_slots, start = _attention_inputs(rng, 2, 200, 200, 3, 3, 64, offset=0)
-  start[:] = [0, 37]
-  got = ops.attention(q, k, v, q_slots, start, ops.KernelConfig("xla"))
-  want = ops._attention_dense(q, k, v, q_slots, start)
-  np.testing.assert_allclose(np.asarray(got)[1, 37:], np.asarray(want)[1, 37:], atol=1e-5)
-  np.testing.assert_allclose(np.asarray(got)[0], np.asarray(want)[0], atol=1e-5)
+  args = _attention_inputs(rng, 1, s, s, 3, 3, 64, offset=0)
+  return jax.jit(ops.attention).lower(*args).as_text().count(op)
+
+
+def test_blocked_attention_program_does_not_grow_with_the_prompt():
+  """Prefill compile time must not grow with S: the blocked path is a loop, so
+  the lowered program has the same operations at 512 and 4096 tokens."""
+  dots = [_count_ops(s, "dot_general") for s in (512, 4096)]
+  assert 0 < dots[0] == dots[1], dots
+
+
+def test_blocked_attention_gradient():
+  """Block reconstruction (jaxllm.quant.reconstruct) differentiates through the
+  xla attention; through the blocked path (two query blocks of a chunk written
+  at slot 100 of a longer cache, left padding) the gradient must match the
+  reference's."""
+  rng = np.random.default_rng(3)
+  q, k, v, q_slots, start = _attention_inputs(rng, 2, 600, 700, 3, 3, 16, offset=100)
+  start[:] = [0, 290]
+  w = np.where(q_slots >= start[:, None], 1.0, 0.0)[..., None, None] * rng.standard_normal(q.shape)
+
+  def grads(config):
+    def loss(q, k, v):
+      return jnp.sum(ops.attention(q, k, v, q_slots, start, config) * w)
+
+    return jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(q, k, v)
+
+  for got, want in zip(grads(ops.KernelConfig("xla")), grads(ops.KernelConfig("reference"))):
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=2e-5, rtol=1e-4)
 
 
 def test_fully_masked_rows_stay_finite():

@@ -28,19 +28,6 @@ def run(*args: str) -> subprocess.CompletedProcess:
   )
 
 
-@pytest.fixture(scope="module")
-def _xla_cache(tmp_path_factory):
-  return tmp_path_factory.mktemp("xla_cache")
-
-
-@pytest.fixture(autouse=True)
-def _compilation_cache_in_tmp(_xla_cache, monkeypatch):
-  """The runners' compiled programs go to a temporary directory, not the user's
-  cache; it is shared by this module's runs, so a repeated configuration skips
-  its compiles."""
-  monkeypatch.setenv("JAXLLM_COMPILATION_CACHE_DIR", str(_xla_cache))
-
-
 @pytest.fixture
 def text_file(tmp_path):
   path = tmp_path / "text.txt"
