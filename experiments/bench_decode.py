@@ -18,9 +18,11 @@ warm-up, with results synced to the host (block_until_ready / np.asarray):
   * first call: wall time of a fresh Python process that loads the model and
     generates one token (`python -m jaxllm.generate --max_new_tokens=1`;
     interpreter start, imports, load, compile and exit included), and the
-    time to first token that process reports for itself; measured twice in one
-    new, empty persistent compilation cache directory: cold (every program
-    compiles and is stored), then warm (a second process reads them back);
+    time to first token that process reports for itself; measured twice with
+    one new, empty persistent compilation cache directory and one new, empty
+    weight cache directory (`jaxllm.weight_cache`): cold (every program
+    compiles, the GGUF is dequantized, and both are stored), then warm (a
+    second process reads them back);
   * read bandwidth: a jitted sum over a --bandwidth_mib MiB float32 array, and
     from it the batch-1 decode bound ``bandwidth / bytes of all weights``.
 Peers (when installed, never for --model=tiny) run the same GGUF file, each in
@@ -69,7 +71,8 @@ _BANDWIDTH_MIB = flags.DEFINE_integer(
 _FIRST_CALL = flags.DEFINE_bool(
   "first_call",
   True,
-  "Measure first-call latency in fresh processes, with a cold and then a warm compilation cache.",
+  "Measure first-call latency in fresh processes, with cold and then warm compilation and "
+  "weight caches.",
 )
 _PROMPT_LENS = flags.DEFINE_list(
   "prompt_lens",
@@ -94,7 +97,7 @@ from jaxllm.pipeline import load_pipeline
 t0 = time.perf_counter()
 runtime.setup(compilation_cache=True)
 model, gguf, dtype, prompt = sys.argv[1], sys.argv[2] or None, sys.argv[3], sys.argv[4]
-pipe = load_pipeline(model, gguf, dtype)
+pipe = load_pipeline(model, gguf, dtype, weight_cache_dir=runtime.weight_cache_dir(True))
 ids = pipe.tokenizer.encode(prompt) if pipe.tokenizer else [5, 6, 7, 8, 9]
 pipe.generator.generate([ids], max_new_tokens=1)
 sys.stderr.write(f"first token after {time.perf_counter() - t0:.2f}s\\n")
@@ -286,9 +289,10 @@ def weight_bytes(model) -> int:
   return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
 
 
-def first_call_s(cache_dir: str) -> tuple[float | None, float | None, str]:
+def first_call_s(cache_dir: str, weight_dir: str) -> tuple[float | None, float | None, str]:
   """Seconds until a fresh process has generated one token, with JAX's
-  persistent compilation cache in `cache_dir` (``$JAXLLM_COMPILATION_CACHE_DIR``).
+  persistent compilation cache in `cache_dir` (``$JAXLLM_COMPILATION_CACHE_DIR``)
+  and the weight cache in `weight_dir` (``$JAXLLM_WEIGHT_CACHE_DIR``).
 
   Returns:
     (wall seconds of the whole process: interpreter start, imports, load,
@@ -302,6 +306,7 @@ def first_call_s(cache_dir: str) -> tuple[float | None, float | None, str]:
     PYTHONPATH=os.pathsep.join(p for p in (common.REPO_ROOT, os.environ.get("PYTHONPATH")) if p),
   )
   env[runtime.CACHE_DIR_ENV] = cache_dir
+  env[runtime.WEIGHT_CACHE_DIR_ENV] = weight_dir
   attempts = []
   if FLAGS.model == "smollm2-135m" and importlib.util.find_spec("jaxllm.generate") is not None:
     cmd = [
@@ -346,15 +351,17 @@ def first_call_s(cache_dir: str) -> tuple[float | None, float | None, str]:
 
 def first_calls() -> tuple[dict, str]:
   """First-call figures of two fresh processes sharing one new, empty compilation
-  cache directory: cold (compiles and stores every program), then warm (reads
+  cache directory and one new, empty weight cache directory: cold (compiles and
+  stores every program, dequantizes and stores the weights), then warm (reads
   them back). Returns (figures, how they were run)."""
-  cache_dir = tempfile.mkdtemp(prefix="jaxllm_bench_xla_")
+  root = tempfile.mkdtemp(prefix="jaxllm_bench_first_call_")
+  cache_dir, weight_dir = os.path.join(root, "xla"), os.path.join(root, "weights")
   try:
-    cold_s, cold_in_process_s, method = first_call_s(cache_dir)
+    cold_s, cold_in_process_s, method = first_call_s(cache_dir, weight_dir)
     entries = sum(len(files) for _, _, files in os.walk(cache_dir))
-    warm_s, warm_in_process_s, warm_method = first_call_s(cache_dir)
+    warm_s, warm_in_process_s, warm_method = first_call_s(cache_dir, weight_dir)
   finally:
-    shutil.rmtree(cache_dir, ignore_errors=True)
+    shutil.rmtree(root, ignore_errors=True)
   if warm_method != method:
     method = f"cold: {method}; warm: {warm_method}"
   return {
@@ -492,51 +499,80 @@ def _fmt(x, spec=".1f"):
   return "-" if x is None else format(x, spec)
 
 
-def print_table(s: dict) -> None:
-  print(
-    f"{'tokens/s':24s} {'jaxllm':>9s} {'llama.cpp':>10s} {'HF':>9s} "
-    f"{'x_vs_llamacpp':>14s} {'x_vs_hf':>8s}"
-  )
-  rows = [
-    (f"prefill {s['prompt_len']} {s['dtype']}", "prefill", "", "prefill"),
-    ("prefill bfloat16", "prefill", "_bf16", "prefill"),
-    (f"decode bs1 {s['dtype']}", "decode_bs1", "", "decode_bs1"),
-    ("decode bs1 bfloat16", "decode_bs1", "_bf16", "decode_bs1"),
-    (f"decode bs{LARGE_BATCH} {s['dtype']} (sum)", "decode_bs16", "", "decode_bs1"),
-    (f"decode bs{LARGE_BATCH} bf16 (sum)", "decode_bs16", "_bf16", "decode_bs1"),
-  ]
-  for label, ours, suffix, peer in rows:
-    print(
-      f"{label:24s} {_fmt(s[f'jaxllm_{ours}{suffix}_tok_s']):>9s} "
-      f"{_fmt(s[f'llamacpp_{peer}_tok_s']):>10s} {_fmt(s[f'hf_{peer}_tok_s']):>9s} "
-      f"{_fmt(s[f'x_vs_llamacpp_{ours}{suffix}'], '.2f'):>14s} "
-      f"{_fmt(s[f'x_vs_hf_{ours}{suffix}'], '.2f'):>8s}"
-    )
-  print(f"{'read bandwidth (GB/s)':24s} {_fmt(s['read_bandwidth_GBps'], '.2f'):>9s}")
-  print(f"{'bs1 decode / bw limit':24s} {_fmt(s['decode_bs1_vs_bw_limit'], '.3f'):>9s}")
-  for peer, label in (("llamacpp", "llama.cpp"), ("hf", "HF")):
-    print(f"{'peer ' + label:24s} {_peer_note(s['peers'][peer])}")
-  print(
-    f"{'first call (s)':24s} {_fmt(s['first_call_s'], '.2f'):>9s}  fresh process, wall, "
-    f"cold cache; warm: {_fmt(s['first_call_warm_s'], '.2f')}"
-  )
-  print(
-    f"{'first token (s)':24s} {_fmt(s['first_call_in_process_s'], '.2f'):>9s}  "
-    f"as the process reports it (after imports), cold cache; warm: "
-    f"{_fmt(s['first_call_warm_in_process_s'], '.2f')}"
-  )
-  if s["prefill_sweep"]:
-    print(f"\nprefill sweep ({s['dtype']}, batch 1; compile: trace+lower+XLA, no persistent cache)")
-    print(
-      f"{'prompt':>7s} {'compile s':>10s} {'run s':>8s} {'run min-max s':>15s} "
-      f"{'tok/s':>9s} {'first token s':>14s}"
-    )
-    for p in s["prefill_sweep"]:
-      print(
-        f"{p['prompt_len']:7d} {p['compile_s']:10.2f} {p['run_s']:8.3f} "
-        f"{p['run_min_s']:7.3f}-{p['run_max_s']:<7.3f} {p['tok_s']:9.1f} "
-        f"{p['first_token_s']:14.2f}"
+def result_tables(s: dict) -> list[common.Table]:
+  """The summary `s` as text tables: tokens/s against the peers, the other
+  figures, and the prefill sweep (when one ran)."""
+  col = common.Column
+  speeds = common.Table(
+    (
+      col("tokens/s", "label", width=24, left=True),
+      col("jaxllm", "jaxllm", ".1f", width=9),
+      col("llama.cpp", "llamacpp", ".1f", width=10),
+      col("HF", "hf", ".1f", width=9),
+      col("x_vs_llamacpp", "x_vs_llamacpp", ".2f", width=14),
+      col("x_vs_hf", "x_vs_hf", ".2f", width=8),
+    ),
+    [
+      {
+        "label": label,
+        "jaxllm": s[f"jaxllm_{ours}{suffix}_tok_s"],
+        "llamacpp": s[f"llamacpp_{peer}_tok_s"],
+        "hf": s[f"hf_{peer}_tok_s"],
+        "x_vs_llamacpp": s[f"x_vs_llamacpp_{ours}{suffix}"],
+        "x_vs_hf": s[f"x_vs_hf_{ours}{suffix}"],
+      }
+      for label, ours, suffix, peer in (
+        (f"prefill {s['prompt_len']} {s['dtype']}", "prefill", "", "prefill"),
+        ("prefill bfloat16", "prefill", "_bf16", "prefill"),
+        (f"decode bs1 {s['dtype']}", "decode_bs1", "", "decode_bs1"),
+        ("decode bs1 bfloat16", "decode_bs1", "_bf16", "decode_bs1"),
+        (f"decode bs{LARGE_BATCH} {s['dtype']} (sum)", "decode_bs16", "", "decode_bs1"),
+        (f"decode bs{LARGE_BATCH} bf16 (sum)", "decode_bs16", "_bf16", "decode_bs1"),
       )
+    ],
+  )
+  facts = common.Table(
+    (
+      col("", "label", width=24, left=True),
+      col("", "value", width=9),
+      col("", lambda r: r.get("text"), sep="  ", missing=""),
+    ),
+    [
+      {"label": "read bandwidth (GB/s)", "value": _fmt(s["read_bandwidth_GBps"], ".2f")},
+      {"label": "bs1 decode / bw limit", "value": _fmt(s["decode_bs1_vs_bw_limit"], ".3f")},
+      *(
+        {"label": f"peer {label}", "note": _peer_note(s["peers"][peer])}
+        for peer, label in (("llamacpp", "llama.cpp"), ("hf", "HF"))
+      ),
+      {
+        "label": "first call (s)",
+        "value": _fmt(s["first_call_s"], ".2f"),
+        "text": f"fresh process, wall, cold cache; warm: {_fmt(s['first_call_warm_s'], '.2f')}",
+      },
+      {
+        "label": "first token (s)",
+        "value": _fmt(s["first_call_in_process_s"], ".2f"),
+        "text": "as the process reports it (after imports), cold cache; warm: "
+        f"{_fmt(s['first_call_warm_in_process_s'], '.2f')}",
+      },
+    ],
+    span="note",
+  )
+  if not s["prefill_sweep"]:
+    return [speeds, facts]
+  sweep = common.Table(
+    (
+      col("prompt", "prompt_len", "d", width=7),
+      col("compile s", "compile_s", ".2f", width=10),
+      col("run s", "run_s", ".3f", width=8),
+      col("run min-max s", lambda p: f"{p['run_min_s']:7.3f}-{p['run_max_s']:<7.3f}", width=15),
+      col("tok/s", "tok_s", ".1f", width=9),
+      col("first token s", "first_token_s", ".2f", width=14),
+    ),
+    s["prefill_sweep"],
+    title=f"\nprefill sweep ({s['dtype']}, batch 1; compile: trace+lower+XLA, no persistent cache)",
+  )
+  return [speeds, facts, sweep]
 
 
 def _prompt_lens(cfg) -> list[int]:
@@ -672,7 +708,7 @@ def main(argv):
   ):
     s[key] = None
   if _FIRST_CALL.value:
-    log("first call (fresh processes: cold, then warm compilation cache)")
+    log("first call (fresh processes: cold, then warm compilation and weight caches)")
     first, method = first_calls()
     s.update(first)
 
@@ -702,8 +738,10 @@ def main(argv):
     / (s["read_bandwidth_GBps"] * 1e9 / bf16_bytes),
   )
 
-  print_table(s)
-  print("(batch-16 ratios compare the aggregate with the peer's single stream)")
+  tables = [
+    *result_tables(s),
+    "(batch-16 ratios compare the aggregate with the peer's single stream)",
+  ]
   record = {
     "config": {
       "model": FLAGS.model,
@@ -726,7 +764,7 @@ def main(argv):
       "decode": "Generator._step (jitted) x new_tokens after an untimed prefill, greedy, "
       "ids fetched to host each step; tok/s = batch * new_tokens / seconds",
       "first_call": f"{method}; cold, then warm: two processes sharing one new, empty "
-      "$JAXLLM_COMPILATION_CACHE_DIR",
+      "$JAXLLM_COMPILATION_CACHE_DIR and $JAXLLM_WEIGHT_CACHE_DIR",
       "bandwidth": "jax.jit(jnp.sum) over a float32 array",
       "bw_limit": "read_bandwidth / weight_bytes (all parameters, tied embedding once)",
       "peers": notes,
@@ -738,7 +776,7 @@ def main(argv):
     "run": common.run_info(),
     "summary": s,
   }
-  common.finish(FLAGS.out_dir, NAME, record, s)
+  common.report(FLAGS.out_dir, NAME, record, s, tables=tables)
 
 
 if __name__ == "__main__":

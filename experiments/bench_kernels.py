@@ -31,6 +31,7 @@ import time
 from absl import app, flags
 
 from experiments import common
+from pallas_kernels import shapes
 
 NAME = "bench_kernels"
 common.define_common_flags(NAME, ("out_dir", "seed", "dtype"))
@@ -38,7 +39,11 @@ _OPS = flags.DEFINE_list("ops", ["matmul", "kv_attention"], "Ops to measure.")
 _METHODS = flags.DEFINE_list(
   "methods", ["w8a8", "w4a16_g128", "fireq_w4a8"], "Weight recipes (jaxllm.quant.RECIPES)."
 )
-_SHAPES = flags.DEFINE_list("shapes", ["smollm2", "llama3_8b"], "Matmul shape sets: " + "")
+_SHAPES = flags.DEFINE_list(
+  "shapes",
+  ["smollm2", "llama3_8b"],
+  "Matmul shape sets (pallas_kernels.shapes): smollm2, llama3_8b, tiny.",
+)
 _M = flags.DEFINE_list("m", ["1", "8", "128"], "Activation rows M.")
 _KV_MODELS = flags.DEFINE_list("kv_models", ["smollm2", "llama3_8b"], "Attention head shapes.")
 _KV_METHODS = flags.DEFINE_list("kv_methods", ["kivi4", "kivi2"], "KIVI cache specs.")
@@ -47,7 +52,9 @@ _KV_BATCH = flags.DEFINE_integer("kv_batch", 8, "Decode rows.", lower_bound=1)
 _IMPLS = flags.DEFINE_list(
   "implementations",
   None,
-  "Of pallas, xla, reference; default: pallas and xla on an accelerator, xla on CPU.",
+  "Implementations to time, each op's own names (pallas_kernels.registry: reference, xla, "
+  "mosaic_tpu, triton) or pallas (this backend's kernel); default: pallas and xla on an "
+  "accelerator, xla on CPU.",
 )
 _INTERPRET = flags.DEFINE_bool("interpret", False, "Run Pallas in interpret mode (CPU tests).")
 _REPS = flags.DEFINE_integer("reps", 5, "Timed calls per figure (median).", lower_bound=3)
@@ -56,20 +63,20 @@ _COPIES = flags.DEFINE_integer(
 )
 FLAGS = flags.FLAGS
 
+# The linears measured per --shapes set (pallas_kernels.shapes names): all of SmolLM2's;
+# Llama-3-8B's square attention and MLP up projections; two of the tiny model's (tests).
+_BENCH_LINEARS = {
+  "smollm2": None,
+  "llama3_8b": ("attn_q_o", "mlp_gate_up"),
+  "tiny": ("attn_q", "mlp_down"),
+}
 # (name, K, N) of each linear; M comes from --m.
 MATMUL_SHAPES = {
-  "smollm2": (
-    ("smollm2.attn_q_o", 576, 576),
-    ("smollm2.attn_k_v", 576, 192),
-    ("smollm2.mlp_gate_up", 576, 1536),
-    ("smollm2.mlp_down", 1536, 576),
-    ("smollm2.lm_head", 576, 49152),
-  ),
-  "llama3_8b": (("llama3_8b.attn_q_o", 4096, 4096), ("llama3_8b.mlp_gate_up", 4096, 14336)),
-  "tiny": (("tiny.square", 256, 256), ("tiny.wide", 256, 512)),
+  model: tuple((f"{model}.{lin.name}", lin.k, lin.n) for lin in shapes.get(model).select(names))
+  for model, names in _BENCH_LINEARS.items()
 }
-# (num_heads, num_kv_heads, head_dim)
-KV_HEADS = {"smollm2": (9, 3, 64), "llama3_8b": (32, 8, 128), "tiny": (4, 2, 64)}
+# (num_heads, num_kv_heads, head_dim) per --kv_models name.
+KV_HEADS = {model: shapes.get(model).kv_heads for model in _BENCH_LINEARS}
 _BUDGET_BYTES = 256 << 20
 
 
@@ -81,10 +88,33 @@ def _copies(bf16_bytes: int) -> int:
 
 def _implementations(backend: str) -> tuple[str, ...]:
   impls = _IMPLS.value or (("pallas", "xla") if backend != "cpu" or _INTERPRET.value else ("xla",))
-  bad = sorted(set(impls) - {"pallas", "xla", "reference"})
+  from pallas_kernels import registry  # pylint: disable=import-outside-toplevel
+
+  known = {"pallas"} | {name for op in registry.OPS.values() for name in op.names}
+  bad = sorted(set(impls) - known)
   if bad:
-    common.fail(f"--implementations: unknown {bad}; choose from pallas, xla, reference")
+    common.fail(f"--implementations: unknown {bad}; choose from {sorted(known)}")
   return tuple(impls)
+
+
+def _selected(op: str, impl: str, *args, **kwargs) -> tuple[str | None, str | None]:
+  """(the implementation `impl` selects for these inputs, None) or (None, why it cannot run)."""
+  from pallas_kernels import registry  # pylint: disable=import-outside-toplevel
+  from pallas_kernels.op_api import Platform, UnsupportedError  # pylint: disable=C0415
+
+  table = registry.get(op)
+  if impl != "pallas" and impl not in table.names:
+    return None, f"op {op!r} has no implementation {impl!r}"
+  try:
+    chosen = table.select(impl, Platform.current(_INTERPRET.value), *args, **kwargs)
+  except UnsupportedError as e:
+    return None, str(e)
+  return chosen.name, None
+
+
+def _refused(row: dict, reason: str) -> dict:
+  print(f"  {row['method']}/{row['implementation']}: refused: {reason}", flush=True)
+  return dict(row, refused=reason)
 
 
 def _time(fn, *args) -> tuple[float, list[float]]:
@@ -173,9 +203,15 @@ def _matmul_rows(backend: str, dtype, impls) -> list[dict]:
           qws = [spec.quantize(w, 1) for w in ws]
           ref = ops.linear(xs[0], qws[0], ops.KernelConfig("reference"))
           by_impl = {}
+          op = qws[0].matmul_op
           for impl in impls:
-            cfg = ops.KernelConfig(impl, interpret=_INTERPRET.value)
             row = dict(base, method=method, implementation=impl, weight_bytes=qws[0].num_bytes)
+            ran, reason = _selected(op, impl, *qws[0].matmul_operands(xs[0].reshape(m, k)))
+            if reason:
+              by_impl[impl] = _refused(row, reason)
+              continue
+            row["ran"] = ran
+            cfg = ops.KernelConfig(interpret=_INTERPRET.value, overrides=((op, ran),))
             row = _measure(
               f"{method}/{impl}",
               jax.jit(lambda xs, ws, cfg=cfg: chain(xs, ws, cfg)),
@@ -248,10 +284,6 @@ def _kv_rows(backend: str, dtype, impls) -> list[dict]:
 
   from jaxllm import kv_cache, ops  # pylint: disable=import-outside-toplevel
   from jaxllm.config import SMOLLM2_135M  # pylint: disable=import-outside-toplevel
-  from jaxllm.kv_cache.dispatch import (  # pylint: disable=import-outside-toplevel
-    QUANTIZED_KV_ATTENTION,
-    portable_kernel_supports,
-  )
 
   b = _KV_BATCH.value
   key = jax.random.key(FLAGS.seed)
@@ -295,33 +327,39 @@ def _kv_rows(backend: str, dtype, impls) -> list[dict]:
         g = spec.group_size
         qlen = ((context - spec.residual) // g) * g
         layers = [_random_layer(jax.random.fold_in(key, i), cache, context) for i in range(copies)]
-        window = layers[0][1].shape[2]
         kw = dict(bits=spec.bits, group_size=g)
         cache_bytes = sum(x.nbytes for x in jax.tree.leaves(layers[0]))
 
         def chain(q, layers, impl, starts=starts, qlen=qlen, context=context, kw=kw):
-          attend = ops.resolve(QUANTIZED_KV_ATTENTION, ops.KernelConfig(impl, _INTERPRET.value))
+          cfg = ops.KernelConfig(
+            interpret=_INTERPRET.value, overrides=(("quantized_kv_attention", impl),)
+          )
           return [
-            attend(q[i], st, starts, qlen, context, kr, vr, **kw)
+            ops.quantized_kv_attention(q[i], st, starts, qlen, context, kr, vr, **kw, config=cfg)
             for i, (st, kr, vr) in enumerate(layers)
           ]
 
         ref = chain(q[:1], layers[:1], "reference")[0]
         by_impl = {}
         for impl in impls:
-          ran = impl
-          if impl == "pallas" and backend in ("gpu", "cuda"):
-            ran = "pallas" if portable_kernel_supports(d, window, spec.bits, g) else "xla_fallback"
-          row = dict(base, method=method, implementation=impl, ran=ran, cache_bytes=cache_bytes)
+          row = dict(base, method=method, implementation=impl, cache_bytes=cache_bytes)
+          st, kr, vr = layers[0]
+          ran, reason = _selected(
+            "quantized_kv_attention", impl, q[0], st, starts, qlen, context, kr, vr, **kw
+          )
+          if reason:
+            by_impl[impl] = _refused(row, reason)
+            continue
+          row["ran"] = ran
           row = _measure(
             f"{method}/{impl}",
-            jax.jit(functools.partial(chain, impl=impl)),
+            jax.jit(functools.partial(chain, impl=ran)),
             (q, layers),
             copies,
             row,
           )
           if "error" not in row:
-            row["rel_err_vs_reference"] = _rel_err(chain(q[:1], layers[:1], impl)[0], ref)
+            row["rel_err_vs_reference"] = _rel_err(chain(q[:1], layers[:1], ran)[0], ref)
           by_impl[impl] = row
         rows += _finish_rows(by_impl, peer)
   return rows
@@ -330,22 +368,37 @@ def _kv_rows(backend: str, dtype, impls) -> list[dict]:
 # ------------------------------------------------------------------------------ output
 
 
-def _fmt(v, spec: str) -> str:
-  return "-" if v is None else format(v, spec)
+def _labelled(label: str, key: str, spec: str):
+  """A cell of `key`'s value after `label` ("x_vs_xla   1.37"; "-" when absent)."""
+  return lambda row: f"{label} {'-' if row.get(key) is None else format(row[key], spec)}"
+
+
+# One line per measured row, printed as it is measured; no heading (each figure is named).
+ROW = common.Table(
+  (
+    common.Column("", "op", width=12, left=True),
+    common.Column("", "shape", width=24, left=True),
+    common.Column("", "m", lambda m: f"m={m:<5d}"),
+    common.Column("", "method", width=12, left=True),
+    common.Column("", lambda r: r.get("ran", r["implementation"]), width=13, left=True),
+    common.Column("", "us", lambda us: f"{us:10.1f} us"),
+    common.Column(
+      "",
+      lambda r: r.get("weight_bytes", r.get("cache_bytes", 0)) / (r["us"] * 1e-6) / 1e9,
+      lambda gbs: f"{gbs:8.1f} GB/s",
+      sep="  ",
+    ),
+    common.Column("", _labelled("x_vs_bf16", "x_vs_bf16", "6.2f"), sep="  "),
+    common.Column("", _labelled("x_vs_xla", "x_vs_xla", "6.2f"), sep="  "),
+    common.Column("", _labelled("err_ref", "rel_err_vs_reference", ".1e"), sep="  "),
+    common.Column("", _labelled("err_f32", "rel_err_vs_f32", ".1e"), sep="  "),
+  )
+)
 
 
 def _print_row(row: dict) -> None:
-  if "error" in row:
-    return
-  gbs = row.get("weight_bytes", row.get("cache_bytes", 0)) / (row["us"] * 1e-6) / 1e9
-  print(
-    f"{row['op']:12s} {row['shape']:24s} m={row['m']:<5d} {row['method']:12s} "
-    f"{row.get('ran', row['implementation']):13s} {row['us']:10.1f} us  {gbs:8.1f} GB/s  "
-    f"x_vs_bf16 {_fmt(row.get('x_vs_bf16'), '6.2f')}  x_vs_xla {_fmt(row.get('x_vs_xla'), '6.2f')}  "
-    f"err_ref {_fmt(row.get('rel_err_vs_reference'), '.1e')}  "
-    f"err_f32 {_fmt(row.get('rel_err_vs_f32'), '.1e')}",
-    flush=True,
-  )
+  if "error" not in row and "refused" not in row:  # those are printed where they arise
+    print(ROW.line(row), flush=True)
 
 
 def main(argv):
@@ -377,7 +430,7 @@ def main(argv):
     "errors": len(errors),
     "device_kind": info["device_kind"],
   }
-  common.finish(FLAGS.out_dir, NAME, record, summary)
+  common.report(FLAGS.out_dir, NAME, record, summary)
 
 
 if __name__ == "__main__":

@@ -8,6 +8,9 @@ a non-zero exit code.
 Heavy imports (jax) happen inside functions, so a runner can reject bad input
 before paying for them.
 
+A runner ends with `report`: its `Table`s on stdout, its `ScatterPlot` as
+``out_dir/NAME.png``, then `finish` (the JSON file and the summary line).
+
 A NaN or infinite figure is a failed run, never a ``null``: `write_results`,
 `print_summary` and `finish` still write every figure (the non-finite ones
 spelled ``"nan"``, ``"inf"``, ``"-inf"``, with a top-level ``"error"`` naming
@@ -19,6 +22,7 @@ from __future__ import annotations
 
 import ast
 import contextlib
+import dataclasses
 import importlib.metadata
 import json
 import math
@@ -26,7 +30,8 @@ import os
 import platform
 import sys
 import sysconfig
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
 
 from absl import flags
 
@@ -322,23 +327,150 @@ def model_config(name: str, context: int):
   return cfg
 
 
-def scatter_plot(rows, x: str, y: str, path: str, *, title: str, xlabel: str, ylabel: str):
-  """One labelled point per row (``row["method"]`` at ``(row[x], row[y])``), saved as a PNG."""
-  import matplotlib  # pylint: disable=import-outside-toplevel
+# ------------------------------------------------------------------ tables, plots, report
 
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
 
-  fig, ax = plt.subplots(figsize=(7, 4.5))
-  for row in rows:
-    ax.scatter(row[x], row[y], s=30)
-    ax.annotate(
-      row["method"], (row[x], row[y]), fontsize=7, xytext=(3, 3), textcoords="offset points"
-    )
-  ax.set_xlabel(xlabel)
-  ax.set_ylabel(ylabel)
-  ax.set_title(title, fontsize=9)
-  ax.grid(alpha=0.3)
-  fig.tight_layout()
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
+@dataclasses.dataclass(frozen=True)
+class Column:
+  """One column of a text `Table`.
+
+  Attributes:
+    header: its heading ("" for none).
+    value: the row's key (``row[value]``), or a function of the row.
+    spec: format spec of a present value (``"+.2f"``), or a function value -> text.
+      A value of None prints as `missing`.
+    width: the cell and its heading are padded to this many characters.
+    left: pad on the right (labels); otherwise on the left (numbers).
+    sep: the text before the cell (ignored for the first column).
+    missing: the cell of a None value.
+  """
+
+  header: str
+  value: Any
+  spec: str | Callable[[Any], str] = ""
+  width: int = 0
+  left: bool = False
+  sep: str = " "
+  missing: str = "-"
+
+  def _pad(self, text: str) -> str:
+    return text.ljust(self.width) if self.left else text.rjust(self.width)
+
+  def heading(self) -> str:
+    return self._pad(self.header)
+
+  def cell(self, row) -> str:
+    value = self.value(row) if callable(self.value) else row[self.value]
+    if value is None:
+      return self._pad(self.missing)
+    return self._pad(self.spec(value) if callable(self.spec) else format(value, self.spec))
+
+
+@dataclasses.dataclass(frozen=True)
+class Table:
+  """A text table: an optional title, a heading line (when a column has a
+  header), one line per row. Trailing blanks are dropped from every line.
+
+  Attributes:
+    columns: the `Column`s, left to right.
+    rows: dicts (or tuples, with int `Column.value` keys).
+    title: printed above the heading (may span lines; a leading "\n" is a blank line).
+    span: a dict row whose value at this key is not None prints its first cell,
+      then that text in place of the other cells (e.g. "n/a (not installed)").
+  """
+
+  columns: Sequence[Column]
+  rows: Sequence[Any] = ()
+  title: str | None = None
+  span: str | None = None
+
+  def heading(self) -> str | None:
+    if not any(c.header for c in self.columns):
+      return None
+    first, *rest = self.columns
+    return (first.heading() + "".join(c.sep + c.heading() for c in rest)).rstrip()
+
+  def line(self, row) -> str:
+    """One row's line (for runners that print rows as they are measured)."""
+    first, *rest = self.columns
+    if self.span is not None and isinstance(row, dict) and row.get(self.span) is not None:
+      return f"{first.cell(row)} {row[self.span]}".rstrip()
+    return (first.cell(row) + "".join(c.sep + c.cell(row) for c in rest)).rstrip()
+
+  def lines(self) -> list[str]:
+    heading = self.heading()
+    return [
+      *([] if self.title is None else self.title.split("\n")),
+      *([] if heading is None else [heading]),
+      *(self.line(row) for row in self.rows),
+    ]
+
+
+@dataclasses.dataclass(frozen=True)
+class ScatterPlot:
+  """One labelled point per row (``row[label]`` at ``(row[x], row[y])``)."""
+
+  rows: Sequence[dict]
+  x: str
+  y: str
+  title: str
+  xlabel: str
+  ylabel: str
+  label: str = "method"
+
+  def draw(self, path: str) -> None:
+    """Saves the plot as a PNG at `path`."""
+    import matplotlib  # pylint: disable=import-outside-toplevel
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for row in self.rows:
+      ax.scatter(row[self.x], row[self.y], s=30)
+      ax.annotate(
+        row[self.label],
+        (row[self.x], row[self.y]),
+        fontsize=7,
+        xytext=(3, 3),
+        textcoords="offset points",
+      )
+    ax.set_xlabel(self.xlabel)
+    ax.set_ylabel(self.ylabel)
+    ax.set_title(self.title, fontsize=9)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def report(
+  out_dir: str,
+  name: str,
+  record: dict,
+  summary: dict,
+  *,
+  tables: Sequence[Table | str] = (),
+  plot: ScatterPlot | None = None,
+) -> None:
+  """A runner's output, in the CONTRACT's order: `tables` on stdout (a string is
+  printed as it is), `plot` saved as ``out_dir/name.png`` (its path goes into
+  ``record["plot"]``), then `finish`: ``out_dir/name.json`` holding `record`, and
+  `summary` as stdout's last line. A NaN or infinite figure in either still
+  writes everything, then exits non-zero with a one-line error (see `finish`)."""
+  for table in tables:
+    print(table if isinstance(table, str) else "\n".join(table.lines()), flush=True)
+  if plot is not None:
+    os.makedirs(out_dir, exist_ok=True)
+    record["plot"] = os.path.join(out_dir, f"{name}.png")
+    plot.draw(record["plot"])
+  finish(out_dir, name, record, summary)
+
+
+def kernel_config():
+  """The `jaxllm.ops.KernelConfig` of ``--kernels``/``--interpret``
+  (`jaxllm.runtime.define_kernel_flags`); a bad value exits with a one-line error."""
+  try:
+    return runtime.kernel_config()
+  except ValueError as e:
+    fail(str(e))

@@ -43,6 +43,7 @@ import numpy as np
 from absl import app, flags
 
 from experiments import common
+from jaxllm import runtime
 
 NAME = "kv_compression"
 MAIN_METHODS = (
@@ -89,10 +90,7 @@ _DENSE_REFERENCE = flags.DEFINE_string(
   None,
   "An .npz holding the dense row: read when it exists (same settings), else written.",
 )
-_IMPL = flags.DEFINE_enum(
-  "implementation", None, ["xla", "pallas", "reference"], "Force a kernel implementation."
-)
-_INTERPRET = flags.DEFINE_boolean("interpret", False, "Run Pallas kernels in interpret mode.")
+runtime.define_kernel_flags()
 FLAGS = flags.FLAGS
 
 
@@ -125,7 +123,7 @@ def _reference_key(model_cfg_name: str, gguf: str, text: str, n_windows: int) ->
     "prefill": _PREFILL.value,
     "chunk": _CHUNK.value,
     "windows": n_windows,
-    "implementation": _IMPL.value,
+    "kernels": FLAGS.kernels,
     "text_sha256_utf8": hashlib.sha256(text.encode("utf-8")).hexdigest(),
   }
 
@@ -177,16 +175,18 @@ def _fail_keeping_rows(method: str, error, config: dict, rows: list[dict]):
 def main(argv):
   del argv
   _check_flags()
+  kernels = common.kernel_config()
   methods = _methods()
   common.start()
   text, label, path = common.read_eval_text(FLAGS.text_file)
   # pylint: disable=import-outside-toplevel
   import jax.numpy as jnp
 
-  from jaxllm import kv_cache, ops
+  from jaxllm import kv_cache
   from jaxllm.gguf_loader import default_gguf_path
   from jaxllm.perplexity import tokenize_windows
   from jaxllm.pipeline import load_pipeline
+  from jaxllm.quant import kv_calibration
   from jaxllm.streaming import StreamingConfig, StreamingScorer, streaming_perplexity
   from jaxllm.tokenizer import Tokenizer
 
@@ -220,7 +220,6 @@ def main(argv):
 
   with common.one_line_errors():  # the loader's messages name the file and tensor
     pipe = load_pipeline(FLAGS.model, FLAGS.gguf, FLAGS.dtype, FLAGS.seed)
-  kernels = ops.KernelConfig(implementation=_IMPL.value, interpret=_INTERPRET.value)
   pipe.model.kernels = kernels
   dtype = jnp.dtype(FLAGS.dtype)
 
@@ -234,8 +233,8 @@ def main(argv):
     "block": _BLOCK.value,
     "chunk": _CHUNK.value,
     "batch_size": _BATCH.value,
-    "implementation": _IMPL.value,
-    "interpret": _INTERPRET.value,
+    "kernels": FLAGS.kernels,
+    "interpret": FLAGS.interpret,
     "dense_reference": _DENSE_REFERENCE.value,
     "methods": methods,
     "specs": {m: repr(s) for m, s in specs.items()},
@@ -249,10 +248,9 @@ def main(argv):
     if method == "dense" and _DENSE_REFERENCE.value:
       stored = _load_dense_reference(_DENSE_REFERENCE.value, ref_key)
     try:
-      model, calibration = kv_cache.prepare_model(pipe.model, spec, jnp.asarray(calib))
-      probe = kv_cache.create_cache(
-        spec, cfg, 1, stream_cfg.layout(FLAGS.context)[1], dtype, calibration=calibration
-      )
+      model, calibration = kv_calibration.prepare_model(pipe.model, spec, jnp.asarray(calib))
+      make_cache = kv_cache.cache_factory(spec, cfg, dtype, calibration)
+      probe = make_cache(1, stream_cfg.layout(FLAGS.context)[1], jnp.zeros((1,), jnp.int32))
     except ValueError as e:
       common.fail(f"{method}: {e}")
     memory = probe.memory()
@@ -262,9 +260,6 @@ def main(argv):
     except ValueError as e:
       print(f"{method}: one token per decode step ({e})", flush=True)
       method_cfg = dataclasses.replace(stream_cfg, chunk=1)
-    make_cache = lambda b, c, spec=spec, calibration=calibration: kv_cache.create_cache(
-      spec, cfg, b, c, dtype, calibration=calibration
-    )
     if stored is not None:
       result, top1 = stored
       print(f"dense: read from --dense_reference {_DENSE_REFERENCE.value}", flush=True)
@@ -299,25 +294,22 @@ def main(argv):
       flush=True,
     )
 
-  print()
-  print(
-    f"text: {label}; context {FLAGS.context}; {len(windows)} of {available} windows; "
-    f"{result['tokens']} scored tokens per method; prefill {_PREFILL.value}"
+  table = common.Table(
+    (
+      common.Column("method", "method", width=28, left=True),
+      common.Column("ppl", "ppl", ".3f", width=9),
+      common.Column("dppl %", "delta_pct", "+.2f", width=8),
+      common.Column("bytes/tok vs bf16", "bytes_per_token_vs_bf16", ".3f", width=18),
+      common.Column("top-1", "top1_agree", ".4f", width=7),
+    ),
+    rows,
+    title=f"\ntext: {label}; context {FLAGS.context}; {len(windows)} of {available} windows; "
+    f"{result['tokens']} scored tokens per method; prefill {_PREFILL.value}",
   )
-  print(f"{'method':28s} {'ppl':>9s} {'dppl %':>8s} {'bytes/tok vs bf16':>18s} {'top-1':>7s}")
-  for row in rows:
-    print(
-      f"{row['method']:28s} {row['ppl']:9.3f} {row['delta_pct']:+8.2f} "
-      f"{row['bytes_per_token_vs_bf16']:18.3f} {row['top1_agree']:7.4f}"
-    )
-
-  os.makedirs(FLAGS.out_dir, exist_ok=True)
-  plot_path = os.path.join(FLAGS.out_dir, f"{NAME}.png")
-  common.scatter_plot(
+  plot = common.ScatterPlot(
     rows,
     "bits_per_value",
     "ppl",
-    plot_path,
     title=f"{cfg.name}, {label}, context {FLAGS.context}, {len(windows)} windows, streaming",
     xlabel="cache bits per K/V value (scales and zero points included, residual excluded)",
     ylabel="streaming perplexity",
@@ -336,11 +328,10 @@ def main(argv):
     },
     "calibration": {"text": calib_label, "windows": len(calib)},
     "rows": rows,
-    "plot": plot_path,
     "run": common.run_info(),
     "summary": summary,
   }
-  common.finish(FLAGS.out_dir, NAME, record, summary)
+  common.report(FLAGS.out_dir, NAME, record, summary, tables=[table], plot=plot)
 
 
 if __name__ == "__main__":

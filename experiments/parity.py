@@ -21,6 +21,7 @@ from experiments import common, peers
 FIXTURE = os.path.join(
   os.path.dirname(__file__), "..", "tests", "fixtures", "reference_logits.json"
 )
+NOT_RUN = "n/a (not installed)"  # the table's row for a peer that is not installed
 
 common.define_common_flags("parity", only=("gguf", "dtype", "out_dir"))
 flags.adopt_module_key_flags(common)
@@ -98,15 +99,19 @@ def main(argv):
     llm = peers.load_llamacpp(gguf, n_ctx=max(map(len, seqs)) + 16)
     results["llamacpp"] = _stats(ours, [peers.llamacpp_logits(llm, s) for s in seqs])
 
-  print(f"{'peer':10s} {'top1 agree':>10s} {'max |dlogit|':>13s} {'mean |dlogit|':>14s}")
-  for peer in ("hf", "llamacpp"):
-    r = results.get(peer)
-    row = (
-      f"{100 * r['top1_agree']:9.2f}% {r['max_abs_dlogit']:13.3g} {r['mean_abs_dlogit']:14.3g}"
-      if r
-      else "n/a (not installed)"
-    )
-    print(f"{peer:10s} {row}")
+  table = common.Table(
+    (
+      common.Column("peer", "peer", width=10, left=True),
+      common.Column("top1 agree", "top1_agree", lambda v: f"{100 * v:.2f}%", width=10),
+      common.Column("max |dlogit|", "max_abs_dlogit", ".3g", width=13),
+      common.Column("mean |dlogit|", "mean_abs_dlogit", ".3g", width=14),
+    ),
+    [
+      {"peer": peer, **results[peer]} if peer in results else {"peer": peer, "note": NOT_RUN}
+      for peer in ("hf", "llamacpp")
+    ],
+    span="note",
+  )
 
   summary = {
     f"{peer}_{k}": (results[peer][k] if peer in results else None)
@@ -131,7 +136,7 @@ def main(argv):
     "per_peer": results,
     "summary": summary,
   }
-  common.finish(FLAGS.out_dir, "parity", record, summary)
+  common.report(FLAGS.out_dir, "parity", record, summary, tables=[table])
 
 
 if __name__ == "__main__":

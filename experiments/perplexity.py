@@ -23,6 +23,7 @@ import time
 from absl import app, flags
 
 from experiments import common
+from jaxllm import runtime
 
 NAME = "perplexity"
 common.define_common_flags(NAME)
@@ -30,6 +31,7 @@ _BATCH = flags.DEFINE_integer("batch_size", 1, "Windows per forward pass.", lowe
 _CHECKPOINT = flags.DEFINE_string(
   "checkpoint", None, "Score this saved jaxllm checkpoint (as stored) instead of --model."
 )
+runtime.define_kernel_flags()
 FLAGS = flags.FLAGS
 
 
@@ -62,7 +64,7 @@ def _config():
   return cfg
 
 
-def _load(cfg):
+def _load(cfg, kernels):
   """(model or pipeline, dtype label); a corrupt GGUF file (a non-finite tensor, a
   tensor of the wrong shape) or a partial checkpoint ends the run with one line."""
   # pylint: disable=import-outside-toplevel
@@ -70,16 +72,19 @@ def _load(cfg):
     from jaxllm.pipeline import load_pipeline
 
     with common.one_line_errors():  # the loader's messages name the file and tensor
-      return load_pipeline(FLAGS.model, FLAGS.gguf, FLAGS.dtype, FLAGS.seed), FLAGS.dtype
+      pipe = load_pipeline(FLAGS.model, FLAGS.gguf, FLAGS.dtype, FLAGS.seed)
+    pipe.model.kernels = kernels
+    return pipe, FLAGS.dtype
   from jaxllm import checkpoint
 
   with common.one_line_errors():  # the messages name the directory
-    return checkpoint.restore(_CHECKPOINT.value), "as saved"
+    return checkpoint.restore(_CHECKPOINT.value, kernels=kernels), "as saved"
 
 
 def main(argv):
   del argv
   _check_flags()
+  kernels = common.kernel_config()
   common.start()
   text, label, path = common.read_eval_text(FLAGS.text_file)
   t_start = time.perf_counter()
@@ -106,20 +111,25 @@ def main(argv):
     windows = windows[: FLAGS.max_windows]
   t_tokenized = time.perf_counter()
 
-  model, dtype = _load(cfg)
+  model, dtype = _load(cfg, kernels)
   t_loaded = time.perf_counter()
 
   result = perplexity(model, windows, batch_size=_BATCH.value, progress=True)
   seconds = time.perf_counter() - t_loaded
 
-  print(f"{'text':24s} {label}")
-  print(f"{'model / dtype':24s} {model.config.name} / {dtype}")
-  print(f"{'context':24s} {result['context']}")
-  print(f"{'windows':24s} {result['windows']} of {available}")
-  print(f"{'scored tokens':24s} {result['tokens']}")
-  print(f"{'mean NLL (nats)':24s} {result['nll']:.5f}")
-  print(f"{'perplexity':24s} {result['ppl']:.4f}")
-  print(f"{'scoring time (s)':24s} {seconds:.1f}")
+  table = common.Table(
+    (common.Column("", 0, width=24, left=True), common.Column("", 1)),
+    [
+      ("text", label),
+      ("model / dtype", f"{model.config.name} / {dtype}"),
+      ("context", result["context"]),
+      ("windows", f"{result['windows']} of {available}"),
+      ("scored tokens", result["tokens"]),
+      ("mean NLL (nats)", f"{result['nll']:.5f}"),
+      ("perplexity", f"{result['ppl']:.4f}"),
+      ("scoring time (s)", f"{seconds:.1f}"),
+    ],
+  )
 
   summary = {
     "ppl": result["ppl"],
@@ -161,7 +171,7 @@ def main(argv):
     "run": common.run_info(),
     "summary": summary,
   }
-  common.finish(FLAGS.out_dir, NAME, record, summary)
+  common.report(FLAGS.out_dir, NAME, record, summary, tables=[table])
 
 
 if __name__ == "__main__":

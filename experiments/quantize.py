@@ -41,6 +41,7 @@ import time
 from absl import app, flags
 
 from experiments import common
+from jaxllm import runtime
 
 NAME = "quantize"
 common.define_common_flags(NAME)
@@ -67,6 +68,7 @@ _SAVE_DIR = flags.DEFINE_string(
   "`jaxllm.checkpoint.restore`, score with `experiments.perplexity --checkpoint`); "
   "default: measured in a temporary directory and deleted.",
 )
+runtime.define_kernel_flags()
 FLAGS = flags.FLAGS
 
 _DECODE_PROMPT = "The history of the city begins in"
@@ -172,6 +174,8 @@ def _config_record() -> dict:
     "decode_tokens": _DECODE_TOKENS.value,
     "decode_prompt": _DECODE_PROMPT,
     "seed": FLAGS.seed,
+    "kernels": FLAGS.kernels,
+    "interpret": FLAGS.interpret,
   }
 
 
@@ -225,6 +229,7 @@ def main(argv):
   from jaxllm.quant import recipes as recipes_lib
 
   methods = _check_flags(recipes_lib.RECIPES)
+  kernels = common.kernel_config()
   t_start = time.perf_counter()
   import dataclasses
 
@@ -248,6 +253,7 @@ def main(argv):
 
   with common.one_line_errors():  # the loader's messages name the file and tensor
     pipe = load_pipeline(FLAGS.model, FLAGS.gguf, FLAGS.dtype, FLAGS.seed)
+  pipe.model.kernels = kernels
   t_loaded = time.perf_counter()
   recipes = {m: recipes_lib.RECIPES[m] for m in methods}
   if _ALPHA.value is not None:
@@ -315,28 +321,25 @@ def main(argv):
     r["delta_pct"] = 100.0 * (r["ppl"] / base - 1.0)
 
   n_tokens = details["fp32"]["perplexity"]["tokens"]
-  print(
-    f"text: {text_record['label']}  context {FLAGS.context}  windows {len(evaluation)}"
-    f"  scored tokens {n_tokens}  calibration: {text_record['calibration']}"
+  table = common.Table(
+    (
+      common.Column("method", "method", width=26, left=True),
+      common.Column("ppl", "ppl", _fmt, width=9),
+      common.Column("Δppl %", "delta_pct", "+.2f", width=8),
+      common.Column("bytes/bf16", "weight_bytes_vs_bf16", ".3f", width=10),
+      common.Column(
+        "w/ embed", lambda r: details[r["method"]]["model_bytes_vs_bf16"], ".3f", width=9
+      ),
+      common.Column("decode tok/s", "decode_tok_s", ".1f", width=12),
+    ),
+    rows,
+    title=f"text: {text_record['label']}  context {FLAGS.context}  windows {len(evaluation)}"
+    f"  scored tokens {n_tokens}  calibration: {text_record['calibration']}",
   )
-  print(
-    f"{'method':26s} {'ppl':>9s} {'Δppl %':>8s} {'bytes/bf16':>10s} {'w/ embed':>9s}"
-    f" {'decode tok/s':>12s}"
-  )
-  for r in rows:
-    tok_s = "-" if r["decode_tok_s"] is None else f"{r['decode_tok_s']:.1f}"
-    print(
-      f"{r['method']:26s} {_fmt(r['ppl']):>9s} {r['delta_pct']:+8.2f} "
-      f"{r['weight_bytes_vs_bf16']:10.3f} {details[r['method']]['model_bytes_vs_bf16']:9.3f}"
-      f" {tok_s:>12s}"
-    )
-  os.makedirs(FLAGS.out_dir, exist_ok=True)
-  plot_path = os.path.join(FLAGS.out_dir, f"{NAME}.png")
-  common.scatter_plot(
+  plot = common.ScatterPlot(
     rows,
     "weight_bytes_vs_bf16",
     "ppl",
-    plot_path,
     title=f"{pipe.config.name}, {text_record['label']}, context {FLAGS.context}, "
     f"{len(evaluation)} windows",
     xlabel="decoder linear weight bytes / bf16 (scales, offsets, padding included)",
@@ -355,12 +358,11 @@ def main(argv):
     "config": _config_record(),
     "text": text_record,
     "methods": details,
-    "plot": plot_path,
     "timing_s": {"load": t_loaded - t_start, "total": time.perf_counter() - t_start},
     "run": common.run_info(),
     "summary": summary,
   }
-  common.finish(FLAGS.out_dir, NAME, record, summary)
+  common.report(FLAGS.out_dir, NAME, record, summary, tables=[table], plot=plot)
 
 
 if __name__ == "__main__":

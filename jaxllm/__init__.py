@@ -18,7 +18,8 @@ _EXPORTS = {
   "Generator": "jaxllm.decoding",
   "default_gguf_path": "jaxllm.gguf_loader",
   "load_gguf": "jaxllm.gguf_loader",
-  "KVCache": "jaxllm.kv_cache",
+  "DenseKVCache": "jaxllm.kv_cache",
+  "KVCache": "jaxllm.kv_cache",  # deprecated alias of DenseKVCache
   "Llama": "jaxllm.model",
   "KernelConfig": "jaxllm.ops",
   "Pipeline": "jaxllm.pipeline",

@@ -33,6 +33,7 @@ from jaxllm import atomic_dir, ops
 from jaxllm.config import ModelConfig
 from jaxllm.model import Llama
 from jaxllm.params import _int_keys, model_from_params
+from jaxllm.quant.formats import get_format
 from jaxllm.quant.qtensor import QTensor
 
 _CONFIG = "config.json"
@@ -92,7 +93,7 @@ def _decode_quantized(params: dict, meta: dict) -> dict:
       arrays[name] = jax.lax.bitcast_convert_type(arr, dtype) if dtype in _BITCAST else arr
     node[entry["keys"][-1]] = QTensor(
       **arrays,
-      method=entry["method"],
+      format=get_format(entry["method"]),
       shape=tuple(entry["shape"]),
       contract_dims=entry["contract_dims"],
       k_pad=entry["k_pad"],

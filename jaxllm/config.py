@@ -63,8 +63,8 @@ class ModelConfig:
       raise ValueError(f"head_dim={self.head_dim} must be even for RoPE")
 
   @property
-  def group_size(self) -> int:
-    """Query heads per key/value head."""
+  def queries_per_kv_head(self) -> int:
+    """Query heads per key/value head (the grouped-query attention ratio)."""
     return self.num_heads // self.num_kv_heads
 
   def replace(self, **changes) -> "ModelConfig":

@@ -21,6 +21,7 @@ from jaxllm.decoding import Generator
 from jaxllm.gguf_loader import INSTALL_HINT, default_gguf_path
 from jaxllm.perplexity import tokenize_windows
 from jaxllm.pipeline import load_pipeline
+from jaxllm.quant import kv_calibration
 from jaxllm.sampling import MIN_TEMPERATURE, SamplingConfig
 
 _PROMPT = flags.DEFINE_string("prompt", "Once upon a time,", "Prompt text.")
@@ -39,10 +40,11 @@ _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Weight 
 _KV_CACHE = flags.DEFINE_enum(
   "kv_cache",
   "dense",
-  sorted(kv_cache.METHODS),
+  sorted(kv_cache.CACHE_PRESETS),
   "KV cache format (jaxllm.kv_cache); FireQ calibrates on the stdlib textwrap module's source.",
 )
-runtime.define_flags()
+runtime.define_flags(weight_cache=True)
+runtime.define_kernel_flags()
 
 
 def make_generator(pipe, method: str) -> Generator:
@@ -51,13 +53,9 @@ def make_generator(pipe, method: str) -> Generator:
     return pipe.generator
   spec = kv_cache.spec_for(method)
   calib = tokenize_windows(pipe.tokenizer, inspect.getsource(textwrap), 512)[:2]
-  model, calibration = kv_cache.prepare_model(pipe.model, spec, calib)
-  cfg, dtype = pipe.config, pipe.model.dtype
+  model, calibration = kv_calibration.prepare_model(pipe.model, spec, calib)
   return Generator(
-    model,
-    make_cache=lambda batch, capacity, start: kv_cache.create_cache(
-      spec, cfg, batch, capacity, dtype, calibration, start
-    ),
+    model, make_cache=kv_cache.cache_factory(spec, pipe.config, pipe.model.dtype, calibration)
   )
 
 
@@ -91,7 +89,11 @@ def main(argv):
   try:
     runtime.setup()
     sampling = check_flags()
-    pipe = load_pipeline(gguf_path=_GGUF.value, dtype=_DTYPE.value)
+    kernels = runtime.kernel_config()  # an unknown op or implementation fails before the load
+    pipe = load_pipeline(
+      gguf_path=_GGUF.value, dtype=_DTYPE.value, weight_cache_dir=runtime.weight_cache_dir()
+    )
+    pipe.model.kernels = kernels
     tok = pipe.tokenizer
     text = (
       tok.apply_chat_template([{"role": "user", "content": _PROMPT.value}])

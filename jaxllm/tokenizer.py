@@ -92,12 +92,20 @@ class Tokenizer:
     """Build from a `gguf.GGUFReader` or a path to a .gguf file."""
     import gguf
 
+    from jaxllm.gguf_loader import open_gguf  # its reader parses metadata faster
+
     if isinstance(reader_or_path, (str, os.PathLike)):
-      reader = gguf.GGUFReader(os.fspath(reader_or_path))
+      reader = open_gguf(os.fspath(reader_or_path))
     elif isinstance(reader_or_path, gguf.GGUFReader):
       reader = reader_or_path
     else:
       raise TypeError(f"expected a GGUFReader or a path, got {type(reader_or_path).__name__}")
+    return cls(**cls.gguf_args(reader))
+
+  @staticmethod
+  def gguf_args(reader) -> dict[str, Any]:
+    """The constructor's arguments read from a GGUF reader's metadata (plain
+    lists, strings and ints: `jaxllm.weight_cache` stores them as JSON)."""
     model = _read(reader, "tokenizer.ggml.model")
     if model != "gpt2":
       raise ValueError(f"unsupported tokenizer model {model!r}: only 'gpt2' (byte-level BPE)")
@@ -105,10 +113,10 @@ class Tokenizer:
     if pre not in ("smollm", "starcoder", "refact", "codeshell"):  # same regexes in llama.cpp
       raise ValueError(f"unsupported pre-tokenizer {pre!r}: expected 'smollm'")
     tokens = _read(reader, "tokenizer.ggml.tokens")
-    return cls(
-      tokens,
-      _read(reader, "tokenizer.ggml.merges"),
-      _read(reader, "tokenizer.ggml.token_type", [1] * len(tokens)),
+    return dict(
+      tokens=tokens,
+      merges=_read(reader, "tokenizer.ggml.merges"),
+      token_types=_read(reader, "tokenizer.ggml.token_type", [1] * len(tokens)),
       bos_id=_read(reader, "tokenizer.ggml.bos_token_id", None),
       eos_id=_read(reader, "tokenizer.ggml.eos_token_id", None),
       pad_id=_read(reader, "tokenizer.ggml.padding_token_id", None),

@@ -23,7 +23,7 @@ DEFAULT_RULES: LogicalRules = (
   # activations
   ("batch", ("data", "fsdp")),
   ("length", None),
-  ("cache_rows", ("data", "fsdp")),  # KVCache stores [batch * kv_heads, length, head_dim]
+  ("cache_rows", ("data", "fsdp")),  # DenseKVCache stores [batch * kv_heads, length, head_dim]
   ("cache_length", None),
   ("act_embed", None),
   ("act_heads", "tensor"),

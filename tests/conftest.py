@@ -29,9 +29,11 @@ def tiny_model() -> jaxllm.Llama:
 
 @pytest.fixture(scope="session", autouse=True)
 def _compilation_cache_in_tmp(tmp_path_factory):
-  """Compiled programs of the CLIs and runners that tests launch go to one
-  temporary directory per test process, not the user's cache (tests that check
-  the cache itself set JAXLLM_COMPILATION_CACHE_DIR to their own)."""
+  """Compiled programs and dequantized weights (jaxllm.weight_cache) of the CLIs
+  and runners that tests launch go to temporary directories, one per test
+  process, not the user's cache (tests that check a cache itself set
+  JAXLLM_COMPILATION_CACHE_DIR or JAXLLM_WEIGHT_CACHE_DIR to their own)."""
   with pytest.MonkeyPatch.context() as mp:
     mp.setenv("JAXLLM_COMPILATION_CACHE_DIR", str(tmp_path_factory.mktemp("xla_cache")))
+    mp.setenv("JAXLLM_WEIGHT_CACHE_DIR", str(tmp_path_factory.mktemp("weight_cache")))
     yield

@@ -9,7 +9,7 @@ import pytest
 from flax import nnx
 
 import jaxllm
-from jaxllm.kv_cache import KVCache, create_cache, spec_for
+from jaxllm.kv_cache import DenseKVCache, create_cache, spec_for
 from jaxllm.params import init_model
 
 ONE_LAYER = jaxllm.TINY.replace(name="one-layer", num_layers=1)
@@ -53,7 +53,7 @@ def test_overflow_inside_jit_is_flagged_and_raised(split_model, method, capacity
 
 def test_dense_grow_and_prefill_chunk_keep_the_flag():
   kv = jnp.zeros((1, 2, 4, 8))
-  chunk = KVCache.from_views([kv], [kv], jnp.zeros((1,), jnp.int32))  # length 4 = capacity
+  chunk = DenseKVCache.from_views([kv], [kv], jnp.zeros((1,), jnp.int32))  # length 4 = capacity
   assert not bool(chunk.overflow)
   written = [(jnp.zeros((1, 2, 6, 8)),) * 2]
   assert not bool(chunk.grow(6).advance(written, 2).overflow)

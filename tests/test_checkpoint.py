@@ -5,19 +5,15 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
-import sys
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from in_process import run_perplexity_main
 
 from jaxllm import checkpoint
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_round_trip_is_exact(tiny_model, tmp_path):
@@ -150,32 +146,19 @@ def test_save_to_a_file_is_one_line_naming_the_path(tiny_model, tmp_path):
   assert path.read_bytes() == b"not a directory"
 
 
-def test_perplexity_cli_on_a_partial_checkpoint(saved, tmp_path):
+def test_perplexity_cli_on_a_partial_checkpoint(saved, tmp_path, capsys):
   path = _copy(saved, tmp_path)
   shutil.rmtree(path / "params")
   text = tmp_path / "text.txt"
   text.write_text("The quick brown fox jumps over the lazy dog. " * 20)
-  proc = subprocess.run(
-    [
-      sys.executable,
-      "-m",
-      "experiments.perplexity",
-      f"--checkpoint={path}",
-      f"--text_file={text}",
-      "--context=32",
-      f"--out_dir={tmp_path / 'out'}",
-    ],
-    cwd=ROOT,
-    env={**os.environ, "JAXLLM_COMPILATION_CACHE_DIR": str(tmp_path / "xla")},
-    capture_output=True,
-    text=True,
-    timeout=300,
-    check=False,
+  code = run_perplexity_main(
+    f"--checkpoint={path}", f"--text_file={text}", "--context=32", f"--out_dir={tmp_path / 'out'}"
   )
-  assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr
-  lines = [line for line in proc.stderr.splitlines() if line.strip()]
+  out, err = capsys.readouterr()
+  assert code not in (0, None)
+  lines = [line for line in err.splitlines() if line.strip()]
   assert (
     lines[-1]
     == f"error: checkpoint {path}: params/ is missing (an interrupted save, or not a jaxllm checkpoint)"
   )
-  assert proc.stdout == "" and not (tmp_path / "out").exists()
+  assert out == "" and not (tmp_path / "out").exists()

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 import jaxllm
+from jaxllm import kv_cache
 from jaxllm.decoding import Generator
-from jaxllm.kv_cache import KVCache
 from jaxllm.sampling import SamplingConfig
 
 
@@ -84,9 +84,7 @@ def test_cache_factory_path_matches_default(tiny_model):
   prompts = [[5, 6, 7, 8, 9], [3, 4]]
   default = Generator(tiny_model, max_cache_len=128).generate(prompts, 12, stop_at_eos=False)
   factory = Generator(
-    tiny_model,
-    max_cache_len=128,
-    make_cache=lambda b, c, start: KVCache.create(cfg, b, c, start=start),
+    tiny_model, max_cache_len=128, make_cache=kv_cache.cache_factory("dense", cfg)
   ).generate(prompts, 12, stop_at_eos=False)
   assert factory.tokens == default.tokens
   assert len(factory.tokens[0]) == 12

@@ -3,19 +3,15 @@ file and the tensor or metadata key, before any model is built."""
 
 from __future__ import annotations
 
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import gguf
 import numpy as np
 import pytest
+from in_process import run_perplexity_main
 
 from jaxllm import gguf_loader
-
-ROOT = Path(__file__).resolve().parents[1]
 
 # A one-block llama: embed 8, 2 query and 2 key/value heads of width 4, MLP 16, vocab 16.
 _META = {
@@ -160,30 +156,20 @@ def test_real_gguf_with_nan_weights_is_refused(tmp_path, smollm_path, real_tenso
   )
 
 
-def test_perplexity_cli_refuses_nan_weights(tmp_path, smollm_path, real_tensors):
+def test_perplexity_cli_refuses_nan_weights(tmp_path, smollm_path, real_tensors, capsys):
   path = tmp_path / "nan.gguf"
   bad = _corrupt_copy(smollm_path, path, real_tensors["blk.0.attn_q.weight"])
   text = tmp_path / "text.txt"
   text.write_text("The quick brown fox jumps over the lazy dog. " * 20)
-  proc = subprocess.run(
-    [
-      sys.executable,
-      "-m",
-      "experiments.perplexity",
-      f"--gguf={path}",
-      f"--text_file={text}",
-      "--context=32",
-      "--max_windows=1",
-      f"--out_dir={tmp_path / 'out'}",
-    ],
-    cwd=ROOT,
-    env={**os.environ, "JAXLLM_COMPILATION_CACHE_DIR": str(tmp_path / "xla")},
-    capture_output=True,
-    text=True,
-    timeout=300,
-    check=False,
+  code = run_perplexity_main(
+    f"--gguf={path}",
+    f"--text_file={text}",
+    "--context=32",
+    "--max_windows=1",
+    f"--out_dir={tmp_path / 'out'}",
   )
-  assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr
-  lines = [line for line in proc.stderr.splitlines() if line.strip()]
+  out, err = capsys.readouterr()
+  assert code not in (0, None)
+  lines = [line for line in err.splitlines() if line.strip()]
   assert lines[-1].startswith(f"error: {path}: tensor 'blk.0.attn_q.weight' has {bad} non-finite")
-  assert proc.stdout == "" and not (tmp_path / "out").exists()
+  assert out == "" and not (tmp_path / "out").exists()

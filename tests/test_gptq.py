@@ -20,8 +20,8 @@ from jaxllm.quant import (
 )
 from jaxllm.quant.apply import input_key, linear_params
 from jaxllm.quant.calibrate import input_hessians, layerwise_hessians
+from jaxllm.quant.formats import fireq_codes, w4a16_codes
 from jaxllm.quant.gptq import gptq_quantize
-from jaxllm.quant.qtensor import fireq_codes, w4a16_codes
 
 SPECS = {
   "w4a16_g32": QuantSpec("w4a16", group_size=32, scale_dtype="bfloat16"),

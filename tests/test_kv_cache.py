@@ -12,26 +12,22 @@ from hypothesis import strategies as st
 
 import jaxllm
 from jaxllm import ops
-from jaxllm.kv_cache import METHODS, create_cache, prepare_model, spec_for, symmetric
-from jaxllm.kv_cache.fireq import (
+from jaxllm.kv_cache import CACHE_PRESETS, create_cache, spec_for, token_quantized
+from jaxllm.kv_cache.hadamard import hadamard, rotate
+from jaxllm.kv_cache.quantize import fake_quantize_asymmetric
+from jaxllm.kv_cache.spec import SEARCH_RANGES
+from jaxllm.quant.kv_calibration import (
   fold_pre_rope_key_scale,
   key_rounding,
+  prepare_model,
   query_hessian,
   smooth_scale,
 )
-from jaxllm.kv_cache.hadamard import hadamard, rotate
-from jaxllm.kv_cache.quantize import (
-  RANGE_SHRINK,
-  fake_quantize_asymmetric,
-  gptq_codes,
-  pack_along,
-  quantize_asymmetric,
-)
-from jaxllm.kv_cache.spec import SEARCH_RANGES
+from jaxllm.quant.numerics import gptq_codes, quantize_asymmetric
 from jaxllm.rope import apply_rope, rope_tables
 from pallas_kernels.quantized_kv_attention import quantize_keys, quantize_values
 
-COMPRESSED = [name for name in METHODS if name != "dense"]
+COMPRESSED = [name for name in CACHE_PRESETS if name != "dense"]
 FOUR_BIT = [
   "fireq_int4",
   "kivi4",
@@ -105,8 +101,8 @@ def decode_error(tiny_model, tokens, calib_tokens):
 
   def error(name):
     if name not in errors:
-      model, calibration = prepare_model(tiny_model, METHODS[name], calib_tokens)
-      cache = create_cache(METHODS[name], cfg, 2, CAPACITY, calibration=calibration)
+      model, calibration = prepare_model(tiny_model, CACHE_PRESETS[name], calib_tokens)
+      cache = create_cache(CACHE_PRESETS[name], cfg, 2, CAPACITY, calibration=calibration)
       got, cache = _decode_logits(model, cache, tokens)
       assert int(cache.length) == TOTAL
       errors[name] = float(np.abs(got - dense).max() / np.abs(dense).max())
@@ -146,7 +142,7 @@ def test_more_bits_closer_to_dense(decode_error):
   """Among the min/max codecs (a searched range can put 2 bits near 4-bit FireQ)."""
   e = {n: decode_error(n) for n in COMPRESSED if n not in SLOW_DECODE}
   assert e["kivi2_r128_s4_search"] < e["kivi2_r128_s4"], e
-  e = {n: v for n, v in e.items() if METHODS[n].search_range == "none"}
+  e = {n: v for n, v in e.items() if CACHE_PRESETS[n].search_range == "none"}
   assert e["int8"] < min(e[n] for n in FOUR_BIT if n in e), e
   assert max(e[n] for n in FOUR_BIT if n in e) < min(e[n] for n in TWO_BIT if n in e), e
   assert e["kivi2"] < e["kivi2_no_residual"], e
@@ -211,9 +207,9 @@ EXPECTED_FIXED_SLOTS = {
 }
 
 
-@pytest.mark.parametrize("name", list(METHODS))
+@pytest.mark.parametrize("name", list(CACHE_PRESETS))
 def test_bytes_per_token_exact(name):
-  spec = METHODS[name]
+  spec = CACHE_PRESETS[name]
   calibration = {"key_scale": jnp.ones((30, 3, 64)), "key_rounding": jnp.ones((30, 3, 64, 64))}
   cache = create_cache(spec, SMOLLM2, 1, 64, calibration=calibration)
   mem = cache.memory()
@@ -227,71 +223,6 @@ def test_bytes_per_token_exact(name):
     assert mem["ratio_vs_bf16"] <= 0.30
   if name in TWO_BIT:
     assert mem["ratio_vs_bf16"] <= 0.18
-
-
-# ------------------------------------------------------------------- packing layout
-
-
-@pytest.mark.parametrize("bits", [2, 4, 8])
-def test_packing_matches_kernel_layout(bits):
-  """float32 scales: our quantize+pack is bit-identical to the kernel package's."""
-  rng = np.random.default_rng(bits)
-  k = jnp.asarray(rng.standard_normal((2, 3, 64, 16)) * 3, jnp.float32)
-  codes, scale, zero = quantize_asymmetric(k.reshape(2, 3, 2, 32, 16), bits, -2, jnp.float32)
-  packed = pack_along(codes, bits, -2).reshape(2, 3, -1, 16)
-  want = quantize_keys(k, bits, 32)
-  np.testing.assert_array_equal(packed, want[0])
-  np.testing.assert_array_equal(scale[..., 0, :], want[1])
-  np.testing.assert_array_equal(zero[..., 0, :], want[2])
-  codes, scale, zero = quantize_asymmetric(k, bits, -1, jnp.float32)
-  want = quantize_values(k, bits)
-  np.testing.assert_array_equal(pack_along(codes, bits, -1), want[0])
-  np.testing.assert_array_equal(scale[..., 0], want[1])
-
-
-def _numpy_best_range_error(row: np.ndarray, bits: int) -> float:
-  """Least squared rounding error of one slice over the shrunk (lo, hi) candidates, by loops."""
-  qmax = 2**bits - 1
-  lo, hi = row.min(), row.max()
-  mid = (lo + hi) / 2
-  best = np.inf
-  for r_lo in RANGE_SHRINK:
-    for r_hi in RANGE_SHRINK:
-      c_lo, c_hi = mid + r_lo * (lo - mid), mid + r_hi * (hi - mid)
-      step = (c_hi - c_lo) / qmax
-      deq = np.clip(np.round((row - c_lo) / step), 0, qmax) * step + c_lo
-      best = min(best, float(((deq - row) ** 2).sum()))
-  return best
-
-
-@pytest.mark.parametrize("bits", [2, 4])
-def test_range_search_picks_the_least_error_range(bits):
-  """Per slice, the searched range's error equals a loop over the candidates, is never
-  above min/max's, and at 2 bits on heavy-tailed data is well below it."""
-  rng = np.random.default_rng(bits)
-  x = rng.standard_t(4, size=(48, 64)).astype(np.float32)
-  plain = np.asarray(fake_quantize_asymmetric(jnp.asarray(x), bits, -1))
-  searched = np.asarray(fake_quantize_asymmetric(jnp.asarray(x), bits, -1, least_error=True))
-  err_plain = ((plain - x) ** 2).sum(-1)
-  err_searched = ((searched - x) ** 2).sum(-1)
-  want = np.array([_numpy_best_range_error(row, bits) for row in x])
-  np.testing.assert_allclose(err_searched, want, rtol=1e-4)
-  assert (err_searched <= err_plain * (1 + 1e-5)).all()
-  if bits == 2:
-    assert err_searched.sum() < 0.7 * err_plain.sum()
-
-
-def test_range_search_ignores_invalid_entries():
-  """Entries outside `valid` move neither the searched scale nor the zero."""
-  rng = np.random.default_rng(0)
-  x = rng.standard_normal((4, 32, 16)).astype(np.float32)
-  valid = np.arange(32)[None, :, None] >= 5
-  y = np.where(valid, x, 100.0).astype(np.float32)
-  a = quantize_asymmetric(jnp.asarray(x), 2, -2, jnp.float32, jnp.asarray(valid), True)
-  b = quantize_asymmetric(jnp.asarray(y), 2, -2, jnp.float32, jnp.asarray(valid), True)
-  np.testing.assert_array_equal(a[1], b[1])
-  np.testing.assert_array_equal(a[2], b[2])
-  np.testing.assert_array_equal(np.where(valid, a[0], 0), np.where(valid, b[0], 0))
 
 
 # ---------------------------------------------------------- KIVI flush, rollback, sinks
@@ -526,7 +457,7 @@ def test_kivi_sinks_through_the_decode_op(impl, residual):
   start = jnp.array([0, 30], jnp.int32)
   kernels = ops.KernelConfig(implementation=impl, interpret=True)
   spec = spec_for("kivi2_s4").replace(residual=residual)
-  cache = create_cache(spec, ONE_LAYER, 2, 128, start=start, kernels=kernels)
+  cache = create_cache(spec, ONE_LAYER, 2, 128, start=start)
 
   @jax.jit
   def step(cache, q, k_pre, v):
@@ -535,7 +466,7 @@ def test_kivi_sinks_through_the_decode_op(impl, residual):
     q, k = apply_rope(q, cos, sin), apply_rope(k_pre, cos, sin)
     k_st, v_st = cache._to_storage(k_pre, k, v)
     layer = cache.layers[0]
-    via_op = cache._decode_with_kernel(layer, q, k_st, v_st, ops.KernelConfig())
+    via_op = cache._decode_op(layer, q, k_st, v_st, kernels)
     dequantized = cache._attend_dequantized(layer, q, k, v, slots, ops.KernelConfig())
     return via_op, dequantized, cache.advance([cache._write(layer, k_st, v_st)], 1)
 
@@ -722,7 +653,7 @@ def test_fireq_ablations_store_different_keys(outlier_model, calib_tokens, token
     cache = create_cache(spec_for(name), model.config, 2, 64, calibration=calibration)
     _, cache = _runner(model)(cache, tokens[:, :48])
     layer = cache.layers[0]
-    stored[name] = np.asarray(symmetric.decode(layer.k_codes, layer.k_scale, layer.k_zero, 4))
+    stored[name] = np.asarray(token_quantized.decode(layer.k_codes, layer.k_scale, layer.k_zero, 4))
     stored[name] = stored[name][:, :, :48]
   for i, a in enumerate(names):
     for b in names[i + 1 :]:
@@ -745,20 +676,24 @@ def test_kivi_decode_pallas_interpret_matches_xla(tiny_model, tokens):
   cfg = tiny_model.config
   results = {}
   for impl in ("pallas", "xla"):
-    kernels = ops.KernelConfig(implementation=impl, interpret=True)
     start = jnp.array([0, 3])
-    cache = create_cache(
-      spec_for("kivi2").replace(residual=32), cfg, 2, CAPACITY, start=start, kernels=kernels
-    )
-    results[impl], _ = _decode_logits(tiny_model, cache, tokens[:, :70], prefill=66)
+    cache = create_cache(spec_for("kivi2").replace(residual=32), cfg, 2, CAPACITY, start=start)
+    tiny_model.kernels = ops.KernelConfig(implementation=impl, interpret=True)
+    try:
+      results[impl], _ = _decode_logits(tiny_model, cache, tokens[:, :70], prefill=66)
+    finally:
+      tiny_model.kernels = ops.KernelConfig()
   scale = np.abs(results["xla"]).max()
   assert np.abs(results["pallas"] - results["xla"]).max() / scale <= 1e-3
 
 
 def test_kivi_decode_calls_the_kernel(tiny_model):
-  kernels = ops.KernelConfig(implementation="pallas", interpret=True)
-  cache = create_cache(spec_for("kivi4"), tiny_model.config, 1, 64, kernels=kernels)
-  graphdef, state = nnx.split(tiny_model)
+  cache = create_cache(spec_for("kivi4"), tiny_model.config, 1, 64)
+  tiny_model.kernels = ops.KernelConfig(implementation="pallas", interpret=True)
+  try:
+    graphdef, state = nnx.split(tiny_model)
+  finally:
+    tiny_model.kernels = ops.KernelConfig()
   step = lambda s, c, t: nnx.merge(graphdef, s)(t, cache=c)
   decode = str(jax.make_jaxpr(step)(state, cache, jnp.zeros((1, 1), jnp.int32)))
   prefill = str(jax.make_jaxpr(step)(state, cache, jnp.zeros((1, 4), jnp.int32)))
@@ -784,8 +719,8 @@ def test_xla_op_matches_reference_op():
     layer.v_residual,
   )
   kw = dict(bits=4, group_size=32)
-  xla = ops.resolve("quantized_kv_attention", ops.KernelConfig("xla"))(*args, **kw)
-  ref = ops.resolve("quantized_kv_attention", ops.KernelConfig("reference"))(*args, **kw)
+  xla = ops.quantized_kv_attention(*args, **kw, config=ops.KernelConfig("xla"))
+  ref = ops.quantized_kv_attention(*args, **kw, config=ops.KernelConfig("reference"))
   np.testing.assert_allclose(xla, ref, rtol=1e-4, atol=1e-5)
 
 
@@ -848,8 +783,10 @@ def test_fireq_key_and_value_channel_groups():
   row = np.concatenate([np.linspace(-1, 1, 32), np.linspace(-100, 100, 32)]).astype(np.float32)
   err = {}
   for groups in (2, 1):
-    codes, scale, zero = symmetric.encode(jnp.asarray(row), spec, groups)
-    err[groups] = np.abs(np.asarray(symmetric.decode(codes, scale, zero, 4))[:32] - row[:32]).max()
+    codes, scale, zero = token_quantized.encode(jnp.asarray(row), spec, groups)
+    err[groups] = np.abs(
+      np.asarray(token_quantized.decode(codes, scale, zero, 4))[:32] - row[:32]
+    ).max()
   assert err[2] <= 0.5 * 2 / 15 + 0.01  # half a step of the small half's own range (2 / 15)
   assert err[1] > 0.5  # one scale: the small half is rounded on the large half's grid
   with pytest.raises(ValueError, match="head_dim 64 does not split into 3 channel groups"):
@@ -921,8 +858,9 @@ def test_query_hessian_is_the_mean_square_score_change(outlier_model, calib_toke
     w_q = np.asarray(outlier_model.layers[i].attn.q.get_value(), np.float64)
     q = np.einsum("btc,chd->bthd", np.asarray(taps[f"{i}.attn_in"], np.float64), w_q)
     q = np.asarray(apply_rope(jnp.asarray(q, jnp.float32), cos, sin), np.float64)
+    g = cfg.queries_per_kv_head
     for kv in range(2):
-      heads = q[:, :, kv * cfg.group_size : (kv + 1) * cfg.group_size] * scale[i, kv]
+      heads = q[:, :, kv * g : (kv + 1) * g] * scale[i, kv]
       want = ((heads @ e) ** 2).mean()
       np.testing.assert_allclose(e @ h[i, kv] @ e, want, rtol=1e-4)
 
@@ -942,8 +880,8 @@ def test_gptq_keys_lower_the_score_error_of_held_out_queries():
   spec = spec_for("fireq_int4")
   err = {}
   for name, rounding in (("nearest", None), ("gptq", u)):
-    codes, scale, zero = symmetric.encode(keys, spec, 2, rounding=rounding)
-    e = np.asarray(symmetric.decode(codes, scale, zero, 4)) - np.asarray(keys)
+    codes, scale, zero = token_quantized.encode(keys, spec, 2, rounding=rounding)
+    e = np.asarray(token_quantized.decode(codes, scale, zero, 4)) - np.asarray(keys)
     err[name] = float(((held_out @ e.T) ** 2).mean())
   assert err["gptq"] < 0.5 * err["nearest"], err
 
@@ -966,7 +904,7 @@ def test_cache_rounds_each_layer_with_its_factors(outlier_model, calib_tokens, t
     want = {}
     for name, factors in (("own", u[i]), ("other", u[1 - i]), ("nearest", None)):
       rounding = None if factors is None else jnp.asarray(factors)[:, None]
-      want[name] = np.asarray(symmetric.encode(keys, spec, 2, rounding=rounding)[0])
+      want[name] = np.asarray(token_quantized.encode(keys, spec, 2, rounding=rounding)[0])
     got = np.asarray(cache.layers[i].k_codes)[:, :, :48]
     match = {name: float((got == codes).mean()) for name, codes in want.items()}
     # layer 0 reads exactly the keys of the forward pass; layer 1's differ in the last

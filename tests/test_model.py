@@ -13,7 +13,7 @@ import numpy as np
 from flax import nnx
 
 import jaxllm
-from jaxllm.kv_cache import KVCache
+from jaxllm.kv_cache import DenseKVCache
 from jaxllm.params import logical_axes
 
 
@@ -26,7 +26,7 @@ def test_incremental_decode_equals_full_forward(tiny_model):
   rng = np.random.default_rng(0)
   tokens = rng.integers(0, tiny_model.config.vocab_size, size=(2, 12))
   full, _ = _forward(tiny_model, tokens)
-  cache = KVCache.create(tiny_model.config, batch=2, capacity=16)
+  cache = DenseKVCache.create(tiny_model.config, batch=2, capacity=16)
   logits, cache = _forward(tiny_model, tokens[:, :5], cache=cache)  # chunked prefill into a cache
   steps = [logits]
   for i in range(5, 12):
@@ -42,7 +42,7 @@ def test_rollback_forgets_tokens(tiny_model):
   a = rng.integers(0, tiny_model.config.vocab_size, size=(1, 8))
   b = a.copy()
   b[:, 5:] = (b[:, 5:] + 7) % tiny_model.config.vocab_size
-  cache = KVCache.create(tiny_model.config, batch=1, capacity=8)
+  cache = DenseKVCache.create(tiny_model.config, batch=1, capacity=8)
   _, cache = _forward(tiny_model, a, cache=cache)
   logits, cache = _forward(tiny_model, b[:, 5:], cache=cache.rollback(5))
   np.testing.assert_allclose(logits, _forward(tiny_model, b)[0][:, 5:], atol=1e-4)
@@ -106,7 +106,7 @@ def test_sharded_forward_matches_unsharded():
 def test_cache_axes_have_rules():
   import sharding
 
-  spec = sharding.logical_to_spec(KVCache.LOGICAL_AXES)
+  spec = sharding.logical_to_spec(DenseKVCache.LOGICAL_AXES)
   assert spec[0] == ("data", "fsdp") and spec[1] is None
 
 
@@ -119,7 +119,7 @@ def test_untied_head_and_mqa():
   assert model.lm_head.shape == (cfg.embed_dim, cfg.vocab_size)
   tokens = np.random.default_rng(3).integers(0, cfg.vocab_size, size=(1, 6))
   full, _ = _forward(model, tokens)
-  cache = KVCache.create(cfg, batch=1, capacity=8)
+  cache = DenseKVCache.create(cfg, batch=1, capacity=8)
   _, cache = _forward(model, tokens[:, :5], cache=cache)
   last, _ = _forward(model, tokens[:, 5:], cache=cache)
   np.testing.assert_allclose(last[:, 0], full[:, 5], atol=1e-4)

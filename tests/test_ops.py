@@ -1,4 +1,10 @@
-"""Dispatch layer: selection rules and XLA-vs-reference agreement of every op."""
+"""The ``linear`` and ``attention`` ops: one `OpSuite` each (every implementation in
+their tables), plus the XLA attention's blocked path, its gradient and RoPE.
+
+Tolerances: linear against a float64 numpy product, rtol 1e-4 and atol 1e-3 (K up to
+1536 of unit normals); attention against a float64 loop-per-query numpy softmax and
+against the reference, atol 2e-5 and rtol 1e-4.
+"""
 
 from __future__ import annotations
 
@@ -8,26 +14,15 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from op_test_base import BadInput, Case, Export, OpSuite, allclose, fast_jit, sds
 
 from jaxllm import ops
 from jaxllm.rope import apply_rope, rope_tables
+from pallas_kernels import registry, shapes
 
-
-def test_default_on_cpu_is_xla():
-  assert ops.resolve("linear") is ops._REGISTRY["linear"]["xla"]
-  assert (
-    ops.resolve("attention", ops.KernelConfig("reference"))
-    is (ops._REGISTRY["attention"]["reference"])
-  )
-
-
-def test_missing_implementation_is_a_clear_error():
-  with pytest.raises(ValueError, match="has no 'pallas' implementation"):
-    ops.resolve("attention", ops.KernelConfig("pallas"))
-  with pytest.raises(ValueError, match="no op named"):
-    ops.resolve("conv")
-  with pytest.raises(ValueError, match="implementation="):
-    ops.KernelConfig("triton")
+ATTENTION = registry.get("attention")
+LINEAR = registry.get("linear")
+SMOLLM2 = shapes.SMOLLM2
 
 
 def _attention_inputs(rng, b, s, t, hkv, g, d, offset):
@@ -56,6 +51,103 @@ def _numpy_attention(q, k, v, q_slots, start):
   return out
 
 
+# ------------------------------------------------------------------ attention
+
+
+def _attention_case(case_id, b, s, extra, hkv, g, d, seed):
+  def make():
+    rng = np.random.default_rng(seed)
+    return _attention_inputs(rng, b, s, s + extra, hkv, g, d, offset=extra), {}
+
+  def check(out, args, kwargs):
+    del kwargs
+    np.testing.assert_allclose(np.asarray(out), _numpy_attention(*args), atol=2e-5, rtol=1e-4)
+
+  return Case(case_id, make, allclose(2e-5, 1e-4), check)
+
+
+def _attention_bad(case_id, exc, match, **over):
+  """Valid small inputs (q [1, 4, 6, 8], k/v [1, 2, 6, 8]) with some replaced."""
+
+  def make():
+    rng = np.random.default_rng(0)
+    q, k, v, q_slots, start = _attention_inputs(rng, 1, 4, 6, 2, 3, 8, offset=2)
+    args = dict(q=q, k=k, v=v, q_slots=q_slots, kv_start=start)
+    args.update({name: fn(args) for name, fn in over.items()})
+    return tuple(args.values()), {}
+
+  return BadInput(case_id, make, exc, match)
+
+
+_HQ, _HKV, _D = SMOLLM2.kv_heads
+
+
+class TestAttention(OpSuite):
+  OP = ATTENTION
+  NUMERICS = (
+    # SmolLM2's grouping (9 query heads on 3 KV heads), a prefill chunk after 7 slots
+    _attention_case("smollm2_gqa", 2, 5, 7, _HKV, _HQ // _HKV, _D, seed=0),
+    _attention_case("mha_prefill", 1, 9, 0, 1, 1, 8, seed=1),
+    _attention_case("decode_step", 3, 1, 20, 3, 1, 8, seed=2),
+  )
+  BAD_INPUTS = (
+    _attention_bad(
+      "q_list", TypeError, "attention: q must be an array, got list", q=lambda a: [1.0]
+    ),
+    _attention_bad(
+      "q_rank",
+      ValueError,
+      r"attention: q \(4, 6, 8\) must be \[B, S, Hq, D\]",
+      q=lambda a: a["q"][0],
+    ),
+    _attention_bad(
+      "heads",
+      ValueError,
+      r"attention: k \(1, 4, 6, 8\) does not fit q .*KV heads must divide",
+      k=lambda a: np.zeros((1, 4, 6, 8), np.float32),
+    ),
+    _attention_bad(
+      "v_shape",
+      ValueError,
+      r"attention: v \(1, 2, 5, 8\) differs from k",
+      v=lambda a: a["v"][:, :, :5],
+    ),
+    _attention_bad(
+      "slots_shape",
+      ValueError,
+      r"q_slots \(1, 3\) must be \(1, 4\)",
+      q_slots=lambda a: a["q_slots"][:, :3],
+    ),
+    _attention_bad(
+      "start_dtype",
+      ValueError,
+      "attention: kv_start must be integer, got float32",
+      kv_start=lambda a: a["kv_start"].astype(np.float32),
+    ),
+    _attention_bad(
+      "q_dtype",
+      ValueError,
+      "attention: q must be float, got int32",
+      q=lambda a: a["q"].astype(np.int32),
+    ),
+  )
+  EXPORTS = tuple(
+    Export(
+      f"smollm2_s{s}_t{t}",
+      (
+        sds((2, s, _HQ, _D), jnp.bfloat16),
+        sds((2, _HKV, t, _D), jnp.bfloat16),
+        sds((2, _HKV, t, _D), jnp.bfloat16),
+        sds((2, s), jnp.int32),
+        sds((2,), jnp.int32),
+      ),
+      {},
+      (2, s, _HQ, _D),
+    )
+    for s, t in ((1, 1024), (600, 1024))  # a decode step; a prefill chunk (the blocked path)
+  )
+
+
 @settings(max_examples=12, deadline=None)  # every example compiles new shapes
 @given(
   b=st.integers(1, 3),
@@ -67,12 +159,13 @@ def _numpy_attention(q, k, v, q_slots, start):
   seed=st.integers(0, 2**16),
 )
 def test_attention_matches_numpy(b, s, extra, hkv, g, d, seed):
+  """Random shapes beyond the suite's cases, every implementation in the table."""
   rng = np.random.default_rng(seed)
   t = s + extra
   q, k, v, q_slots, start = _attention_inputs(rng, b, s, t, hkv, g, d, offset=extra)
   want = _numpy_attention(q, k, v, q_slots, start)
-  for impl in ("xla", "reference"):
-    got = ops.attention(q, k, v, q_slots, start, ops.KernelConfig(impl))
+  for impl in ATTENTION.names:
+    got = TestAttention.jitted(impl, (q, k, v, q_slots, start), {})
     np.testing.assert_allclose(np.asarray(got), want, atol=2e-5, rtol=1e-4, err_msg=impl)
 
 
@@ -92,7 +185,7 @@ def test_blocked_attention_matches_reference(s, t, starts, slots):
   if slots == "random":
     q_slots = rng.integers(0, t, size=q_slots.shape).astype(np.int32)
   got, want = (
-    np.asarray(jax.jit(ops.attention, static_argnums=5)(q, k, v, q_slots, start, config))
+    np.asarray(fast_jit(ops.attention, static_argnums=5)(q, k, v, q_slots, start, config))
     for config in (ops.KernelConfig("xla"), ops.KernelConfig("reference"))
   )
   assert np.isfinite(got).all()  # padding queries see no key, yet stay finite
@@ -131,29 +224,76 @@ def test_blocked_attention_gradient():
     def loss(q, k, v):
       return jnp.sum(ops.attention(q, k, v, q_slots, start, config) * w)
 
-    return jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(q, k, v)
+    return fast_jit(jax.grad(loss, argnums=(0, 1, 2)))(q, k, v)
 
   for got, want in zip(grads(ops.KernelConfig("xla")), grads(ops.KernelConfig("reference"))):
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=2e-5, rtol=1e-4)
 
 
 def test_fully_masked_rows_stay_finite():
+  """Left-padding queries that see no key give finite outputs in every implementation."""
   rng = np.random.default_rng(1)
   q, k, v, q_slots, start = _attention_inputs(rng, 1, 4, 4, 1, 2, 8, offset=0)
   start[:] = 2  # queries at slots 0, 1 see nothing (left padding)
-  assert np.isfinite(np.asarray(ops.attention(q, k, v, q_slots, start))).all()
+  for impl in ATTENTION.names:
+    out = TestAttention.jitted(impl, (q, k, v, q_slots, start), {})
+    assert np.isfinite(np.asarray(out)).all(), impl
 
 
-@pytest.mark.parametrize("shape", [(1, 576, 576), (16, 576, 1536), (3, 1536, 576)])
-def test_linear_xla_matches_reference(shape):
-  m, k, n = shape
-  rng = np.random.default_rng(m)
-  x = rng.standard_normal((m, k)).astype(np.float32)
-  w = rng.standard_normal((k, n)).astype(np.float32)
-  want = x.astype(np.float64) @ w
-  for impl in ("xla", "reference"):
-    got = np.asarray(ops.linear(jnp.asarray(x), jnp.asarray(w), ops.KernelConfig(impl)))
-    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-3, err_msg=impl)
+# ------------------------------------------------------------------ linear
+
+
+def _linear_case(m, linear):
+  k, n = linear.kn
+
+  def make():
+    rng = np.random.default_rng(m)
+    x = rng.standard_normal((m, k)).astype(np.float32)
+    w = rng.standard_normal((k, n)).astype(np.float32)
+    return (jnp.asarray(x), jnp.asarray(w)), {}
+
+  def check(out, args, kwargs):
+    del kwargs
+    want = np.asarray(args[0], np.float64) @ np.asarray(args[1])
+    np.testing.assert_allclose(np.asarray(out), want, rtol=1e-4, atol=1e-3)
+
+  return Case(f"m{m}-{linear.name}", make, allclose(1e-3, 1e-4), check)
+
+
+def _linear_bad(case_id, exc, match, x=(4, 8), w=(8, 3), x_dtype=np.float32, w_dtype=np.float32):
+  def make():
+    xs = np.zeros(x, x_dtype) if x is not None else [[0.0] * 8]
+    return (xs, np.zeros(w, w_dtype)), {}
+
+  return BadInput(case_id, make, exc, match)
+
+
+class TestLinear(OpSuite):
+  OP = LINEAR
+  NUMERICS = tuple(
+    _linear_case(m, SMOLLM2.linear(name))
+    for m, name in ((1, "attn_q_o"), (16, "mlp_gate_up"), (3, "mlp_down"))
+  )
+  BAD_INPUTS = (
+    _linear_bad("x_list", TypeError, "linear: x must be an array, got list", x=None),
+    _linear_bad(
+      "contract", ValueError, r"linear: x \(4, 8\) does not contract with w \(7, 3\)", w=(7, 3)
+    ),
+    _linear_bad("w_rank", ValueError, r"does not contract with w \(8, 3, 1\)", w=(8, 3, 1)),
+    _linear_bad(
+      "w_dtype",
+      ValueError,
+      r"linear: w must be float, got int8 \(shape \(8, 3\)\)",
+      w_dtype=np.int8,
+    ),
+  )
+  EXPORTS = tuple(
+    Export(
+      f"m{m}-{lin.name}", (sds((m, lin.k), jnp.bfloat16), sds(lin.kn, jnp.bfloat16)), {}, (m, lin.n)
+    )
+    for m in (1, 128)
+    for lin in SMOLLM2.select(("attn_q_o", "mlp_down"))
+  )
 
 
 def test_rope_matches_complex_rotation():
@@ -170,3 +310,34 @@ def test_rope_matches_complex_rotation():
   # as in HF's Llama; a wrong pairing or frequency would be off by O(1).
   np.testing.assert_allclose(got, np.concatenate([z.real, z.imag], -1), atol=1e-3)
   jax.clear_caches()
+
+
+def test_shape_registry_matches_the_model_configs():
+  """`pallas_kernels.shapes` (which cannot import jaxllm) agrees with jaxllm's model
+  configs, and derives each linear's (K, N) once per distinct shape."""
+  from jaxllm.config import SMOLLM2_135M, TINY
+
+  fields = ("embed_dim", "num_heads", "num_kv_heads", "head_dim", "mlp_dim", "vocab_size")
+  for shape, config in ((shapes.SMOLLM2, SMOLLM2_135M), (shapes.TINY, TINY)):
+    assert [getattr(shape, f) for f in fields] == [getattr(config, f) for f in fields], shape.name
+  # SmolLM2-135M: q/o 576x576, k/v 576x192 (3 KV heads of 64), MLP 1536, vocab 49152.
+  assert shapes.SMOLLM2.matmul_shapes() == (
+    (576, 576),
+    (576, 192),
+    (576, 1536),
+    (1536, 576),
+    (576, 49152),
+  )
+  assert [lin.name for lin in shapes.TINY.linears] == [
+    "attn_q",
+    "attn_k_v",
+    "attn_o",
+    "mlp_gate_up",
+    "mlp_down",
+    "lm_head",
+  ]
+  assert shapes.LLAMA3_8B.kv_heads == (32, 8, 128)
+  with pytest.raises(ValueError, match=r"unknown model shape 'llama3-8b'; choose from \["):
+    shapes.get("llama3-8b")
+  with pytest.raises(ValueError, match="model 'tiny' has no linear 'attn_q_o'"):
+    shapes.TINY.linear("attn_q_o")

@@ -9,7 +9,6 @@ import sys
 
 import jax
 import jax.numpy as jnp
-import ml_dtypes
 import numpy as np
 import pytest
 
@@ -32,7 +31,6 @@ from jaxllm.quant import (
   weight_bytes,
 )
 from jaxllm.quant.calibrate import input_hessians
-from jaxllm.quant.qtensor import round_up_fp8
 from jaxllm.quant.smoothing import (
   consumer_row_scales,
   input_ranges,
@@ -202,15 +200,6 @@ def test_quantized_model_shards_like_the_float_one():
 # ------------------------------------------------------------------ FireQ scales
 
 
-def test_round_up_fp8_is_the_next_representable_value():
-  grid = np.unique(np.arange(256, dtype=np.uint8).view(ml_dtypes.float8_e4m3fn).astype(np.float32))
-  grid = grid[np.isfinite(grid) & (grid > 0)]
-  x = np.concatenate([grid, grid[:-1] * 1.01, np.geomspace(1e-4, 448, 200)]).astype(np.float32)
-  got = np.asarray(round_up_fp8(jnp.asarray(x)).astype(jnp.float32))
-  want = grid[np.searchsorted(grid, x, side="left")]
-  np.testing.assert_array_equal(got, want)
-
-
 def test_fireq_per_tensor_scale_keeps_small_scales_precise():
   """SmolLM2-sized weights (|w| ~ 1e-2): absolute FP8 scales are coarse subnormals."""
   w = jax.random.normal(jax.random.key(2), (576, 256), jnp.float32) * 0.004
@@ -237,7 +226,7 @@ def test_bad_input_raises():
     quantize(w, "fireq_w4a8", group_size=96)
   q = quantize(w, "w4a16", group_size=32)
   for impl in IMPLS:
-    with pytest.raises(ValueError, match="activations have dtype int32"):
+    with pytest.raises(ValueError, match=r"_matmul: x has dtype int32"):
       ops.linear(jnp.ones((2, 256), jnp.int32), q, ops.KernelConfig(impl, interpret=True))
   with pytest.raises(ValueError, match="unknown quantization recipe"):
     get_recipe("int2")

@@ -45,6 +45,8 @@ def test_quantize_runner_tiny(tmp_path, text_file):
     "--calib_windows=1",
     f"--methods={METHODS}",
     "--decode_tokens=4",
+    "--kernels=pallas",  # the quantized matmuls run their Pallas kernels, interpreted
+    "--interpret",
     f"--out_dir={out}",
   )
   assert proc.returncode == 0, proc.stderr[-2000:]
@@ -59,6 +61,7 @@ def test_quantize_runner_tiny(tmp_path, text_file):
   for m in ("w4a16_g128", "fireq_w4a8"):
     assert 0.25 < rows[m]["weight_bytes_vs_bf16"] < 0.30
   record = json.loads((out / "quantize.json").read_text())
+  assert record["config"]["kernels"] == "pallas" and record["config"]["interpret"]
   assert record["text"]["calibration_windows"] == 1
   assert record["methods"]["w8a8"]["perplexity"]["tokens"] == 63
   disk = {m: d["orbax_checkpoint_bytes_on_disk"] for m, d in record["methods"].items()}

@@ -127,6 +127,72 @@ def test_fail_is_one_line(capsys):
   assert capsys.readouterr().err == "error: bad input here\n"
 
 
+_ROWS = [
+  {"method": "dense", "ppl": 12.3456, "delta_pct": 0.0, "tok_s": None},
+  {"method": "kivi2", "ppl": float("nan"), "delta_pct": -1.25e-3, "tok_s": 1234.56},
+]
+
+
+def _table(rows, **kwargs):
+  return common.Table(
+    (
+      common.Column("method", "method", width=10, left=True),
+      common.Column("ppl", "ppl", ".3f", width=9),
+      common.Column("Δppl %", "delta_pct", "+.2f", width=8),
+      common.Column("tok/s", lambda r: r["tok_s"], lambda v: f"{v:.1f}!", width=8),
+    ),
+    rows,
+    **kwargs,
+  )
+
+
+def test_table_lines_as_the_runners_formatted_them():
+  """Cells as f-strings with the same widths give them; None is "-"; a span row
+  prints its label and note; the title's newline is a blank line."""
+  rows = [*_ROWS, {"method": "llamacpp", "note": "n/a (not installed)"}]
+  assert _table(rows, title="\ntext: t", span="note").lines() == [
+    "",
+    "text: t",
+    f"{'method':10s} {'ppl':>9s} {'Δppl %':>8s} {'tok/s':>8s}",
+    f"{'dense':10s} {12.3456:9.3f} {0.0:+8.2f} {'-':>8s}",
+    f"{'kivi2':10s} {float('nan'):9.3f} {-1.25e-3:+8.2f} {'1234.6!':>8s}",
+    "llamacpp   n/a (not installed)",
+  ]
+  facts = common.Table(
+    (common.Column("", 0, width=12, left=True), common.Column("", 1)), [("a", 1)]
+  )
+  assert facts.lines() == ["a            1"]  # no heading, no trailing blanks
+  with pytest.raises(KeyError):
+    _table([{"method": "x"}]).lines()  # a key the row lacks is a bug, not a "-"
+
+
+def test_report_prints_tables_saves_plot_then_summary(tmp_path, capsys):
+  rows = [dict(_ROWS[0], bits=16.0), dict(_ROWS[0], method="int8", bits=8.5, ppl=12.5)]
+  plot = common.ScatterPlot(rows, "bits", "ppl", title="t", xlabel="bits", ylabel="ppl")
+  summary, record = {"results": rows}, {"rows": rows}
+  common.report(
+    str(tmp_path), "demo", record, summary, tables=[_table(rows), "(a note)"], plot=plot
+  )
+  out = capsys.readouterr().out.splitlines()
+  assert out[:-1] == [*_table(rows).lines(), "(a note)"]
+  assert json.loads(out[-1]) == {"results": rows, "results_file": str(tmp_path / "demo.json")}
+  png = tmp_path / "demo.png"
+  assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 1000
+  assert json.loads((tmp_path / "demo.json").read_text()) == {"rows": rows, "plot": str(png)}
+
+
+def test_report_with_a_nan_figure_writes_everything_then_fails(tmp_path, capsys):
+  summary = {"results": [dict(r) for r in _ROWS]}
+  with pytest.raises(SystemExit) as e:
+    common.report(str(tmp_path), "demo", {"rows": _ROWS}, summary, tables=[_table(_ROWS)])
+  assert e.value.code != 0
+  out, err = capsys.readouterr()
+  assert out.splitlines()[:3] == _table(_ROWS).lines()
+  assert json.loads(out.splitlines()[-1])["results"][1]["ppl"] == "nan"
+  assert err.startswith("error: non-finite figure(s) (NaN or inf): rows[1].ppl, ")
+  assert json.loads((tmp_path / "demo.json").read_text())["rows"][1]["ppl"] == "nan"
+
+
 def test_kv_compression_tiny(tmp_path, text_file):
   """The streaming KV runner end to end: the dense cache is its own baseline, int8
   stays close to it, every row has the issue's keys, and the plot is written.
@@ -146,6 +212,8 @@ def test_kv_compression_tiny(tmp_path, text_file):
       "--max_windows=2",
       "--batch_size=2",
       "--calib_windows=1",
+      "--kernels=pallas",  # every op's Pallas kernel where it has one, interpreted
+      "--interpret",
       f"--out_dir={out}",
     )
   )
@@ -160,6 +228,7 @@ def test_kv_compression_tiny(tmp_path, text_file):
   assert abs(rows["int8"]["delta_pct"]) < 2.0 and rows["int8"]["top1_agree"] > 0.9
   assert rows["kivi2"]["bytes_per_token_vs_bf16"] < 0.18
   record = json.loads((out / "kv_compression.json").read_text())
+  assert record["config"]["kernels"] == "pallas" and record["config"]["interpret"]
   assert record["text"]["scored_tokens_per_method"] == 2 * (160 - 1)
   chunks = {r["method"]: r["decode_chunk"] for r in record["rows"]}
   # KIVI's flushes (lengths 96 + 32k) fall inside 16-token steps from 20: one per step.
@@ -203,6 +272,13 @@ def test_kv_compression_prefill_must_leave_decode_steps(text_file):
   proc = run("kv_compression", f"--text_file={text_file}", "--context=64", "--prefill=63")
   assert proc.returncode != 0
   assert "--prefill must be in [1, context - 1)" in proc.stderr.strip().splitlines()[-1]
+  proc = run("kv_compression", f"--text_file={text_file}", "--kernels=pallas,attention=flash")
+  assert proc.returncode != 0
+  err = proc.stderr.strip().splitlines()[-1]
+  assert err == (
+    "error: --kernels=pallas,attention=flash: op 'attention' has no implementation 'flash'; "
+    "it has ['reference', 'xla']"
+  ), err
 
 
 def test_bench_kernels_tiny_interpret(tmp_path):

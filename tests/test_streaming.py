@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 
 from jaxllm import kv_cache
-from jaxllm.kv_cache import GroupedKVCache, KVCache, SymmetricKVCache, spec_for
+from jaxllm.kv_cache import GroupQuantizedKVCache, TokenQuantizedKVCache, spec_for
 from jaxllm.perplexity import perplexity
+from jaxllm.quant.kv_calibration import prepare_model
 from jaxllm.streaming import StreamingConfig, StreamingScorer, streaming_perplexity
 
 
@@ -16,10 +17,8 @@ def _windows(vocab: int, n: int, length: int, seed: int = 0) -> np.ndarray:
 
 
 def _dense_scorer(model, **config):
-  cfg = model.config
-  return StreamingScorer(
-    model, lambda b, c: KVCache.create(cfg, b, c), StreamingConfig(capacity_multiple=16, **config)
-  )
+  make_cache = kv_cache.cache_factory("dense", model.config)
+  return StreamingScorer(model, make_cache, StreamingConfig(capacity_multiple=16, **config))
 
 
 @pytest.mark.parametrize("prefill,block,chunk", [(1, 8, 1), (5, 7, 1), (12, 64, 1), (3, 2, 4)])
@@ -75,9 +74,8 @@ _CHUNK_EXACT = {
 
 
 def _cache_scorer(model, spec, **config):
-  model, calibration = kv_cache.prepare_model(model, spec, _windows(512, 2, 64, seed=5))
-  cfg = model.config
-  make = lambda b, c: kv_cache.create_cache(spec, cfg, b, c, calibration=calibration)
+  model, calibration = prepare_model(model, spec, _windows(512, 2, 64, seed=5))
+  make = kv_cache.cache_factory(spec, model.config, calibration=calibration)
   return StreamingScorer(model, make, StreamingConfig(capacity_multiple=32, batch_size=2, **config))
 
 
@@ -107,9 +105,9 @@ def test_chunked_decode_refused_where_it_would_change_scores(
   tiny_model, name, prefill, chunk, match
 ):
   spec = spec_for(name)
-  model, calibration = kv_cache.prepare_model(tiny_model, spec, _windows(512, 2, 64))
+  model, calibration = prepare_model(tiny_model, spec, _windows(512, 2, 64))
   cfg = model.config
-  make = lambda b, c: kv_cache.create_cache(spec, cfg, b, c, calibration=calibration)
+  make = kv_cache.cache_factory(spec, cfg, calibration=calibration)
   scorer = StreamingScorer(model, make, StreamingConfig(prefill=prefill, chunk=chunk, block=2))
   with pytest.raises(ValueError, match=match):
     scorer.score_batch(_windows(cfg.vocab_size, 1, 200))
@@ -122,7 +120,7 @@ def test_chunked_decode_needs_its_checks(tiny_model, monkeypatch, name, residual
   """What `for_chunked_decode` does matters: forced through as plain chunks, a
   misaligned KIVI chunk (a flush inside a step), KIVI with no exact window, or a
   per-token cache reading its chunk exactly, each scores differently."""
-  for cls in (GroupedKVCache, SymmetricKVCache):
+  for cls in (GroupQuantizedKVCache, TokenQuantizedKVCache):
     monkeypatch.setattr(cls, "for_chunked_decode", lambda self, *_: self)
   spec = spec_for(name).replace(residual=residual)
   windows = _windows(tiny_model.config.vocab_size, 2, 160, seed=2)

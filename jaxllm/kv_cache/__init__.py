@@ -13,8 +13,13 @@ is concrete. Under jit it is traced, so every cache carries ``overflow``, a bool
 scalar set by a write past the capacity (such writes are clamped) and kept from
 then on; ``check_overflow()`` raises ValueError on the host when it is set.
 
-Methods (`METHODS`, by name):
-  * dense: float K/V (`KVCache`).
+Three cache classes, named by what they store: `DenseKVCache` (float K/V),
+`TokenQuantizedKVCache` (integer codes per token as it is written: int8, FireQ) and
+`GroupQuantizedKVCache` (integer codes a group of tokens at a time, beside an exact
+window of the newest tokens: KIVI, RotateKV). `create_cache` picks the class for a spec.
+
+Presets (`CACHE_PRESETS`, by name; the runners' `--methods`; measured in docs/results.md):
+  * dense: float K/V.
   * int8: K and V int8, symmetric, one scale per (token, KV head).
   * fireq_int4: FireQ: pre-RoPE pair-shared key scale folded into W_k / W_q,
     post-RoPE per-channel key scale, K/V INT4 per token (asymmetric, scale and
@@ -25,7 +30,7 @@ Methods (`METHODS`, by name):
   * fireq_int4_r128_s4: FireQ's codes, plus the 128 newest tokens (KIVI's R)
     and the first 4 of each row read exactly (from float buffers beside the codes).
   * fireq_int4_r128_s4_a09: the same with smoothing strength 0.9 instead of 1
-    (`CacheSpec.smooth_alpha`): the FireQ that meets the 1% target (48 windows).
+    (`CacheSpec.smooth_alpha`): `experiments.kv_compression`'s FireQ row.
   * fireq_int4_gptq / fireq_int4_r128_s4_gptq: the same storage; each key's
     channels rounded in turn by GPTQ, with the calibration queries' second
     moment as the Hessian (`CacheSpec.key_rounding="gptq"`): less score error,
@@ -33,18 +38,21 @@ Methods (`METHODS`, by name):
   * kivi2_r128_s4: KIVI-2 with R=128 and the first 4 tokens of each row exact.
   * kivi2_r128_s4_ksearch: the same storage; each key scale's range (per channel
     over G tokens) is the one of least squared rounding error instead of min..max
-    (`CacheSpec.search_range="keys"`). The KIVI-2 that meets the 8% target.
+    (`CacheSpec.search_range="keys"`): `experiments.kv_compression`'s KIVI-2 row.
   * rotatekv2 / rotatekv4: KIVI storage of Hadamard-rotated pre-RoPE keys and
     rotated values, attention-sink tokens kept exact.
   * ablations: kivi2_per_token_keys, kivi2_no_residual, kivi2_r128, kivi2_s4
     (4 exact sinks), kivi2_s4_g64_v2 (key groups of 64 tokens, two value scale
     groups per token), rotatekv2_no_rotation (RotateKV-2 without the Hadamard
     rotation), kivi2_r128_s4_search (key and value ranges searched; values
-    clipped hurt), kivi2_pre_rope_r128_s4[_ksearch], rotatekv2_ksearch, fireq_int4_r96_s4 (a 96-token window),
-    fireq_int4_pre_rope_only, fireq_int4_post_rope_only, fireq_int4_rot
+    clipped hurt), kivi2_pre_rope_r128_s4[_ksearch], rotatekv2_ksearch,
+    fireq_int4_r96_s4 (a 96-token window), fireq_int4_pre_rope_only,
+    fireq_int4_post_rope_only, fireq_int4_rot
     (keys and queries Hadamard-rotated after the post-RoPE scale).
 
 Typical use::
+
+    from jaxllm.quant.kv_calibration import prepare_model
 
     spec = spec_for("kivi2")
     model, calibration = prepare_model(model, spec, calib_tokens)
@@ -54,37 +62,18 @@ Typical use::
 
 from __future__ import annotations
 
+import inspect
+from collections.abc import Callable
+from typing import Any
+
+import jax
 import jax.numpy as jnp
 
 from jaxllm.config import ModelConfig
-from jaxllm.kv_cache import dispatch  # noqa: F401  registers quantized_kv_attention
-from jaxllm.kv_cache.dense import KVCache
-from jaxllm.kv_cache.grouped import GroupedKVCache
-from jaxllm.kv_cache.spec import METHODS, CacheSpec, spec_for
-from jaxllm.kv_cache.symmetric import SymmetricKVCache
-
-
-def prepare_model(model, spec: CacheSpec, calib_tokens=None):
-  """The model to run with `spec`'s cache and its calibration.
-
-  Args:
-    model: a `jaxllm.Llama` (never modified).
-    spec: the cache method.
-    calib_tokens: int32 [N, L] calibration windows (FireQ only; ignored otherwise).
-
-  Returns:
-    (model, calibration): FireQ returns a copy with the pre-RoPE key scale folded
-    into W_k / W_q (when enabled) and {"key_scale": [L, Hkv, D]} (post-RoPE scale,
-    when enabled); other methods return the model unchanged and None.
-  """
-  calibrated = spec.pre_rope_scale or spec.post_rope_scale or spec.key_rounding == "gptq"
-  if spec.kind != "fireq" or not calibrated:
-    return model, None
-  if calib_tokens is None:
-    raise ValueError(f"{spec.name} needs calib_tokens (int32 [N, L]) to calibrate its key scales")
-  from jaxllm.kv_cache import fireq  # imports the model module
-
-  return fireq.calibrate(model, spec, calib_tokens)
+from jaxllm.kv_cache.dense import DenseKVCache, KVCache
+from jaxllm.kv_cache.group_quantized import GroupQuantizedKVCache
+from jaxllm.kv_cache.spec import CACHE_PRESETS, CacheSpec, spec_for
+from jaxllm.kv_cache.token_quantized import TokenQuantizedKVCache
 
 
 def create_cache(
@@ -95,50 +84,104 @@ def create_cache(
   dtype=jnp.float32,
   calibration=None,
   start=None,
-  kernels=None,
 ):
   """An empty cache for `spec`.
 
   Args:
-    spec: the method (`spec_for(name)`).
+    spec: the cache spec (`spec_for(name)`).
     config: the model's config.
     batch: rows.
     capacity: tokens per row (prompt + generated, left padding included).
     dtype: float dtype of dense/residual/sink storage.
-    calibration: `prepare_model`'s calibration (FireQ: post-RoPE scale, GPTQ key
-      rounding factors).
+    calibration: `jaxllm.quant.kv_calibration.prepare_model`'s calibration (FireQ:
+      post-RoPE scale, GPTQ key rounding factors).
     start: [B] first valid slot per row (left padding); zeros by default.
-    kernels: optional `ops.KernelConfig` for KIVI's decode op only (e.g.
-      ``KernelConfig("pallas", interpret=True)``); default: the model's.
   """
   if batch <= 0 or capacity <= 0:
     raise ValueError(f"KV cache needs batch > 0 and capacity > 0, got {batch=}, {capacity=}")
   start = jnp.zeros((batch,), jnp.int32) if start is None else jnp.asarray(start, jnp.int32)
   if spec.kind == "dense":
-    return KVCache.create(config, batch, capacity, dtype, start)
+    return DenseKVCache.create(config, batch, capacity, dtype, start)
   if spec.kind in ("int8", "fireq"):
     key_scale = None
     if spec.kind == "fireq" and spec.post_rope_scale:
       if calibration is None or "key_scale" not in calibration:
         raise ValueError(
-          f"{spec.name} needs the post-RoPE key scale: pass prepare_model's calibration"
+          f"{spec.name} needs the post-RoPE key scale: pass "
+          "jaxllm.quant.kv_calibration.prepare_model's calibration"
         )
       key_scale = calibration["key_scale"]
-    # SymmetricKVCache.create refuses a "gptq" spec without its factors
+    # TokenQuantizedKVCache.create refuses a "gptq" spec without its factors
     rounding = (calibration or {}).get("key_rounding") if spec.key_rounding == "gptq" else None
-    return SymmetricKVCache.create(
+    return TokenQuantizedKVCache.create(
       spec, config, batch, capacity, start, key_scale, dtype, key_rounding=rounding
     )
-  return GroupedKVCache.create(spec, config, batch, capacity, start, dtype, kernels)
+  return GroupQuantizedKVCache.create(spec, config, batch, capacity, start, dtype)
+
+
+# How `jaxllm.decoding.Generator` and `jaxllm.streaming.StreamingScorer` get their
+# caches: ``make_cache(batch, capacity, start)`` -> an empty cache (any type here),
+# `start` being int32 [batch], each row's first valid slot (its left padding).
+# `cache_factory` builds one from a spec.
+CacheFactory = Callable[[int, int, jax.Array], Any]
+
+
+def cache_factory(
+  spec: CacheSpec | str, config: ModelConfig, dtype=jnp.float32, calibration=None
+) -> CacheFactory:
+  """The `CacheFactory` of `spec`'s caches (`create_cache` with these arguments).
+
+  Args:
+    spec: a `CacheSpec`, or a preset name in `CACHE_PRESETS`.
+    config: the model's config.
+    dtype: float dtype of dense/residual/sink storage (the model's activation dtype).
+    calibration: `jaxllm.quant.kv_calibration.prepare_model`'s calibration.
+
+  Raises ValueError here, not at the first cache: for an unknown preset name, and
+  for what `create_cache` refuses at any capacity (a FireQ spec without its
+  calibration, a head_dim the format cannot pack). One cache of one row and the
+  model's max_seq_len tokens is built in shape only (`jax.eval_shape`) to check.
+  """
+  if isinstance(spec, str):
+    spec = spec_for(spec)
+  elif not isinstance(spec, CacheSpec):
+    raise TypeError(f"cache_factory: spec must be a CacheSpec or a preset name, got {spec!r}")
+
+  def make_cache(batch: int, capacity: int, start: jax.Array) -> Any:
+    return create_cache(spec, config, batch, capacity, dtype, calibration, start)
+
+  jax.eval_shape(lambda: make_cache(1, config.max_seq_len, jnp.zeros((1,), jnp.int32)))
+  return make_cache
+
+
+def check_cache_factory(make_cache, owner: str) -> None:
+  """Raises TypeError, naming `owner`, unless `make_cache` can be called as a
+  `CacheFactory`: ``make_cache(batch, capacity, start)``."""
+  if not callable(make_cache):
+    raise TypeError(f"{owner}: make_cache must be callable, got {type(make_cache).__name__}")
+  try:
+    signature = inspect.signature(make_cache)
+  except (TypeError, ValueError):  # no signature to read (some builtins): trust the call
+    return
+  try:
+    signature.bind(1, 1, None)
+  except TypeError as e:
+    raise TypeError(
+      f"{owner}: make_cache{signature} cannot be called as make_cache(batch, capacity, start) "
+      f"({e}); build one with jaxllm.kv_cache.cache_factory(spec, config, dtype, calibration)"
+    ) from None
 
 
 __all__ = [
-  "METHODS",
+  "CACHE_PRESETS",
+  "CacheFactory",
   "CacheSpec",
-  "GroupedKVCache",
+  "DenseKVCache",
+  "GroupQuantizedKVCache",
   "KVCache",
-  "SymmetricKVCache",
+  "TokenQuantizedKVCache",
+  "cache_factory",
+  "check_cache_factory",
   "create_cache",
-  "prepare_model",
   "spec_for",
 ]

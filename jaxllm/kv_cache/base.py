@@ -1,11 +1,36 @@
-"""Shared pieces of the caches: room checks, rollback, chunk insertion, memory reports."""
+"""What the model needs of a cache (`Cache`), and the pieces the caches share: room
+checks, rollback, chunk insertion, memory reports."""
 
 from __future__ import annotations
+
+from typing import Any, Protocol
 
 import jax
 import jax.numpy as jnp
 
 from jaxllm.config import ModelConfig
+
+
+class Cache(Protocol):
+  """A KV cache as `jaxllm.model.Llama` uses it; every cache of `jaxllm.kv_cache` is one.
+
+  Attributes:
+    start: [B] int32, first valid slot of each row (left padding).
+    length: int32 scalar, slots written so far; the next chunk goes there.
+  """
+
+  start: jax.Array
+  length: jax.Array
+
+  def attend(self, layer: int, q, k_pre_rope, k, v, q_slots, kernels) -> tuple[jax.Array, Any]:
+    """Attention of one layer's queries q [B, S, Hq, D] (after RoPE) over everything
+    cached and, causally, over the chunk's keys (before and after RoPE) and values
+    [B, S, Hkv, D]; returns (output [B, S, Hq, D], the layer's new state)."""
+    ...
+
+  def advance(self, layer_states, num_tokens: int) -> Cache:
+    """The cache holding every layer's new state, `num_tokens` slots longer."""
+    ...
 
 
 def concrete_int(x) -> int | None:
@@ -104,7 +129,7 @@ def attend_two_copies(q, stored, exact, use_exact, q_slots, start) -> jax.Array:
 
 def repeat_kv_heads(x: jax.Array, config: ModelConfig) -> jax.Array:
   """[..., Hkv, D] per-KV-head values -> [..., Hq, D] for the query heads that share them."""
-  return jnp.repeat(x, config.group_size, axis=-2)
+  return jnp.repeat(x, config.queries_per_kv_head, axis=-2)
 
 
 def bf16_bytes_per_token(num_layers: int, num_kv_heads: int, head_dim: int) -> int:

@@ -27,8 +27,10 @@ from jaxllm.kv_cache.base import (
 
 
 @flax.struct.dataclass
-class KVCache(SlotCacheMixin):
-  """Per-layer dense K/V buffers.
+class DenseKVCache(SlotCacheMixin):
+  """Float keys and values, one dense buffer per layer (no quantization).
+
+  `KVCache` is a deprecated alias of this class.
 
   Buffers are stored as [B * Hkv, T, D] ("rows" = batch-major (row, kv head)
   pairs) and handed to attention as [B, Hkv, T, D] views. The 3-D storage is
@@ -60,7 +62,7 @@ class KVCache(SlotCacheMixin):
     capacity: int,
     dtype=jnp.float32,
     start: jax.Array | None = None,
-  ) -> "KVCache":
+  ) -> "DenseKVCache":
     if capacity <= 0 or batch <= 0:
       raise ValueError(f"KV cache needs batch > 0 and capacity > 0, got {batch=}, {capacity=}")
     shape = (batch * config.num_kv_heads, capacity, config.head_dim)
@@ -74,7 +76,7 @@ class KVCache(SlotCacheMixin):
     )
 
   @classmethod
-  def from_views(cls, keys, values, start: jax.Array) -> "KVCache":
+  def from_views(cls, keys, values, start: jax.Array) -> "DenseKVCache":
     """A full cache holding [B, Hkv, S, D] views (e.g. a prefill chunk), length S."""
     return cls(
       keys=tuple(_rows(k) for k in keys),
@@ -128,13 +130,13 @@ class KVCache(SlotCacheMixin):
     k_buf, v_buf = self.write(layer, k, v)
     return ops.attention(q, k_buf, v_buf, q_slots, self.start, kernels), (k_buf, v_buf)
 
-  def for_chunked_decode(self, first: int, chunk: int) -> "KVCache":
+  def for_chunked_decode(self, first: int, chunk: int) -> "DenseKVCache":
     """This cache: K/V are stored exactly, so decoding `chunk` tokens per step
     (from position `first`) scores as one token per step does."""
     del first, chunk
     return self
 
-  def advance(self, layer_states, num_tokens: int) -> "KVCache":
+  def advance(self, layer_states, num_tokens: int) -> "DenseKVCache":
     """New cache holding each layer's written (k, v) [B, Hkv, T, D] buffers, `num_tokens` longer."""
     return self.replace(
       keys=tuple(_rows(k) for k, _ in layer_states),
@@ -143,7 +145,7 @@ class KVCache(SlotCacheMixin):
       overflow=overflow_after(self.overflow, self.length, num_tokens, self.capacity),
     )
 
-  def grow(self, capacity: int) -> "KVCache":
+  def grow(self, capacity: int) -> "DenseKVCache":
     """The same cache with room for `capacity` slots (new slots zero)."""
     extra = capacity - self.capacity
     if extra < 0:
@@ -160,6 +162,9 @@ class KVCache(SlotCacheMixin):
     bf16 = bf16_bytes_per_token(len(self.keys), rows // self.batch, head_dim)
     per_token = bf16 * self.keys[0].dtype.itemsize // 2
     return memory_report(bf16, per_token, 0, self.num_bytes)
+
+
+KVCache = DenseKVCache  # deprecated alias (the name before issue 23)
 
 
 def _rows(x: jax.Array) -> jax.Array:

@@ -1,34 +1,43 @@
-"""Post-training quantization: quantized weight containers, their matmuls, calibration,
-smoothing, GPTQ, block reconstruction and recipes."""
+"""Post-training quantization: weight formats, quantized weight containers, calibration,
+smoothing, GPTQ, block reconstruction and recipes.
 
-from jaxllm.quant.apply import apply_recipe, quantize_model, weight_bytes
-from jaxllm.quant.calibrate import activation_absmax
-from jaxllm.quant.qtensor import METHODS, QTensor, quantize
-from jaxllm.quant.recipes import (
-  RECIPES,
-  QuantRule,
-  QuantSpec,
-  Recipe,
-  Reconstruction,
-  get_recipe,
-)
-from jaxllm.quant.reconstruct import LayerChoice
-from jaxllm.quant.smoothing import smooth_model
+The names below load on first use (PEP 562): importing one module of this package
+(`jaxllm.quant.numerics`, which the KV caches build on) does not import the others,
+several of which import the model.
+"""
 
-__all__ = [
-  "METHODS",
-  "LayerChoice",
-  "RECIPES",
-  "QTensor",
-  "QuantRule",
-  "QuantSpec",
-  "Recipe",
-  "Reconstruction",
-  "activation_absmax",
-  "apply_recipe",
-  "get_recipe",
-  "quantize",
-  "quantize_model",
-  "smooth_model",
-  "weight_bytes",
-]
+import importlib
+
+# public name -> module that defines it
+_EXPORTS = {
+  "apply_recipe": "jaxllm.quant.apply",
+  "quantize_model": "jaxllm.quant.apply",
+  "weight_bytes": "jaxllm.quant.apply",
+  "activation_absmax": "jaxllm.quant.calibrate",
+  "FORMATS": "jaxllm.quant.formats",
+  "WeightFormat": "jaxllm.quant.formats",
+  "get_format": "jaxllm.quant.formats",
+  "register_format": "jaxllm.quant.formats",
+  "QTensor": "jaxllm.quant.qtensor",
+  "quantize": "jaxllm.quant.qtensor",
+  "RECIPES": "jaxllm.quant.recipes",
+  "QuantRule": "jaxllm.quant.recipes",
+  "QuantSpec": "jaxllm.quant.recipes",
+  "Recipe": "jaxllm.quant.recipes",
+  "Reconstruction": "jaxllm.quant.recipes",
+  "get_recipe": "jaxllm.quant.recipes",
+  "LayerChoice": "jaxllm.quant.reconstruct",
+  "smooth_model": "jaxllm.quant.smoothing",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+  if name in _EXPORTS:
+    return getattr(importlib.import_module(_EXPORTS[name]), name)
+  raise AttributeError(f"module 'jaxllm.quant' has no attribute {name!r}")
+
+
+def __dir__():
+  return sorted((*globals(), *__all__))

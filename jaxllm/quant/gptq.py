@@ -7,8 +7,9 @@ spread over the rows not yet quantized through the upper Cholesky factor U of
 ``H^-1`` (``H^-1 = U^T U``), so later rows compensate for it. Groups get their grid
 (scale, offset) when their first row is reached, from the error-updated weights
 (over the range of least rounding error when the spec's `clip_search` is set), and
-the grid is computed by the same helpers `jaxllm.quant.qtensor.quantize` uses, so
-the result is a `QTensor` on exactly the grid round-to-nearest would store.
+the grid is computed by the format's own helpers (`WeightFormat.gptq_group_grid`,
+the ones its `quantize` uses), so the result is a `QTensor` on exactly the grid
+round-to-nearest would store.
 With act order the rows are taken by decreasing Hessian diagonal; the groups stay
 contiguous in K, so their grids are fixed beforehand (round-to-nearest's, GPTQ's
 "static groups") and the rows go in blocks of gcd(K', `W8_BLOCK`) (K' = K padded).
@@ -31,64 +32,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxllm.quant import qtensor
+from jaxllm.quant.formats import WeightFormat, format_names
+from jaxllm.quant.numerics import inverse_hessian_factor
 from jaxllm.quant.qtensor import QTensor
 from jaxllm.quant.recipes import QuantSpec
-from pallas_kernels import quantized_matmul as qmm
 
-GPTQ_METHODS = ("w4a16", "fireq_w4a8", "w8a8")
-W8_BLOCK = 128  # rows per lazy-update block when grids are fixed (w8a8, act order)
+W8_BLOCK = 128  # rows per lazy-update block when grids are fixed (W8A8, act order)
 
 
-def inverse_hessian_factor(
-  hessian: jax.Array, k_padded: int, damp: float = 0.01, order=None
-) -> jax.Array:
-  """Upper Cholesky factor U of ``(H + lambda I)^-1`` [K', K'], H zero-padded to K' rows
-  (and, given `order` [K'], its rows and columns taken in that order)."""
-  k = hessian.shape[0]
-  h = jnp.asarray(hessian, jnp.float32)
-  lam = damp * jnp.mean(jnp.diag(h))
-  lam = jnp.where(lam > 0, lam, 1.0)  # an all-zero Hessian: plain round-to-nearest
-  h = jnp.pad(h, ((0, k_padded - k), (0, k_padded - k)))
-  h = h + lam * jnp.eye(k_padded, dtype=jnp.float32)
-  if order is not None:
-    h = h[order][:, order]
-  lower = jnp.linalg.cholesky(h)
-  eye = jnp.eye(k_padded, dtype=jnp.float32)
-  h_inv = jax.scipy.linalg.cho_solve((lower, True), eye)
-  return jnp.linalg.cholesky(h_inv).T
-
-
-def _grid(method, scale_dtype, wg, tensor_scale, clip):
-  """Grid parts [N] of one int4 group wg [g, N], by the QTensor's own helpers; with
-  `clip`, over the group's range of least rounding error (`qtensor.clip_to_best_range`)."""
-  if clip:
-    wg = qtensor.clip_to_best_range(wg, wg.shape[0], symmetric=method == "fireq_w4a8")
-  wg = wg[None]
-  if method == "fireq_w4a8":
-    return (qtensor.fireq_group_scale(wg, tensor_scale, scale_dtype)[0],)
-  return tuple(p[0] for p in qtensor.w4a16_group_grid(wg, scale_dtype))
-
-
-def _codes(method, w, params, tensor_scale):
-  if method == "w8a8":
-    return qmm.int8_codes(w, params[0])
-  if method == "fireq_w4a8":
-    return qtensor.fireq_codes(w, params[0], tensor_scale)
-  return qtensor.w4a16_codes(w, *params)
-
-
-def _dequantize(method, code, params, tensor_scale):
-  if method == "w8a8":
-    return code * params[0]
-  if method == "fireq_w4a8":
-    return code * params[0].astype(jnp.float32) * tensor_scale[0, 0]
-  scales, mins = params
-  return code * scales.astype(jnp.float32) + mins.astype(jnp.float32)
-
-
-@functools.partial(jax.jit, static_argnames=("group", "method", "scale_dtype", "clip"))
-def _gptq_rows(w2, u, tensor_scale, row_grid, *, group, method, scale_dtype, clip):
+@functools.partial(jax.jit, static_argnames=("group", "fmt", "scale_dtype", "clip"))
+def _gptq_rows(w2, u, tensor_scale, row_grid, *, group, fmt: WeightFormat, scale_dtype, clip):
   """Sequential GPTQ over blocks of `group` rows. Returns (codes [K, N] f32, grid parts).
 
   `row_grid`: grid parts [K, N], one grid per row, fixed (W8A8; act order), and the
@@ -97,7 +50,7 @@ def _gptq_rows(w2, u, tensor_scale, row_grid, *, group, method, scale_dtype, cli
   k, n = w2.shape
   n_groups = k // group
   later = jnp.arange(group)[None, :] > jnp.arange(group)[:, None]  # [i, j]: j after i
-  params0 = row_grid or _grid(method, scale_dtype, w2[:group], tensor_scale, clip)
+  params0 = row_grid or fmt.gptq_group_grid(w2[:group], tensor_scale, scale_dtype, clip)
   params_init = tuple(jnp.zeros((n_groups, n), p.dtype) for p in params0)
 
   def block(b, carry):
@@ -109,14 +62,14 @@ def _gptq_rows(w2, u, tensor_scale, row_grid, *, group, method, scale_dtype, cli
       params = None
       rows_params = tuple(jax.lax.dynamic_slice(p, (start, 0), (group, n)) for p in row_grid)
     else:
-      params = _grid(method, scale_dtype, wb, tensor_scale, clip)  # [N] each
+      params = fmt.gptq_group_grid(wb, tensor_scale, scale_dtype, clip)  # [N] each
       rows_params = tuple(jnp.broadcast_to(p, (group, n)) for p in params)
 
     def row(i, inner):
       wb, cb, eb = inner
       x, p = wb[i], tuple(part[i] for part in rows_params)
-      c = _codes(method, x[None], p, tensor_scale)[0]
-      err = (x - _dequantize(method, c, p, tensor_scale)) / ub[i, i]
+      c = fmt.gptq_codes(x[None], p, tensor_scale)[0]
+      err = (x - fmt.gptq_dequantize(c, p, tensor_scale)) / ub[i, i]
       wb = wb - jnp.where(later[i][:, None], ub[i][:, None] * err[None, :], 0.0)
       return wb, cb.at[i].set(c), eb.at[i].set(err)
 
@@ -150,8 +103,9 @@ def gptq_quantize(
   Args:
     w: float weight; its first `contract_dims` dims form K.
     hessian: [K, K] ``X^T X`` (any positive multiple) of the layer's calibration inputs.
-    spec: a `QuantSpec` of `GPTQ_METHODS`; its group size, padding and scale
-      dtype give the grid (w8a8: per output channel, from `w`); with its
+    spec: a `QuantSpec` whose format `supports_gptq`; its group size, padding and
+      scale dtype give the grid (a `gptq_fixed_grid` format such as w8a8: the
+      round-to-nearest grid of `w`, kept); with its
       `clip_search`, each int4 group's grid spans the range of least rounding error.
     contract_dims: leading dims of `w` forming K.
     damp: relative dampening of H's diagonal (lambda = damp * mean(diag H)).
@@ -161,11 +115,14 @@ def gptq_quantize(
       beforehand from the weight itself, as round-to-nearest stores them.
 
   Raises:
-    ValueError: a method GPTQ does not handle, a Hessian that is not [K, K] or not
+    ValueError: a format without a GPTQ grid, a Hessian that is not [K, K] or not
       finite, or the errors of `jaxllm.quant.quantize`.
   """
-  if spec.method not in GPTQ_METHODS:
-    raise ValueError(f"GPTQ handles {GPTQ_METHODS}, not {spec.method!r}")
+  fmt = spec.format
+  if not fmt.supports_gptq:
+    raise ValueError(
+      f"GPTQ handles the weight formats {format_names('supports_gptq')}, not {fmt.name!r}"
+    )
   if not damp > 0:
     raise ValueError(f"GPTQ dampening must be > 0, got {damp}")
   # Validates dtype, group size and padding exactly as round-to-nearest would.
@@ -182,10 +139,10 @@ def gptq_quantize(
   n = math.prod(w.shape[contract_dims:])
   k_padded = k + rtn.k_pad
   w2 = jnp.pad(jnp.asarray(w, jnp.float32).reshape(k, n), ((0, rtn.k_pad), (0, 0)))
-  clip = spec.clip_search and spec.method != "w8a8"
+  clip = spec.clip_search and not fmt.gptq_fixed_grid
   # A grid fixed per row (W8A8's per-channel scales; act order's groups), or None.
   fixed = None
-  if spec.method == "w8a8":
+  if fmt.gptq_fixed_grid:
     fixed = rtn
   elif act_order:
     fixed = spec.quantize(w, contract_dims)
@@ -197,7 +154,7 @@ def gptq_quantize(
     block, row_grid, tensor_scale = spec.group_size or k_padded, None, rtn.tensor_scale
   else:
     block = math.gcd(k_padded, W8_BLOCK)
-    parts = (fixed.scales,) if fixed.offsets is None else (fixed.scales, fixed.offsets)
+    parts = tuple(getattr(fixed, name) for name in fmt.grid_parts)
     group_of_row = order // (k_padded // parts[0].shape[0])
     row_grid = tuple(p[group_of_row] for p in parts)
     tensor_scale = fixed.tensor_scale
@@ -207,16 +164,12 @@ def gptq_quantize(
     jnp.ones((1, 1)) if tensor_scale is None else tensor_scale,
     row_grid,
     group=block,
-    method=spec.method,
+    fmt=fmt,
     scale_dtype=jnp.dtype(rtn.scales.dtype).name,
     clip=clip,
   )
   codes = codes[np.argsort(order)]
-  if spec.method == "w8a8":
-    return rtn.replace(values=codes.astype(jnp.int8))
-  values = qmm.pack_int4(codes.astype(jnp.int32))
+  values = fmt.pack_codes(codes)
   if fixed is not None:
     return fixed.replace(values=values)
-  if spec.method == "fireq_w4a8":
-    return rtn.replace(values=values, scales=params[0])
-  return rtn.replace(values=values, scales=params[0], offsets=params[1])
+  return rtn.replace(values=values, **dict(zip(fmt.grid_parts, params)))

@@ -11,15 +11,20 @@ from __future__ import annotations
 import dataclasses
 import re
 
-from jaxllm.quant.qtensor import METHODS, QTensor, quantize
+from jaxllm.quant.formats import WeightFormat, format_names, get_format
+from jaxllm.quant.qtensor import QTensor, quantize
 from jaxllm.quant.smoothing import alphas_per_input
 
 
 @dataclasses.dataclass(frozen=True)
 class QuantSpec:
-  """How one weight is quantized (the arguments of `jaxllm.quant.quantize`)."""
+  """How one weight is quantized (the arguments of `jaxllm.quant.quantize`).
 
-  method: str
+  `method` names a weight format of `jaxllm.quant.formats.FORMATS` (or is a
+  `WeightFormat` object); `format` is the format itself.
+  """
+
+  method: str | WeightFormat
   group_size: int | None = None
   pad_k: bool = False
   scale_dtype: str | None = None
@@ -40,10 +45,11 @@ class QuantSpec:
     )
 
   def __post_init__(self):
-    if self.method not in METHODS:
-      raise ValueError(
-        f"unknown quantization method {self.method!r}; choose one of {sorted(METHODS)}"
-      )
+    get_format(self.method)  # raises on an unknown name
+
+  @property
+  def format(self) -> WeightFormat:
+    return get_format(self.method)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,9 +65,6 @@ class Reconstruction:
       raise ValueError(f"reconstruction steps must be an int >= 1, got {self.steps!r}")
     if not self.learning_rate > 0:
       raise ValueError(f"reconstruction learning_rate must be > 0, got {self.learning_rate}")
-
-
-LEARNABLE_METHODS = ("w4a16", "fireq_w4a8")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -127,20 +130,21 @@ class Recipe:
       if getattr(self, option) and not self.gptq:
         raise ValueError(f"recipe {self.name!r}: {option} is a GPTQ option; set gptq=True")
     if self.gptq and any(
-      r.spec is not None and r.spec.method not in ("w4a16", "fireq_w4a8", "w8a8")
-      for r in self.rules
+      r.spec is not None and not r.spec.format.supports_gptq for r in self.rules
     ):
-      raise ValueError(f"recipe {self.name!r}: GPTQ handles the w4a16, fireq_w4a8, w8a8 weights")
+      raise ValueError(
+        f"recipe {self.name!r}: GPTQ handles the {', '.join(format_names('supports_gptq'))} weights"
+      )
     if self.smoothing_alpha is not None:
       alphas_per_input(self.smoothing_alpha)  # raises on a bad table
     if self.reconstruct is not None:
       if self.alpha_grid:
         raise ValueError(f"recipe {self.name!r}: reconstruct does not combine with alpha_grid")
-      bad = [r.spec.method for r in self.rules if r.spec and r.spec.method not in LEARNABLE_METHODS]
+      bad = [r.spec.format.name for r in self.rules if r.spec and not r.spec.format.learnable]
       if bad:
         raise ValueError(
-          f"recipe {self.name!r}: block reconstruction learns {LEARNABLE_METHODS} weights, "
-          f"not {sorted(set(bad))}"
+          f"recipe {self.name!r}: block reconstruction learns {format_names('learnable')} "
+          f"weights, not {sorted(set(bad))}"
         )
 
   def spec_for(self, path: str) -> QuantSpec | None:
@@ -160,34 +164,28 @@ class Recipe:
 
 LINEARS = r"layers\.\d+\.(attn\.(q|k|v|o)|mlp\.(gate|up|down))"
 
+# Why each recipe is built as it is; the measurements are in docs/results.md ("Weight
+# quantization").
 # FireQ groups: K=576 admits g=32 with the kernel's 2g | K rule (g=128 would need K padded
-# to 768). Per-channel scales were measured far worse on SmolLM2 (see the README).
+# to 768); per-channel scales were far worse on SmolLM2.
 _FIREQ = QuantSpec("fireq_w4a8", group_size=32, scale_dtype="float8_e4m3fn")
-# alpha = 0.5 measured best on 2 WikiText windows among 0.2 / 0.5 / 0.7 (FireQ g32) and better
-# than none for W8A8 and W4A16 g128 (see the README's quantization section).
+# alpha = 0.5 was the best smoothing strength tried for FireQ g32, and smoothing beat none for
+# W8A8 and W4A16 g128.
 _ALPHA = 0.5
-# W8A8 alone: 0.65 beat 0.5 on both WikiText tuning sets tried (first 4 windows: +1.33% vs
-# +1.44%; last 8 windows, which the runner holds out with --calib_windows=8: +1.39% vs +1.75%);
-# no per-input table (jaxllm.quant.smoothing) beat it on both sets (README).
+# W8A8 alone: 0.65 beat 0.5 on both WikiText tuning sets tried (the first windows, and the
+# last 8, which the runner holds out with --calib_windows=8); no per-input table
+# (jaxllm.quant.smoothing) beat it on both sets.
 _W8A8_ALPHA = 0.65
-# GPTQ's act order (rows by decreasing Hessian diagonal, static group grids) for W4A16
-# g128: 2 WikiText windows (calibration on the last 8), +15.1% against +25.1% in K order;
-# weight range clipping (`clip_search`) made either worse (+17.5%, +27.0%). FireQ g32 on
-# the same windows: +22.0% in act order against +31.0% in K order.
-# GPTQ for W8A8: its int8 per-channel weights, not its activations, carried most of the loss
-# (first 4 windows, calibration on the last 8: smoothed int8 weights alone +1.04%, all of W8A8
-# +1.77%); with GPTQ weights W8A8 gave +0.76% (alpha 0.5: +1.52%, 0.8: +2.62%).
+# GPTQ's act order (rows by decreasing Hessian diagonal, static group grids) beats K order
+# for W4A16 g128 and FireQ g32; weight range clipping (`clip_search`) made either order worse.
+# GPTQ for W8A8: its int8 per-channel weights, not its activations, carried most of the loss,
+# and GPTQ recovers it.
 # AWQ-style search of the smoothing strength per layer and input (jaxllm.quant.smoothing_search)
-# for round-to-nearest W4A16 g128: 2 windows, +22.0% against +36.7% with alpha = 0.5 everywhere.
-# It does not help FireQ RTN (+30.9% vs +30.7%), nor GPTQ (its picks then GPTQ in act order:
-# +17.9% vs +15.1%), so those keep one alpha.
-# Sequential GPTQ (Recipe.sequential), 2 windows: FireQ +19.95% against +21.84% one-pass;
-# W4A16 g128 +16.10% against +15.03%, so only FireQ has a sequential variant.
-# Block reconstruction (Recipe.reconstruct), 2 windows, one run: W4A16 g128 +13.35% against
-# +15.02% with GPTQ in act order; FireQ +8.83% against +21.93% (trained on float activations).
-# Full split, FireQ: +11.73% with its FP8 activations in the training loss, +12.07% without,
-# +24.8% with GPTQ alone (8 calibration windows); +9.73% with 16; W4A16 g128: +12.26% against
-# +18.9% (8 windows); +9.59% with 16.
+# helps round-to-nearest W4A16 g128 only: not FireQ RTN, nor GPTQ, so those keep one alpha.
+# Sequential GPTQ (Recipe.sequential) helps FireQ and not W4A16 g128, so only FireQ has a
+# sequential variant.
+# Block reconstruction (Recipe.reconstruct) beats GPTQ in act order for both, FireQ most;
+# FireQ's trains with its FP8 activations in the loss, which helps it a little.
 _ALPHA_GRID = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 _W4A16_G128 = QuantSpec("w4a16", group_size=128, pad_k=True, scale_dtype="bfloat16")
 

@@ -9,8 +9,11 @@ of the whole block stays close. The layers are taken in order, and for each one:
     already-quantized layers before it produce;
   * each int4 weight is fake-quantized on its group grid with two learned
     parts, both passed straight through the rounding and the scale storage for
-    the gradients, and the block runs them through the ``quantized_linear`` op's
-    xla path, so FireQ's per-token FP8 activations are in the loss as well:
+    the gradients (`WeightFormat.fake_quantize`; a format is learnable when it
+    has one), and the block runs them through the ``linear`` op's xla path after
+    rounding the activations as the format's matmul does
+    (`WeightFormat.fake_quantize_activations`), so FireQ's per-token FP8
+    activations are in the loss as well:
       - rounding offsets v in [-1/2, 1/2], with ``code = round(w / scale + v)``
         (for w4a16, measured from the group minimum);
       - per-group range multipliers in [1/2, 1]: for w4a16 one each on the
@@ -39,50 +42,30 @@ from flax import nnx
 
 from jaxllm import ops
 from jaxllm.model import run_block
-from jaxllm.quant import qtensor
 from jaxllm.quant.calibrate import block_output
+from jaxllm.quant.formats import WeightFormat, format_names
 from jaxllm.quant.qtensor import QTensor
-from jaxllm.quant.recipes import LEARNABLE_METHODS, QuantSpec, Reconstruction
-from pallas_kernels import quantized_matmul as qmm
+from jaxllm.quant.recipes import QuantSpec, Reconstruction
 
 _RANGE_FLOOR = 0.5  # range multipliers are kept in [_RANGE_FLOOR, 1]
-
-
-def _straight_through(x: jax.Array, forward: jax.Array) -> jax.Array:
-  """`forward`'s value with x's gradient."""
-  return x + jax.lax.stop_gradient(forward - x)
 
 
 def _fake_quantize(spec: QuantSpec, w2, learned, tensor_scale):
   """(dequantized w2 [K', N], codes [K', N], stored grid parts) under the learned parts.
 
   `learned` is ``(v [K', N], low [G, N], high [G, N])``; with v = 0 and both
-  multipliers 1 this is the round-to-nearest grid of `spec.quantize`.
+  multipliers 1 this is the round-to-nearest grid of `spec.quantize`. The format
+  (`WeightFormat.fake_quantize`) decides what each part moves.
   """
   v, low, high = learned
   k, n = w2.shape
   g = spec.group_size or k
   wg = w2.reshape(k // g, g, n)
-  v = v.reshape(wg.shape)
-  if spec.method == "w4a16":
-    dtype = spec.scale_dtype or "float32"
-    wmin, wmax = wg.min(axis=1) * low, wg.max(axis=1) * high
-    scale = jnp.maximum((wmax - wmin) / 15.0, 1e-12)
-    scale = _straight_through(scale, scale.astype(dtype).astype(jnp.float32))
-    offset = _straight_through(wmin, wmin.astype(dtype).astype(jnp.float32))
-    u = (wg - offset[:, None]) / scale[:, None] + v
-    codes = jnp.clip(_straight_through(u, jnp.round(u)), 0, 15)
-    w_hat = codes * scale[:, None] + offset[:, None]
-    parts = {"scales": scale.astype(dtype), "offsets": offset.astype(dtype)}
-  else:  # fireq_w4a8: symmetric codes on stored scales relative to the tensor scale
-    rel = qtensor.fireq_group_scale(wg * high[:, None], tensor_scale, "float32")
-    fp8 = (spec.scale_dtype or "float8_e4m3fn") == "float8_e4m3fn"
-    stored = _straight_through(rel, qtensor.round_up_fp8(rel).astype(jnp.float32)) if fp8 else rel
-    step = stored * tensor_scale[0, 0]
-    u = wg / step[:, None] + v
-    codes = jnp.clip(_straight_through(u, jnp.round(u)), -8, 7)
-    w_hat = codes * step[:, None]
-    parts = {"scales": stored.astype(jnp.float8_e4m3fn if fp8 else jnp.float32)}
+  fmt = spec.format
+  scale_dtype = spec.scale_dtype or fmt.scale_dtypes[0]
+  w_hat, codes, parts = fmt.fake_quantize(
+    wg, (v.reshape(wg.shape), low, high), tensor_scale, scale_dtype
+  )
   return w_hat.reshape(k, n), codes.reshape(k, n), parts
 
 
@@ -100,27 +83,30 @@ class _Linear:
 
 @dataclasses.dataclass(frozen=True)
 class _FakeQuantized:
-  """A fake-quantized weight that `ops.linear` sends down the ``quantized_linear``
-  op like the QTensor it will become, so the linear quantizes its activations
-  (FireQ: FP8 per token) as the stored model will; its dequantized matrix carries
-  the gradients of the learned parts."""
+  """A fake-quantized weight (a `jaxllm.ops.QuantizedWeight`): the linear rounds its
+  activations as the stored model's matmul will (FireQ: FP8 per token, straight
+  through), then multiplies by the dequantized matrix, which carries the gradients
+  of the learned parts."""
 
   padded: jax.Array  # [K', N] f32, on the int4 grid
-  method: str
+  format: WeightFormat
   shape: tuple[int, ...]
   contract_dims: int
   k_pad: int
-  values = None  # what marks a quantized weight to `ops.linear`
 
-  def dequantize_padded(self, dtype=jnp.float32) -> jax.Array:
-    return self.padded.astype(dtype)
+  matmul_op = "linear"
+
+  def matmul_operands(self, rows: jax.Array) -> tuple:
+    x = jnp.pad(rows, ((0, 0), (0, self.k_pad))) if self.k_pad else rows
+    x = self.format.fake_quantize_activations(x)
+    return (x, self.padded.astype(rows.dtype))
 
 
 def _prepare(layer, module: str, name: str, spec: QuantSpec, contract: int):
   """(static `_Linear`, round-to-nearest QTensor, padded f32 weight [K', N], tensor scale)."""
-  if spec.method not in LEARNABLE_METHODS:
+  if not spec.format.learnable:
     raise ValueError(
-      f"block reconstruction learns {LEARNABLE_METHODS} weights, not {spec.method!r}"
+      f"block reconstruction learns {format_names('learnable')} weights, not {spec.format.name!r}"
     )
   w = getattr(getattr(layer, module), name).get_value()
   rtn = spec.quantize(w, contract, clip_search=False)
@@ -149,7 +135,7 @@ def _fake_weights(linears, arrays, learned):
   for lin, (w2, tensor_scale), parts in zip(linears, arrays, learned):
     w_hat = _fake_quantize(lin.spec, w2, parts, tensor_scale)[0]
     out[(lin.module, lin.name)] = _FakeQuantized(
-      w_hat, lin.spec.method, lin.shape, lin.contract_dims, lin.k_pad
+      w_hat, lin.spec.format, lin.shape, lin.contract_dims, lin.k_pad
     )
   return out
 
@@ -211,7 +197,7 @@ def learn_block(
     ``({(module, name): QTensor}, mean squared output error over all inputs)``.
 
   Raises:
-    ValueError: a method that cannot be learned, no inputs, or unequal lists.
+    ValueError: a weight format that cannot be learned, no inputs, or unequal lists.
   """
   if not inputs or len(inputs) != len(targets):
     raise ValueError(
@@ -232,7 +218,7 @@ def learn_block(
   quantized = {}
   for (lin, rtn, (w2, tensor_scale)), parts in zip(prepared, learned):
     _, codes, grid = _fake_quantize(lin.spec, w2, parts, tensor_scale)
-    values = qmm.pack_int4(codes.astype(jnp.int32))
+    values = lin.spec.format.pack_codes(codes)
     quantized[(lin.module, lin.name)] = rtn.replace(values=values, **grid)
   trial = _with_weights(graphdef, state, quantized)
   return quantized, block_error(trial, inputs, targets, cfg, kernels)

@@ -22,12 +22,15 @@ import jax
 import jax.numpy as jnp
 from jax import export
 
+from pallas_kernels import shapes
+
 from .block_sizes import BlockSizes
 from .packing import QuantizedKV
 from .portable_kernel import quantized_kv_decode_attention_portable
 from .tpu_kernel import quantized_kv_decode_attention
 
-HEADS = {"smollm2": (9, 3, 64), "llama3-8b": (32, 8, 128)}
+# (num_heads, num_kv_heads, head_dim) of the models checked, by their registry names.
+HEADS = {name: shapes.get(name).kv_heads for name in ("smollm2", "llama3_8b")}
 TPU_TOPOLOGIES = (
   ("v4:1x1x1", "megacore"),
   ("v5e:1x1", None),

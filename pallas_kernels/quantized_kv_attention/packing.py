@@ -197,3 +197,31 @@ def unpack_slot(x: jax.Array, bits: int, j: int) -> jax.Array:
   if bits == 8:
     return x.astype(jnp.float32)
   return ((x >> (bits * j)) & ((1 << bits) - 1)).astype(jnp.float32)
+
+
+def unpack_along(packed: jax.Array, bits: int, axis: int) -> jax.Array:
+  """int32 codes of `packed`, unpacked along `axis` (size n, which grows to n * pf):
+  slot j of packed entry r is element ``j * n + r`` (the layouts above)."""
+  if bits == 8:
+    return packed.astype(jnp.int32)
+  axis = axis % packed.ndim
+  codes = _unpack_slots(packed, bits, axis)
+  return codes.reshape(*packed.shape[:axis], -1, *packed.shape[axis + 1 :])
+
+
+def pack_along(codes: jax.Array, bits: int, axis: int) -> jax.Array:
+  """uint8 codes (each < 2**bits) packed along `axis` (size n, a multiple of pf, which
+  shrinks to n / pf): element ``j * (n / pf) + r`` goes to bit slot j of packed entry r
+  (the layouts above). The inverse of `unpack_along`."""
+  pf = pack_factor(bits)
+  if pf == 1:
+    return codes.astype(jnp.uint8)
+  axis = axis % codes.ndim
+  n = codes.shape[axis]
+  if n % pf:
+    raise ValueError(
+      f"cannot pack {bits}-bit codes of shape {tuple(codes.shape)} along axis {axis}: "
+      f"its size {n} is not a multiple of {pf}"
+    )
+  split = codes.reshape(*codes.shape[:axis], pf, n // pf, *codes.shape[axis + 1 :])
+  return _pack_slots(split, bits, axis)

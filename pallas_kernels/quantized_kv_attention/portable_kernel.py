@@ -18,32 +18,17 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as pltr
 
+from pallas_kernels._util import is_pow2, next_pow2
+
+from .online_softmax import inverse_sum, online_softmax_step
 from .packing import QuantizedKV, unpack_slot
 from .reference import MASK_VALUE, as_rows
 from .validation import validate
 
 _NT = (((1,), (1,)), ((), ()))
 _NN = (((1,), (0,)), ((), ()))
-
-
-def _pow2(n: int) -> bool:
-  return n > 0 and n & (n - 1) == 0
-
-
-def _next_pow2(n: int) -> int:
-  return 1 << max(n - 1, 0).bit_length()
-
-
-def _update(carry, s, valid, pv_fn):
-  m_prev, l_prev, accs = carry
-  s = jnp.where(valid, s, MASK_VALUE)
-  m_new = jnp.maximum(m_prev, s.max(axis=-1, keepdims=True))
-  alpha = jnp.exp(m_prev - m_new)
-  p = jnp.where(valid, jnp.exp(s - m_new), 0.0)
-  l_new = alpha * l_prev + p.sum(axis=-1, keepdims=True)
-  accs = tuple(alpha * a + pv for a, pv in zip(accs, pv_fn(p)))
-  return m_new, l_new, accs
 
 
 def _kernel(
@@ -101,7 +86,7 @@ def _kernel(
           for c in range(pf)
         ]
 
-      carry = _update(carry, s, valid, pv)
+      carry = online_softmax_step(*carry, s, valid, pv)
     return carry
 
   lo = lax.div(start, group_size)
@@ -124,9 +109,9 @@ def _kernel(
         for c in range(pf)
       ]
 
-    carry = _update(carry, s, valid, pv_res)
+    carry = online_softmax_step(*carry, s, valid, pv_res)
   _, denom, accs = carry
-  inv = jnp.where(denom > 0, 1.0 / jnp.where(denom > 0, denom, 1.0), 0.0)
+  inv = inverse_sum(denom)
   for c in range(pf):
     o_ref[c] = (accs[c] * inv).astype(o_ref.dtype)
 
@@ -164,7 +149,9 @@ def quantized_kv_decode_attention_portable(
     bits: 2, 4 or 8.
     group_size: key quant group.
     sm_scale: softmax scale, default ``D ** -0.5``.
-    compiler_params: e.g. ``pltr.CompilerParams(num_warps=4, num_stages=2)``.
+    compiler_params: default ``pltr.CompilerParams(num_warps=4, num_stages=2)``:
+      the kernel is written for Triton (Mosaic GPU, the default Pallas GPU
+      backend, rejects its copies); interpret mode ignores them.
     interpret: run the Pallas interpreter.
 
   Returns:
@@ -182,7 +169,7 @@ def quantized_kv_decode_attention_portable(
   )
   rows, dp = group_size // pf, d // pf
   for name, val in (("group_size // pf", rows), ("head_dim", d), ("head_dim // pf", dp)):
-    if not _pow2(val):
+    if not is_pow2(val):
       raise ValueError(
         f"portable kernel needs {name} to be a power of 2, got {val} (q shape {q.shape})"
       )
@@ -190,11 +177,13 @@ def quantized_kv_decode_attention_portable(
     raise ValueError(
       f"portable kernel needs group_size // pf >= 16, got {rows} (group_size {group_size}, {bits}-bit)"
     )
-  if r and not _pow2(r):
+  if r and not is_pow2(r):
     raise ValueError(
       f"portable kernel needs a power-of-2 residual length, got {r} (shape {k_residual.shape})"
     )
-  gp = _next_pow2(g)
+  gp = next_pow2(g)
+  if compiler_params is None:
+    compiler_params = pltr.CompilerParams(num_warps=4, num_stages=2)
   sm_scale = d**-0.5 if sm_scale is None else float(sm_scale)
   start = as_rows(start, b, "start")
   qlen = as_rows(quantized_length, b, "quantized_length")

@@ -22,6 +22,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from .block_sizes import BlockSizes
+from .online_softmax import inverse_sum, online_softmax_step
 from .packing import QuantizedKV, unpack_slot
 from .reference import MASK_VALUE, as_rows
 from .validation import validate, validate_block
@@ -31,15 +32,13 @@ _NN = (((1,), (0,)), ((), ()))  # a @ b
 
 
 def _online_update(s, valid, v_slabs_fn, m_sc, l_sc, acc_sc):
-  """One online-softmax step: scores ``s`` (G, S); ``v_slabs_fn(p)`` -> list of (G, dp)."""
-  s = jnp.where(valid, s, MASK_VALUE)
-  m_prev = m_sc[...]
-  m_new = jnp.maximum(m_prev, s.max(axis=-1, keepdims=True))
-  alpha = jnp.exp(m_prev - m_new)
-  p = jnp.where(valid, jnp.exp(s - m_new), 0.0)
-  l_sc[...] = alpha * l_sc[...] + p.sum(axis=-1, keepdims=True)
-  for j, pv in enumerate(v_slabs_fn(p)):
-    acc_sc[j] = alpha * acc_sc[j] + pv
+  """One online-softmax step on the VMEM scratch: scores ``s`` (G, S);
+  ``v_slabs_fn(p)`` -> list of (G, dp), one per accumulator slab of ``acc_sc``."""
+  accs = tuple(acc_sc[j] for j in range(acc_sc.shape[0]))
+  m_new, l_new, accs = online_softmax_step(m_sc[...], l_sc[...], accs, s, valid, v_slabs_fn)
+  l_sc[...] = l_new
+  for j, acc in enumerate(accs):
+    acc_sc[j] = acc
   m_sc[...] = m_new
 
 
@@ -128,8 +127,7 @@ def _kernel(
 
   @pl.when(last)
   def _finish():
-    denom = l_sc[...]
-    inv = jnp.where(denom > 0, 1.0 / jnp.where(denom > 0, denom, 1.0), 0.0)
+    inv = inverse_sum(l_sc[...])
     o_ref[...] = (acc_sc[...] * inv[None]).astype(o_ref.dtype)
 
 

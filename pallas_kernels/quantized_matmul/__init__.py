@@ -33,9 +33,11 @@ from pallas_kernels.quantized_matmul.w8a8 import (
   w8a8_matmul_quantized_reference,
   w8a8_matmul_reference,
 )
+from pallas_kernels.quantized_matmul.xla import fake_quantize_activations_fp8
 
 __all__ = [
   "dequantize_w4a16",
+  "fake_quantize_activations_fp8",
   "int8_codes",
   "int8_matmul",
   "int8_matmul_reference",

@@ -16,12 +16,14 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 from jax.experimental.pallas import triton as pltr
 
+from pallas_kernels._util import is_pow2, next_pow2
+
 _VMEM_LIMIT_BYTES = 64 << 20
+FP8_E4M3_MAX = float(jnp.finfo(jnp.float8_e4m3fn).max)  # largest finite float8_e4m3fn
 
 
 def is_triton(compiler_params) -> bool:
@@ -39,6 +41,11 @@ def default_compiler_params(compiler_params):
     return compiler_params
   if jax.default_backend() in ("gpu", "cuda", "rocm"):
     return triton_params()
+  return tpu_params()
+
+
+def tpu_params():
+  """Mosaic TPU compiler parameters: both grid axes parallel, a raised VMEM limit."""
   return pltpu.CompilerParams(
     dimension_semantics=("parallel", "parallel"), vmem_limit_bytes=_VMEM_LIMIT_BYTES
   )
@@ -49,23 +56,15 @@ def triton_params(num_warps: int = 4, num_stages: int = 2):
   return pltr.CompilerParams(num_warps=num_warps, num_stages=num_stages)
 
 
-def _next_pow2(n: int) -> int:
-  return 1 << max(0, (n - 1).bit_length())
-
-
 def round_up(n: int, m: int) -> int:
   return -(-n // m) * m
-
-
-def is_pow2(n: int) -> bool:
-  return n > 0 and n & (n - 1) == 0
 
 
 def pick_block_m(m: int, block_m: int | None) -> int:
   """Rows per block: a power of two in [16, 128] (Triton dots need >= 16)."""
   if block_m is not None:
     return block_m
-  return min(128, max(16, _next_pow2(m)))
+  return min(128, max(16, next_pow2(m)))
 
 
 def pick_block_n(n: int, block_n: int | None, triton: bool) -> int:
@@ -118,7 +117,7 @@ def check_array(name: str, arg: str, arr) -> None:
 
 def check_dtype(name: str, arg: str, arr, allowed) -> None:
   """Raise ValueError unless the dtype of `arr` (an array or a dtype) is in `allowed`."""
-  dt = jnp.dtype(arr) if isinstance(arr, (type, str, np.dtype)) else jnp.dtype(arr.dtype)
+  dt = jnp.dtype(arr) if isinstance(arr, (type, str, jnp.dtype)) else jnp.dtype(arr.dtype)
   if dt not in [jnp.dtype(d) for d in allowed]:
     names = ", ".join(jnp.dtype(d).name for d in allowed)
     raise ValueError(f"{name}: {arg} has dtype {dt.name}; expected one of {names}")

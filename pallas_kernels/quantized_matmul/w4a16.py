@@ -190,6 +190,7 @@ def w4a16_matmul(
     [M, N] array of `out_dtype`.
   """
   g = _validate(x, w_q, scales, mins)
+  common.check_dtype(_NAME, "out_dtype", out_dtype or x.dtype, (jnp.float32, jnp.bfloat16))
   bs = block_sizes or BlockSizes()
   compiler_params = common.default_compiler_params(compiler_params)
   triton = common.is_triton(compiler_params)

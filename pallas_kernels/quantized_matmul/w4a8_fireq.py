@@ -30,7 +30,6 @@ from pallas_kernels.quantized_matmul import common
 
 _NAME = "w4a8_fireq_matmul"
 _FP8 = jnp.float8_e4m3fn
-_FP8_MAX = 448.0
 _X_DTYPES = (jnp.bfloat16, jnp.float32)
 _OUT_DTYPES = (jnp.float32, jnp.bfloat16)
 _DOT_DTYPES = (jnp.bfloat16, _FP8)
@@ -86,15 +85,16 @@ def quantize_activations_fp8(x: jax.Array, per_token: bool = True):
     raise ValueError(f"quantize_activations_fp8: x must be 2-D, got shape {tuple(x.shape)}")
   x = x.astype(jnp.float32)
   amax = jnp.abs(x).max(axis=1, keepdims=True) if per_token else jnp.abs(x).max().reshape(1, 1)
-  scale = jnp.broadcast_to(jnp.maximum(amax / _FP8_MAX, 1e-12), (x.shape[0], 1))
-  return jnp.clip(x / scale, -_FP8_MAX, _FP8_MAX).astype(_FP8), scale
+  scale = jnp.broadcast_to(jnp.maximum(amax / common.FP8_E4M3_MAX, 1e-12), (x.shape[0], 1))
+  return jnp.clip(x / scale, -common.FP8_E4M3_MAX, common.FP8_E4M3_MAX).astype(_FP8), scale
 
 
 def dequantize_w4_fireq(w_q, w_scale, tensor_scale) -> jax.Array:
   """Float32 weight [K, N] from the packed representation."""
   q = common.unpack_int4_full(w_q, signed=True).astype(jnp.float32)
   g = q.shape[0] // w_scale.shape[0]
-  return q * jnp.repeat(w_scale.astype(jnp.float32), g, axis=0) * tensor_scale
+  # The scale is formed first (scale * tensor scale), then applied to the codes.
+  return q * (jnp.repeat(w_scale.astype(jnp.float32), g, axis=0) * tensor_scale)
 
 
 def _validate(x_fp8, x_scale, w_q, w_scale, tensor_scale) -> int:

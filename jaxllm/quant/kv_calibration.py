@@ -1,9 +1,10 @@
-"""FireQ RoPE-aware key scaling: calibration, the pre-RoPE fold into W_k / W_q.
+"""KV-cache calibration (FireQ's RoPE-aware key scales, GPTQ key rounding) and the
+model a cache method runs with (`prepare_model`).
 
-Two per-channel key scales, both SmoothQuant-style ``s = amax_k**a / amax_q**(1-a)``
-(a = `CacheSpec.smooth_alpha`; ``amax_q`` is the max over the query heads that
-share the KV head) and rounded to powers of 2, so dividing keys and multiplying
-queries by them is exact in floating point:
+FireQ's two per-channel key scales are both SmoothQuant-style
+``s = amax_k**a / amax_q**(1-a)`` (a = `CacheSpec.smooth_alpha`; ``amax_q`` is the
+max over the query heads that share the KV head) and rounded to powers of 2, so
+dividing keys and multiplying queries by them is exact in floating point:
 
 * pre-RoPE [L, Hkv, D], equal on every RoPE pair (i, i + D/2): RoPE rotates
   each pair, so a pair-shared scale commutes with it. Folded into the weights:
@@ -16,6 +17,8 @@ With both scales, the post-RoPE one only corrects the residual imbalance
 scale calibrated on the folded model would absorb the pre-RoPE one (a
 pair-shared scale commutes with RoPE), and "both" would store the same keys as
 "post-RoPE only".
+
+The caches (`jaxllm.kv_cache`) take the result as `create_cache(..., calibration=...)`.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ from flax import nnx
 from jaxllm import ops
 from jaxllm.kv_cache.spec import CacheSpec
 from jaxllm.model import Llama
-from jaxllm.quant.gptq import inverse_hessian_factor
+from jaxllm.quant.numerics import inverse_hessian_factor
 from jaxllm.rope import apply_rope, rope_tables
 
 _EPS = 1e-6
@@ -115,20 +118,21 @@ def query_hessian(model: Llama, calib_tokens, key_scale=None) -> np.ndarray:
   def second_moment(acts):
     out = []
     for i, q in enumerate(acts["q"]):
-      q = q.astype(jnp.float32).reshape(-1, cfg.num_kv_heads, cfg.group_size, cfg.head_dim)
+      q = q.astype(jnp.float32)
+      q = q.reshape(-1, cfg.num_kv_heads, cfg.queries_per_kv_head, cfg.head_dim)
       q = q * scale[i][None, :, None]
       out.append(jnp.einsum("thgd,thge->hde", q, q, precision="highest"))
     return jnp.stack(out)
 
   window_moment, state = _per_window(model, second_moment), nnx.state(model)
   total = sum(np.asarray(window_moment(state, w[None]), np.float64) for w in calib_tokens)
-  return total / (calib_tokens.size * cfg.group_size)
+  return total / (calib_tokens.size * cfg.queries_per_kv_head)
 
 
 def key_rounding(hessian, damp: float = 0.01) -> np.ndarray:
   """GPTQ factors [..., D, D] for `encode`, one per Hessian [..., D, D]: the upper
   Cholesky factor u of ``(H + damp * mean(diag H) * I)^-1 = u^T u``, as weight GPTQ
-  takes it (`jaxllm.quant.gptq.inverse_hessian_factor`)."""
+  takes it (`jaxllm.quant.numerics.inverse_hessian_factor`)."""
   h = jnp.asarray(hessian, jnp.float32)
   d = h.shape[-1]
   factor = jax.vmap(lambda one: inverse_hessian_factor(one, d, damp))
@@ -177,7 +181,7 @@ def fold_pre_rope_key_scale(model: Llama, scale) -> Llama:
       raise ValueError("FireQ folds its pre-RoPE scale into float W_k/W_q; quantize weights after")
     s = jnp.asarray(scale[i])  # [Hkv, D]
     layer.attn.k.set_value((w_k.astype(jnp.float32) / s).astype(w_k.dtype))
-    s_q = jnp.repeat(s, cfg.group_size, axis=0)  # [Hq, D]
+    s_q = jnp.repeat(s, cfg.queries_per_kv_head, axis=0)  # [Hq, D]
     layer.attn.q.set_value((w_q.astype(jnp.float32) * s_q).astype(w_q.dtype))
   return folded
 
@@ -235,3 +239,24 @@ def calibrate(model: Llama, spec: CacheSpec, calib_tokens):
     hessian = query_hessian(model, calib_tokens, scale)
     calibration = {**(calibration or {}), "key_rounding": jnp.asarray(key_rounding(hessian))}
   return model, calibration
+
+
+def prepare_model(model: Llama, spec: CacheSpec, calib_tokens=None):
+  """The model to run with `spec`'s cache and its calibration.
+
+  Args:
+    model: a `jaxllm.Llama` (never modified).
+    spec: the cache method.
+    calib_tokens: int32 [N, L] calibration windows (FireQ only; ignored otherwise).
+
+  Returns:
+    (model, calibration): FireQ returns a copy with the pre-RoPE key scale folded
+    into W_k / W_q (when enabled) and {"key_scale": [L, Hkv, D]} (post-RoPE scale,
+    when enabled); other methods return the model unchanged and None.
+  """
+  calibrated = spec.pre_rope_scale or spec.post_rope_scale or spec.key_rounding == "gptq"
+  if spec.kind != "fireq" or not calibrated:
+    return model, None
+  if calib_tokens is None:
+    raise ValueError(f"{spec.name} needs calib_tokens (int32 [N, L]) to calibrate its key scales")
+  return calibrate(model, spec, calib_tokens)

@@ -1,4 +1,4 @@
-"""Per-token caches: INT8 (K, V, symmetric) and FireQ INT4 (K, V) with FP8 queries.
+"""Token-quantized caches: INT8 (K, V, symmetric) and FireQ INT4 (K, V) with FP8 queries.
 
 Each (token, KV head) has, for its key and for its value, one scale per channel
 group (`CacheSpec.key_groups` / `channel_groups`, default 1) and, with `CacheSpec.zero_point`
@@ -7,7 +7,7 @@ then spans the row's actual range instead of a symmetric +-amax). FireQ
 adds a per-channel post-RoPE key scale ``s`` [L, Hkv, D]: keys are stored as
 ``k / s`` and queries multiplied by ``s`` (so q·k is unchanged), and queries
 are rounded to FP8 e4m3 for the score product. FireQ's pre-RoPE scale lives in
-the weights (see `jaxllm.kv_cache.fireq`), so the cache never sees it. With
+the weights (see `jaxllm.quant.kv_calibration`), so the cache never sees it. With
 `CacheSpec.rotate_keys` (an ablation), keys and queries are also rotated by a
 normalized Hadamard matrix (q·k unchanged again), which spreads a token's
 outlier channels over the whole row before its per-token quantization.
@@ -50,20 +50,20 @@ from jaxllm.kv_cache.base import (
   repeat_kv_heads,
   tree_bytes,
 )
-from jaxllm.kv_cache.quantize import (
-  fp8_quantize_dequantize,
+from jaxllm.kv_cache.quantize import fp8_quantize_dequantize
+from jaxllm.kv_cache.spec import CacheSpec
+from jaxllm.quant.numerics import (
   gptq_codes,
   pack_along,
   quantize_asymmetric,
   quantize_symmetric,
   unpack_along,
 )
-from jaxllm.kv_cache.spec import CacheSpec
 
 ROLLBACK_SLACK = 32  # ring slots beyond R: rollbacks this deep keep the window exact
 
 
-class SymmetricLayer(NamedTuple):
+class TokenQuantizedLayer(NamedTuple):
   """One layer: codes [B, Hkv, T, D * bits / 8]; scales (and zero points, or None)
   [B, Hkv, T, groups] (the spec's key groups for k_*, channel groups for v_*);
   the exact ring [B, Hkv, R + ROLLBACK_SLACK (none if R = 0), D] and sinks
@@ -89,7 +89,7 @@ def encode(x: jax.Array, spec: CacheSpec, groups: int, least_error: bool = False
   rounding error instead of min..max). `rounding`: None rounds each channel to
   its nearest code; an upper triangular [..., D, D] factor (its rows [..., D]
   broadcastable against x) rounds the row's channels by GPTQ on the same grid
-  (`quantize.gptq_codes`).
+  (`jaxllm.quant.numerics.gptq_codes`).
   """
   bits = spec.bits
   *lead, d = x.shape
@@ -129,14 +129,16 @@ def decode(codes: jax.Array, scale: jax.Array, zero: jax.Array | None, bits: int
 
 
 @flax.struct.dataclass
-class SymmetricKVCache(SlotCacheMixin):
-  """INT8 / FireQ cache.
+class TokenQuantizedKVCache(SlotCacheMixin):
+  """K/V integer codes quantized per token as each is written (a scale, and a zero point
+  with `CacheSpec.zero_point`, per channel group), with optional exact newest tokens and
+  sinks: INT8 and FireQ.
 
   Attributes:
-    layers: one `SymmetricLayer` per layer.
+    layers: one `TokenQuantizedLayer` per layer.
     key_scale: [L, Hkv, D] post-RoPE per-channel key scale, or None.
     key_rounding: [L, Hkv, D, D] upper triangular GPTQ factors for the keys
-      (`CacheSpec.key_rounding="gptq"`, `jaxllm.kv_cache.fireq.key_rounding`), or None.
+      (`CacheSpec.key_rounding="gptq"`, `jaxllm.quant.kv_calibration.key_rounding`), or None.
     recent_pos: [ring slots] int32, the position each ring entry holds; -1 = none.
     length: int32 scalar, slots written.
     start: [B] int32 first valid slot per row.
@@ -148,7 +150,7 @@ class SymmetricKVCache(SlotCacheMixin):
       as a prefill does.
   """
 
-  layers: tuple[SymmetricLayer, ...]
+  layers: tuple[TokenQuantizedLayer, ...]
   key_scale: jax.Array | None
   key_rounding: jax.Array | None
   recent_pos: jax.Array
@@ -162,7 +164,7 @@ class SymmetricKVCache(SlotCacheMixin):
   @classmethod
   def create(
     cls, spec, config, batch, capacity, start, key_scale=None, dtype=jnp.float32, key_rounding=None
-  ) -> "SymmetricKVCache":
+  ) -> "TokenQuantizedKVCache":
     d, bits = config.head_dim, spec.bits
     if d % (8 // bits):
       raise ValueError(f"{spec.name}: head_dim {d} cannot be packed {8 // bits} codes per byte")
@@ -180,7 +182,7 @@ class SymmetricKVCache(SlotCacheMixin):
     if spec.key_rounding == "gptq" and key_rounding is None:
       raise ValueError(
         f"{spec.name}: key_rounding='gptq' needs the GPTQ key rounding factors {want}: pass "
-        "prepare_model's calibration"
+        "jaxllm.quant.kv_calibration.prepare_model's calibration"
       )
     if key_rounding is not None and key_rounding.shape != want:
       raise ValueError(f"{spec.name}: key rounding factors {key_rounding.shape}, expected {want}")
@@ -193,7 +195,7 @@ class SymmetricKVCache(SlotCacheMixin):
     ring = spec.residual + ROLLBACK_SLACK if spec.residual else 0
     recent = jnp.zeros((batch, config.num_kv_heads, ring, d), dtype)
     sink = jnp.zeros((batch, config.num_kv_heads, spec.n_sink, d), dtype)
-    layer = SymmetricLayer(
+    layer = TokenQuantizedLayer(
       codes, k_scale, k_zero, codes, v_scale, v_zero, recent, recent, sink, sink
     )
     return cls(
@@ -237,7 +239,7 @@ class SymmetricKVCache(SlotCacheMixin):
       return put(codes_buf, codes, at), put(scale_buf, scale, at), zero_buf
 
     rounding = None if self.key_rounding is None else self.key_rounding[layer][:, None]
-    new = SymmetricLayer(
+    new = TokenQuantizedLayer(
       *write(stored.k_codes, stored.k_scale, stored.k_zero, k, self.spec.search_keys, rounding),
       *write(stored.v_codes, stored.v_scale, stored.v_zero, v, self.spec.search_values),
       *self._write_exact(stored, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)),
@@ -262,13 +264,13 @@ class SymmetricKVCache(SlotCacheMixin):
     use_exact = (t >= q_slots[:, :, None] - self.spec.residual) & (t <= q_slots[:, :, None])
     return attend_two_copies(q, quantized, (k_exact, v_exact), use_exact, q_slots, self.start)
 
-  def for_chunked_decode(self, first: int, chunk: int) -> "SymmetricKVCache":
+  def for_chunked_decode(self, first: int, chunk: int) -> "TokenQuantizedKVCache":
     """This cache with chunks of more than one token attended as one-token steps
     would read them (`_attend_as_decoded`), so any chunk scores exactly."""
     del first, chunk
     return self.replace(chunks_as_decode=True)
 
-  def stored_view(self, stored: SymmetricLayer):
+  def stored_view(self, stored: TokenQuantizedLayer):
     """Keys and values [B, Hkv, T, D] (float32, keys divided by the post-RoPE scale)
     as attention reads them: dequantized codes, with the R newest slots and the
     sinks replaced by their exact copies; slot = index, slots >= length unspecified."""
@@ -283,7 +285,7 @@ class SymmetricKVCache(SlotCacheMixin):
       v_buf = jnp.where(use, stored.v_recent[:, :, ring].astype(jnp.float32), v_buf)
     return k_buf, v_buf
 
-  def _dequantized(self, stored: SymmetricLayer, length):
+  def _dequantized(self, stored: TokenQuantizedLayer, length):
     """Keys and values [B, Hkv, T, D] (float32) from the codes, the sinks written
     before slot `length` replaced by their exact copies."""
     bits, n = self.spec.bits, self.spec.n_sink
@@ -299,7 +301,7 @@ class SymmetricKVCache(SlotCacheMixin):
       k_buf, v_buf = jnp.where(use, k_sink, k_buf), jnp.where(use, v_sink, v_buf)
     return k_buf, v_buf
 
-  def _write_exact(self, stored: SymmetricLayer, k_st, v_st):
+  def _write_exact(self, stored: TokenQuantizedLayer, k_st, v_st):
     """New (k_recent, v_recent, k_sink, v_sink) with the chunk [B, Hkv, S, D] (slots
     length .. length + S - 1) written: its newest tokens into the ring, and the
     tokens at start + i (i < n_sink) into the sinks."""
@@ -322,7 +324,7 @@ class SymmetricKVCache(SlotCacheMixin):
       k_sink, v_sink = jnp.where(hit, k_new, k_sink), jnp.where(hit, v_new, v_sink)
     return k_recent, v_recent, k_sink, v_sink
 
-  def advance(self, layer_states, num_tokens: int) -> "SymmetricKVCache":
+  def advance(self, layer_states, num_tokens: int) -> "TokenQuantizedKVCache":
     recent_pos = self.recent_pos
     slots = recent_pos.shape[0]
     if slots:

@@ -30,7 +30,7 @@ per token); only tokens of the same `attend` call see each other exactly.
 
 KIVI stores keys after RoPE; its decode step (one token) runs the
 ``quantized_kv_attention`` op through `jaxllm.ops`, exact sinks included (see
-`_decode_with_kernel`); the op reads one value scale per token, so KIVI with
+`_decode_op`); the op reads one value scale per token, so KIVI with
 value channel groups (C > 1) attends through the XLA path. RotateKV stores keys
 *before* RoPE rotated by a per-head Hadamard matrix (SmolLM2's 3 KV heads of 64
 channels do not form a power-of-2 grouped-head block, so each head is rotated
@@ -64,21 +64,16 @@ from jaxllm.kv_cache.base import (
   overflow_after,
   tree_bytes,
 )
-from jaxllm.kv_cache.dispatch import QUANTIZED_KV_ATTENTION
-from jaxllm.kv_cache.quantize import (
-  fake_quantize_asymmetric,
-  pack_along,
-  quantize_asymmetric,
-  unpack_along,
-)
+from jaxllm.kv_cache.quantize import fake_quantize_asymmetric
 from jaxllm.kv_cache.spec import CacheSpec
+from jaxllm.quant.numerics import pack_along, quantize_asymmetric, unpack_along
 from jaxllm.rope import rope_table_constants
 from pallas_kernels.quantized_kv_attention import QuantizedKV, dequantize_keys, dequantize_values
 
 _TPU_BLOCK = 256  # the TPU kernel's default block_t: Tq is a multiple of it once larger
 
 
-class GroupedLayer(NamedTuple):
+class GroupQuantizedLayer(NamedTuple):
   """One layer: quantized store, residual window [B, Hkv, Rb, D], sinks [B, Hkv, n_sink, D]."""
 
   store: QuantizedKV
@@ -98,11 +93,12 @@ def quantized_slots(capacity: int, group_size: int) -> int:
 
 
 @flax.struct.dataclass
-class GroupedKVCache(SlotCacheMixin):
-  """KIVI / RotateKV cache (see the module docstring for the layout).
+class GroupQuantizedKVCache(SlotCacheMixin):
+  """K/V integer codes quantized a group of G tokens at a time, with the newest tokens and
+  the sinks kept exact: KIVI and RotateKV (see the module docstring for the layout).
 
   Attributes:
-    layers: one `GroupedLayer` per layer.
+    layers: one `GroupQuantizedLayer` per layer.
     length: int32 scalar, tokens written (same for every row).
     quantized_length: int32 scalar, tokens in the quantized store (a multiple of G).
     start: [B] int32 first valid slot per row.
@@ -110,12 +106,9 @@ class GroupedKVCache(SlotCacheMixin):
       `SlotCacheMixin.check_overflow`).
     capacity_tokens: static capacity (tokens); the store has extra spare slots.
     spec, config: static.
-    kernels: static `KernelConfig` for the decode op ``quantized_kv_attention``;
-      None uses the model's (a model-wide "pallas" would also force it on
-      `linear` and `attention`, which have no Pallas implementation).
   """
 
-  layers: tuple[GroupedLayer, ...]
+  layers: tuple[GroupQuantizedLayer, ...]
   length: jax.Array
   quantized_length: jax.Array
   start: jax.Array
@@ -123,12 +116,11 @@ class GroupedKVCache(SlotCacheMixin):
   capacity_tokens: int = flax.struct.field(pytree_node=False)
   spec: CacheSpec = flax.struct.field(pytree_node=False)
   config: ModelConfig = flax.struct.field(pytree_node=False)
-  kernels: ops.KernelConfig | None = flax.struct.field(pytree_node=False, default=None)
 
   @classmethod
   def create(
-    cls, spec, config, batch, capacity, start, dtype=jnp.float32, kernels=None
-  ) -> "GroupedKVCache":
+    cls, spec, config, batch, capacity, start, dtype=jnp.float32
+  ) -> "GroupQuantizedKVCache":
     d, g, bits = config.head_dim, spec.group_size, spec.bits
     pf = 8 // bits
     if d % pf:
@@ -165,7 +157,7 @@ class GroupedKVCache(SlotCacheMixin):
     v_store += (jnp.zeros((batch, hkv, tq, *_value_groups(spec)), sdt),) * 2
     residual = jnp.zeros((batch, hkv, rb, d), dtype)
     sink = jnp.zeros((batch, hkv, spec.n_sink, d), dtype)
-    layer = GroupedLayer(QuantizedKV(*k_store, *v_store), residual, residual, sink, sink)
+    layer = GroupQuantizedLayer(QuantizedKV(*k_store, *v_store), residual, residual, sink, sink)
     return cls(
       layers=tuple(layer for _ in range(config.num_layers)),
       length=jnp.zeros((), jnp.int32),
@@ -175,7 +167,6 @@ class GroupedKVCache(SlotCacheMixin):
       capacity_tokens=capacity,
       spec=spec,
       config=config,
-      kernels=kernels,
     )
 
   @property
@@ -259,7 +250,7 @@ class GroupedKVCache(SlotCacheMixin):
     )
     return k, (slabs * scale + zero).reshape(codes.shape)
 
-  def _attended_residual(self, stored: GroupedLayer):
+  def _attended_residual(self, stored: GroupQuantizedLayer):
     """The window as attention reads it: exact, or quantize-dequantized when residual == 0."""
     k, v = stored.k_residual, stored.v_residual
     if self.spec.residual:
@@ -282,20 +273,22 @@ class GroupedKVCache(SlotCacheMixin):
     check_room(self.length, q.shape[1], self.capacity)
     stored = self.layers[layer]
     k_st, v_st = self._to_storage(k_pre_rope, k, v)
-    # The decode op reads the store, the window and the sinks, one value scale per token.
-    use_kernel = (
+    # One decode token over a layout the `quantized_kv_attention` op reads (per-channel
+    # keys, one value scale per token) is that op; anything else is `attention` over the
+    # dequantized store. Which implementation runs either op is the op table's choice.
+    layout_fits_decode_op = (
       self.spec.kind == "kivi"
       and self.spec.per_channel_keys
       and self.spec.channel_groups == 1
       and q.shape[1] == 1
     )
-    if use_kernel:
-      out = self._decode_with_kernel(stored, q, k_st, v_st, kernels)
+    if layout_fits_decode_op:
+      out = self._decode_op(stored, q, k_st, v_st, kernels)
     else:
       out = self._attend_dequantized(stored, q, k, v, q_slots, kernels)
     return out.astype(v.dtype), self._write(stored, k_st, v_st)
 
-  def _decode_with_kernel(self, stored, q, k_st, v_st, kernels):
+  def _decode_op(self, stored, q, k_st, v_st, kernels):
     """One query token: the `quantized_kv_attention` op over the store and the window.
 
     Exact sinks ride in the op's window argument: for the c sinks of a row
@@ -317,8 +310,7 @@ class GroupedKVCache(SlotCacheMixin):
       v_res = jax.lax.dynamic_update_slice(jnp.pad(v_res, pad), stored.v_sink, at)
       written = jnp.clip(self.length - self.start, 0, self.num_sinks)
       start, length = start + written, length + written
-    attend = ops.resolve(QUANTIZED_KV_ATTENTION, self.kernels or kernels)
-    out = attend(
+    out = ops.quantized_kv_attention(
       q[:, 0],
       stored.store,
       start,
@@ -328,6 +320,7 @@ class GroupedKVCache(SlotCacheMixin):
       v_res,
       bits=self.spec.bits,
       group_size=self.spec.group_size,
+      config=kernels,
     )
     return out[:, None]
 
@@ -337,7 +330,7 @@ class GroupedKVCache(SlotCacheMixin):
     k_buf, v_buf = insert_chunk(k_buf, k, self.length), insert_chunk(v_buf, v, self.length)
     return ops.attention(q, k_buf, v_buf, q_slots, self.start, kernels)
 
-  def stored_view(self, stored: GroupedLayer):
+  def stored_view(self, stored: GroupQuantizedLayer):
     """Post-RoPE keys and values [B, Hkv, Tq + Rb, D] (float32) of the stored tokens as
     attention reads them: dequantized store, window (exact, or fake-quantized when
     residual == 0) at `quantized_length`, exact sinks at `start`; slot = index."""
@@ -353,9 +346,9 @@ class GroupedKVCache(SlotCacheMixin):
       v_buf = put(v_buf, stored.v_sink.astype(jnp.float32), self.start)
     return self._to_attention(k_buf, v_buf)
 
-  def _write(self, stored: GroupedLayer, k_st, v_st):
+  def _write(self, stored: GroupQuantizedLayer, k_st, v_st):
     """Appends the chunk [B, Hkv, S, D] to the window, flushing whole groups; returns
-    (new GroupedLayer, new quantized_length)."""
+    (new GroupQuantizedLayer, new quantized_length)."""
     g, r = self.spec.group_size, self.spec.residual
     s = k_st.shape[2]
     held = self.length - self.quantized_length
@@ -374,7 +367,7 @@ class GroupedKVCache(SlotCacheMixin):
     k_sink, v_sink = stored.k_sink, stored.v_sink
     if self.num_sinks:
       k_sink, v_sink = self._write_sinks(stored, k_st, v_st)
-    new = GroupedLayer(
+    new = GroupQuantizedLayer(
       store,
       jax.lax.dynamic_slice(window_k, shift, size),
       jax.lax.dynamic_slice(window_v, shift, size),
@@ -394,7 +387,7 @@ class GroupedKVCache(SlotCacheMixin):
     v_new = jnp.take_along_axis(v_st, idx, axis=2)
     return jnp.where(hit, k_new, stored.k_sink), jnp.where(hit, v_new, stored.v_sink)
 
-  def advance(self, layer_states, num_tokens: int) -> "GroupedKVCache":
+  def advance(self, layer_states, num_tokens: int) -> "GroupQuantizedKVCache":
     return self.replace(
       layers=tuple(state for state, _ in layer_states),
       quantized_length=layer_states[0][1],
@@ -402,7 +395,7 @@ class GroupedKVCache(SlotCacheMixin):
       overflow=overflow_after(self.overflow, self.length, num_tokens, self.capacity),
     )
 
-  def for_chunked_decode(self, first: int, chunk: int) -> "GroupedKVCache":
+  def for_chunked_decode(self, first: int, chunk: int) -> "GroupQuantizedKVCache":
     """This cache, if decoding `chunk` tokens per step, the first step at position
     `first`, scores exactly as one token per step does; else ValueError.
 
@@ -427,7 +420,7 @@ class GroupedKVCache(SlotCacheMixin):
       )
     return self
 
-  def rollback(self, length) -> "GroupedKVCache":
+  def rollback(self, length) -> "GroupQuantizedKVCache":
     """Truncates to `length` tokens. Quantized tokens cannot return to the window, so
     the target must be >= `quantized_length` (checked when concrete; clamped under jit)."""
     target = jnp.asarray(length, jnp.int32)
@@ -441,9 +434,9 @@ class GroupedKVCache(SlotCacheMixin):
     return self.replace(length=target)
 
   def memory(self) -> dict:
-    """Exact bytes (see `grouped_bytes_per_token`); residual_bytes = window + sinks, all layers."""
+    """Exact bytes (see `bytes_per_token`); residual_bytes = window + sinks, all layers."""
     c, spec = self.config, self.spec
-    per_token = grouped_bytes_per_token(spec, c)
+    per_token = bytes_per_token(spec, c)
     itemsize = self.layers[0].k_residual.dtype.itemsize
     fixed_slots = self.residual_slots + self.num_sinks
     residual = c.num_layers * c.num_kv_heads * fixed_slots * c.head_dim * 2 * itemsize
@@ -457,7 +450,7 @@ def concrete_pair(a, b):
   return (x, y) if x is not None and y is not None else (None, None)
 
 
-def grouped_bytes_per_token(spec: CacheSpec, config: ModelConfig):
+def bytes_per_token(spec: CacheSpec, config: ModelConfig):
   """Bytes per token over all layers: codes + scales + zero points of K and V.
 
   Per (token, KV head): K codes D*bits/8 and, per channel, a scale and a zero

@@ -1,0 +1,259 @@
+"""Implementation tables: every op lists its implementations and what each supports.
+
+An `Op` is data: a name and a tuple of `Implementation`s. Each implementation
+has a `kind` (``reference``: the plainest jnp; ``xla``: fused jnp; ``pallas``:
+a kernel), the backend it compiles for, and a `supports` function that returns
+``None`` or the reason it cannot run the given inputs on the given platform.
+
+`Op.select` is the one place an implementation is chosen:
+
+* ``implementation=None``: the first implementation in the backend's order
+  (`PREFERENCE`) that supports the inputs; on CPU that is ``xla``.
+* ``implementation="pallas"``: this backend's Pallas implementation (on CPU
+  with ``interpret=True``, the op's first one); it must support the inputs.
+* any other name: that implementation; it must support the inputs.
+
+An explicit choice that cannot run raises `UnsupportedError` naming the op, the
+implementation, the chip and the reason. Nothing falls back silently.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+
+KINDS = ("reference", "xla", "pallas")
+PALLAS = "pallas"  # the request "this backend's Pallas implementation"
+# Which kinds (in order) `implementation=None` tries on each backend.
+PREFERENCE = {
+  "cpu": ("xla", "reference"),
+  "tpu": ("pallas", "xla", "reference"),
+  "gpu": ("pallas", "xla", "reference"),
+}
+_GPU_BACKENDS = ("gpu", "cuda", "rocm")
+
+
+class OpError(ValueError):
+  """An unknown op or implementation, or a request an op cannot serve."""
+
+
+class UnsupportedError(OpError):
+  """The chosen implementation cannot run these inputs on this chip."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Platform:
+  """Where a call runs: the backend ("cpu", "tpu", "gpu"), the chip and interpret mode.
+
+  `device_kind` is jax's `Device.device_kind` ("TPU v5 lite", "NVIDIA H100 80GB
+  HBM3", "cpu"), or a compile-only topology's for export checks.
+  """
+
+  backend: str
+  device_kind: str = ""
+  interpret: bool = False
+
+  def __post_init__(self):
+    if self.backend not in PREFERENCE:
+      raise OpError(f"platform backend {self.backend!r}; expected one of {sorted(PREFERENCE)}")
+
+  @classmethod
+  def current(cls, interpret: bool = False) -> Platform:
+    """The default device's platform."""
+    backend = jax.default_backend()
+    backend = "gpu" if backend in _GPU_BACKENDS else backend
+    return cls(backend, jax.devices()[0].device_kind, interpret)
+
+  @property
+  def chip(self) -> str:
+    return self.device_kind or self.backend
+
+
+def _always(*args, **kwargs):
+  del args, kwargs
+  return None
+
+
+@dataclasses.dataclass(frozen=True)
+class Implementation:
+  """One way to compute an op.
+
+  Attributes:
+    name: unique within the op ("reference", "xla", "mosaic_tpu", "triton", ...).
+    kind: one of KINDS.
+    fn: ``fn(*args, **kwargs)``; a Pallas one also takes ``interpret=``.
+    backend: for ``pallas``, the backend its kernel compiles for ("tpu" or
+      "gpu"); it runs elsewhere only in interpret mode.
+    supports: ``supports(platform, *args, **kwargs) -> str | None``, the reason
+      it cannot run these inputs (shapes and dtypes are read, never values).
+  """
+
+  name: str
+  kind: str
+  fn: Callable
+  backend: str | None = None
+  supports: Callable = _always
+
+  def __post_init__(self):
+    if self.kind not in KINDS:
+      raise OpError(f"implementation {self.name!r}: kind {self.kind!r} not in {KINDS}")
+    if (self.kind == "pallas") != (self.backend is not None):
+      raise OpError(f"implementation {self.name!r}: a backend is given exactly for Pallas kinds")
+
+  def why_not(self, platform: Platform, *args, **kwargs) -> str | None:
+    """None when this implementation can run the inputs on `platform`, else the reason."""
+    if self.kind == "pallas" and self.backend != platform.backend and not platform.interpret:
+      return (
+        f"its kernel compiles for {self.backend} only "
+        f"(on {platform.backend}, run it with interpret=True)"
+      )
+    return self.supports(platform, *args, **kwargs)
+
+
+@dataclasses.dataclass(frozen=True)
+class Op:
+  """An op's name and its implementation table."""
+
+  name: str
+  implementations: tuple[Implementation, ...]
+  validate: Callable = _always  # validate(*args, **kwargs): raises ValueError/TypeError
+
+  def __post_init__(self):
+    names = [impl.name for impl in self.implementations]
+    if len(set(names)) != len(names) or PALLAS in names:
+      raise OpError(f"op {self.name!r}: implementation names {names} must be unique, not 'pallas'")
+
+  @property
+  def names(self) -> tuple[str, ...]:
+    return tuple(impl.name for impl in self.implementations)
+
+  @property
+  def has_pallas(self) -> bool:
+    return any(impl.kind == "pallas" for impl in self.implementations)
+
+  def get(self, name: str) -> Implementation:
+    for impl in self.implementations:
+      if impl.name == name:
+        return impl
+    raise OpError(f"op {self.name!r} has no implementation {name!r}; it has {list(self.names)}")
+
+  def request_for(self, setting: str | None) -> str | None:
+    """The request a model-wide setting makes of this op: "pallas" means this op's
+    Pallas implementation where it has one, and the default (None) where it has none."""
+    if setting == PALLAS and not self.has_pallas:
+      return None
+    return setting
+
+  def check_request(self, implementation: str | None) -> None:
+    """Raises OpError for a request this op can never serve (unknown name, no Pallas)."""
+    if implementation is None:
+      return
+    if implementation == PALLAS:
+      if not self.has_pallas:
+        raise OpError(f"op {self.name!r} has no Pallas implementation; it has {list(self.names)}")
+      return
+    self.get(implementation)
+
+  def _pallas_for(self, platform: Platform) -> Implementation:
+    pallas = [impl for impl in self.implementations if impl.kind == "pallas"]
+    native = [impl for impl in pallas if impl.backend == platform.backend]
+    if native:
+      return native[0]
+    if platform.interpret and pallas:
+      return pallas[0]
+    raise UnsupportedError(
+      f"op {self.name!r}: no Pallas implementation for {platform.chip} "
+      f"({platform.backend}); it has {[f'{i.name} ({i.backend})' for i in pallas]}"
+    )
+
+  def select(
+    self, implementation: str | None, platform: Platform, *args, **kwargs
+  ) -> Implementation:
+    """The implementation to run; raises UnsupportedError rather than substitute another."""
+    self.check_request(implementation)
+    self.validate(*args, **kwargs)
+    if implementation is None:
+      reasons = []
+      for kind in PREFERENCE[platform.backend]:
+        for impl in self.implementations:
+          if impl.kind != kind or (kind == "pallas" and impl.backend != platform.backend):
+            continue
+          reason = impl.why_not(platform, *args, **kwargs)
+          if reason is None:
+            return impl
+          reasons.append(f"{impl.name}: {reason}")
+      raise UnsupportedError(
+        f"op {self.name!r}: no implementation supports these inputs on {platform.chip}: "
+        + "; ".join(reasons)
+      )
+    impl = self._pallas_for(platform) if implementation == PALLAS else self.get(implementation)
+    reason = impl.why_not(platform, *args, **kwargs)
+    if reason is not None:
+      raise UnsupportedError(
+        f"op {self.name!r}: implementation {impl.name!r} cannot run on {platform.chip}: {reason}"
+      )
+    return impl
+
+  def __call__(
+    self,
+    *args,
+    implementation: str | None = None,
+    interpret: bool = False,
+    platform: Platform | None = None,
+    **kwargs,
+  ):
+    """Runs the selected implementation under the name scope ``op/implementation``."""
+    platform = platform or Platform.current(interpret)
+    if platform.interpret != interpret:
+      platform = dataclasses.replace(platform, interpret=interpret)
+    impl = self.select(implementation, platform, *args, **kwargs)
+    if impl.kind == "pallas":
+      kwargs = dict(kwargs, interpret=interpret)
+    with jax.named_scope(f"{self.name}/{impl.name}"):
+      return impl.fn(*args, **kwargs)
+
+
+def reason_from(check: Callable, *args, **kwargs) -> str | None:
+  """Runs a validation function that raises ValueError/TypeError; returns its message or None."""
+  try:
+    check(*args, **kwargs)
+  except (ValueError, TypeError) as e:
+    return str(e)
+  return None
+
+
+def _is_array(a) -> bool:
+  """An array, tracer or ShapeDtypeStruct; not a dtype or a scalar type (which have a shape)."""
+  return hasattr(a, "shape") and hasattr(a, "dtype") and not isinstance(a, (type, jnp.dtype))
+
+
+def _abstract(tree):
+  return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype) if _is_array(a) else a, tree)
+
+
+def supported_by_tracing(fn: Callable, **fixed) -> Callable:
+  """A `supports` that traces ``fn(*args, **kwargs, **fixed)`` abstractly (`jax.eval_shape`).
+
+  For kernels whose wrappers check tiling and dtype rules with a ValueError before
+  lowering: the reason is that message. Nothing is added to the caller's program.
+  """
+
+  def supports(platform, *args, **kwargs):
+    del platform
+    array_args = _abstract((args, kwargs))
+    static = {k: v for k, v in kwargs.items() if not _is_array(v)}
+
+    def run(a, k):
+      return fn(*a, **{**k, **static}, **fixed)
+
+    try:
+      dynamic = {k: v for k, v in array_args[1].items() if k not in static}
+      jax.eval_shape(run, array_args[0], dynamic)
+    except (ValueError, TypeError) as e:
+      return str(e)
+    return None
+
+  return supports

@@ -1,0 +1,57 @@
+"""The ``quantized_kv_attention`` op: decode attention over a KIVI-packed cache.
+
+``(q [B, Hq, D], kv: QuantizedKV [B, Hkv, ...], start, quantized_length,
+length=None, k_residual [B, Hkv, R, D] = None, v_residual = None, *, bits,
+group_size) -> [B, Hq, D]``; see `reference.quantized_kv_attention_reference`.
+
+Implementations:
+  * ``reference``: dequantize, then attend (`reference.py`).
+  * ``xla``: dequantization fused into the score and value products (`xla.py`).
+  * ``mosaic_tpu``: the TPU kernel (`tpu_kernel.py`: scalar prefetch, VMEM scratch).
+  * ``triton``: the portable kernel (`portable_kernel.py`: grid (B, Hkv), a loop
+    over key groups, the GQA group padded to a power of 2). Its Triton dot tiles
+    need power-of-2 ``group_size / pf >= 16``, head_dim and residual: 2-bit keys
+    with group 32 (8 rows per bit slot) are refused, so on GPU the default for
+    such a cache is ``xla``.
+"""
+
+from __future__ import annotations
+
+from pallas_kernels.op_api import Implementation, Op, supported_by_tracing
+
+from .portable_kernel import quantized_kv_decode_attention_portable
+from .reference import quantized_kv_attention_reference
+from .tpu_kernel import quantized_kv_decode_attention
+from .validation import validate as _validate_inputs
+from .xla import quantized_kv_attention_xla
+
+
+def _validate(
+  q, kv, start, quantized_length, length=None, k_residual=None, v_residual=None, *, bits, group_size
+):
+  del start, quantized_length, length
+  _validate_inputs(q, kv, k_residual, v_residual, bits, group_size)
+
+
+QUANTIZED_KV_ATTENTION = Op(
+  "quantized_kv_attention",
+  (
+    Implementation("reference", "reference", quantized_kv_attention_reference),
+    Implementation("xla", "xla", quantized_kv_attention_xla),
+    Implementation(
+      "mosaic_tpu",
+      "pallas",
+      quantized_kv_decode_attention,
+      backend="tpu",
+      supports=supported_by_tracing(quantized_kv_decode_attention),
+    ),
+    Implementation(
+      "triton",
+      "pallas",
+      quantized_kv_decode_attention_portable,
+      backend="gpu",
+      supports=supported_by_tracing(quantized_kv_decode_attention_portable),
+    ),
+  ),
+  validate=_validate,
+)
