@@ -53,6 +53,7 @@ import time
 from absl import app, flags
 
 from experiments import common
+from jaxllm import runtime as _runtime
 
 NAME = "bench_decode"
 common.define_common_flags(NAME, ("model", "gguf", "out_dir", "seed", "dtype"))
@@ -84,6 +85,7 @@ _PROMPT_LENS = flags.DEFINE_list(
 _PEER_TIMEOUT_S = flags.DEFINE_integer(
   "peer_timeout_s", 1800, "Seconds each peer's subprocess may run.", lower_bound=1
 )
+_runtime.define_kernel_flags()
 FLAGS = flags.FLAGS
 
 DEFAULT_PROMPT_LENS = (512, 2048, 8192)
@@ -599,6 +601,7 @@ def main(argv):
   del argv
   if FLAGS.gguf is not None and not os.path.isfile(FLAGS.gguf):
     common.fail(f"GGUF file not found: {FLAGS.gguf}")
+  kernels = common.kernel_config()
   from experiments import peers  # pylint: disable=import-outside-toplevel
   from jaxllm.config import get_config  # pylint: disable=import-outside-toplevel
   from jaxllm.gguf_loader import default_gguf_path  # pylint: disable=import-outside-toplevel
@@ -625,7 +628,7 @@ def main(argv):
   common.start()
   s = {}
   log(f"jaxllm {cfg.name} {FLAGS.dtype}")
-  pipe = load_pipeline(FLAGS.model, FLAGS.gguf, FLAGS.dtype, seed)
+  pipe = load_pipeline(FLAGS.model, FLAGS.gguf, FLAGS.dtype, seed, kernels)
   bench = JaxllmBench(pipe, reps, seed)
   try:
     s["jaxllm_prefill_tok_s"] = bench.prefill_tok_s(prompt_len, new_tokens)
@@ -650,7 +653,7 @@ def main(argv):
     bf16_pipe = pipe
   else:
     del pipe
-    bf16_pipe = load_pipeline(FLAGS.model, FLAGS.gguf, "bfloat16", seed)
+    bf16_pipe = load_pipeline(FLAGS.model, FLAGS.gguf, "bfloat16", seed, kernels)
   # bfloat16 weights and activations: XLA:CPU's bf16 GEMM (AVX512-BF16 where the
   # CPU has it) is what the batched and prefill figures can reach.
   bf16_bench = JaxllmBench(bf16_pipe, reps, seed)

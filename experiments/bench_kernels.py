@@ -31,6 +31,7 @@ import time
 from absl import app, flags
 
 from experiments import common
+from jaxllm import runtime
 from pallas_kernels import shapes
 
 NAME = "bench_kernels"
@@ -56,7 +57,7 @@ _IMPLS = flags.DEFINE_list(
   "mosaic_tpu, triton) or pallas (this backend's kernel); default: pallas and xla on an "
   "accelerator, xla on CPU.",
 )
-_INTERPRET = flags.DEFINE_bool("interpret", False, "Run Pallas in interpret mode (CPU tests).")
+runtime.define_kernel_flags()  # --interpret (and --kernels, which this bench does not read)
 _REPS = flags.DEFINE_integer("reps", 5, "Timed calls per figure (median).", lower_bound=3)
 _COPIES = flags.DEFINE_integer(
   "copies", None, "Weight sets / caches per call; default: enough for 256 MiB of bf16, 2..16."
@@ -87,7 +88,7 @@ def _copies(bf16_bytes: int) -> int:
 
 
 def _implementations(backend: str) -> tuple[str, ...]:
-  impls = _IMPLS.value or (("pallas", "xla") if backend != "cpu" or _INTERPRET.value else ("xla",))
+  impls = _IMPLS.value or (("pallas", "xla") if backend != "cpu" or FLAGS.interpret else ("xla",))
   from pallas_kernels import registry  # pylint: disable=import-outside-toplevel
 
   known = {"pallas"} | {name for op in registry.OPS.values() for name in op.names}
@@ -106,7 +107,7 @@ def _selected(op: str, impl: str, *args, **kwargs) -> tuple[str | None, str | No
   if impl != "pallas" and impl not in table.names:
     return None, f"op {op!r} has no implementation {impl!r}"
   try:
-    chosen = table.select(impl, Platform.current(_INTERPRET.value), *args, **kwargs)
+    chosen = table.select(impl, Platform.current(FLAGS.interpret), *args, **kwargs)
   except UnsupportedError as e:
     return None, str(e)
   return chosen.name, None
@@ -211,7 +212,7 @@ def _matmul_rows(backend: str, dtype, impls) -> list[dict]:
               by_impl[impl] = _refused(row, reason)
               continue
             row["ran"] = ran
-            cfg = ops.KernelConfig(interpret=_INTERPRET.value, overrides=((op, ran),))
+            cfg = ops.KernelConfig(interpret=FLAGS.interpret, overrides=((op, ran),))
             row = _measure(
               f"{method}/{impl}",
               jax.jit(lambda xs, ws, cfg=cfg: chain(xs, ws, cfg)),
@@ -332,7 +333,7 @@ def _kv_rows(backend: str, dtype, impls) -> list[dict]:
 
         def chain(q, layers, impl, starts=starts, qlen=qlen, context=context, kw=kw):
           cfg = ops.KernelConfig(
-            interpret=_INTERPRET.value, overrides=(("quantized_kv_attention", impl),)
+            interpret=FLAGS.interpret, overrides=(("quantized_kv_attention", impl),)
           )
           return [
             ops.quantized_kv_attention(q[i], st, starts, qlen, context, kr, vr, **kw, config=cfg)
@@ -412,7 +413,7 @@ def main(argv):
     common.fail(f"--ops: unknown {bad}; choose from matmul, kv_attention")
   backend = jax.default_backend()
   impls = _implementations(backend)
-  if "pallas" in impls and backend == "cpu" and not _INTERPRET.value:
+  if "pallas" in impls and backend == "cpu" and not FLAGS.interpret:
     common.fail("Pallas kernels need --interpret on CPU")
   dtype = jnp.dtype(FLAGS.dtype)
   info = common.run_info()

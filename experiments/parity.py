@@ -17,6 +17,7 @@ import numpy as np
 from absl import app, flags
 
 from experiments import common, peers
+from jaxllm import runtime
 
 FIXTURE = os.path.join(
   os.path.dirname(__file__), "..", "tests", "fixtures", "reference_logits.json"
@@ -25,6 +26,7 @@ NOT_RUN = "n/a (not installed)"  # the table's row for a peer that is not instal
 
 common.define_common_flags("parity", only=("gguf", "dtype", "out_dir"))
 flags.adopt_module_key_flags(common)
+runtime.define_kernel_flags()
 FLAGS = flags.FLAGS
 _PROMPTS = flags.DEFINE_multi_string(
   "prompts", None, "Prompt text (repeatable; '\\n' is a newline). Default: the fixture's."
@@ -60,6 +62,7 @@ def main(argv):
   del argv
   if FLAGS.gguf and not os.path.isfile(FLAGS.gguf):
     common.fail(f"GGUF file not found: {FLAGS.gguf}")
+  kernels = common.kernel_config()
   common.start()
   import jaxllm  # pylint: disable=import-outside-toplevel
 
@@ -77,7 +80,7 @@ def main(argv):
     common.fail(f"no --prompts given and no fixture at {FIXTURE}")
 
   with common.one_line_errors():  # the loader's messages name the file and tensor
-    pipe = jaxllm.load_pipeline(gguf_path=gguf, dtype=FLAGS.dtype)
+    pipe = jaxllm.load_pipeline(gguf_path=gguf, dtype=FLAGS.dtype, kernels=kernels)
   seqs = [pipe.tokenizer.encode(t) for t in texts]
   if not all(seqs):
     common.fail("a prompt encodes to zero tokens")

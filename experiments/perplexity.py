@@ -72,9 +72,7 @@ def _load(cfg, kernels):
     from jaxllm.pipeline import load_pipeline
 
     with common.one_line_errors():  # the loader's messages name the file and tensor
-      pipe = load_pipeline(FLAGS.model, FLAGS.gguf, FLAGS.dtype, FLAGS.seed)
-    pipe.model.kernels = kernels
-    return pipe, FLAGS.dtype
+      return load_pipeline(FLAGS.model, FLAGS.gguf, FLAGS.dtype, FLAGS.seed, kernels), FLAGS.dtype
   from jaxllm import checkpoint
 
   with common.one_line_errors():  # the messages name the directory

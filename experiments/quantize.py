@@ -252,8 +252,7 @@ def main(argv):
   evaluation, calib, text_record = _windows(tokenizer, tokenize_windows)
 
   with common.one_line_errors():  # the loader's messages name the file and tensor
-    pipe = load_pipeline(FLAGS.model, FLAGS.gguf, FLAGS.dtype, FLAGS.seed)
-  pipe.model.kernels = kernels
+    pipe = load_pipeline(FLAGS.model, FLAGS.gguf, FLAGS.dtype, FLAGS.seed, kernels)
   t_loaded = time.perf_counter()
   recipes = {m: recipes_lib.RECIPES[m] for m in methods}
   if _ALPHA.value is not None:

@@ -91,9 +91,11 @@ def main(argv):
     sampling = check_flags()
     kernels = runtime.kernel_config()  # an unknown op or implementation fails before the load
     pipe = load_pipeline(
-      gguf_path=_GGUF.value, dtype=_DTYPE.value, weight_cache_dir=runtime.weight_cache_dir()
+      gguf_path=_GGUF.value,
+      dtype=_DTYPE.value,
+      kernels=kernels,
+      weight_cache_dir=runtime.weight_cache_dir(),
     )
-    pipe.model.kernels = kernels
     tok = pipe.tokenizer
     text = (
       tok.apply_chat_template([{"role": "user", "content": _PROMPT.value}])
