@@ -10,38 +10,10 @@ import gguf
 import numpy as np
 import pytest
 from in_process import run_perplexity_main
+from tiny_gguf import META as _META
+from tiny_gguf import tensors as _tensors
 
 from jaxllm import gguf_loader
-
-# A one-block llama: embed 8, 2 query and 2 key/value heads of width 4, MLP 16, vocab 16.
-_META = {
-  "llama.block_count": 1,
-  "llama.context_length": 64,
-  "llama.embedding_length": 8,
-  "llama.feed_forward_length": 16,
-  "llama.attention.head_count": 2,
-  "llama.attention.head_count_kv": 2,
-  "llama.rope.dimension_count": 4,
-  "llama.vocab_size": 16,
-}
-
-
-def _tensors(rows_q: int = 8) -> dict[str, np.ndarray]:
-  rng = np.random.default_rng(0)
-  shapes = {
-    "token_embd.weight": (16, 8),
-    "output_norm.weight": (8,),
-    "blk.0.attn_norm.weight": (8,),
-    "blk.0.attn_q.weight": (rows_q, 8),
-    "blk.0.attn_k.weight": (8, 8),
-    "blk.0.attn_v.weight": (8, 8),
-    "blk.0.attn_output.weight": (8, 8),
-    "blk.0.ffn_norm.weight": (8,),
-    "blk.0.ffn_gate.weight": (16, 8),
-    "blk.0.ffn_up.weight": (16, 8),
-    "blk.0.ffn_down.weight": (8, 16),
-  }
-  return {name: rng.standard_normal(shape).astype(np.float32) for name, shape in shapes.items()}
 
 
 def _write_llama(path, meta=None, tensors=None) -> Path:

@@ -14,44 +14,18 @@ import zlib
 import gguf
 import numpy as np
 import pytest
+from tiny_gguf import META as _META
+from tiny_gguf import tensors as _tensors
 
 import jaxllm
 from jaxllm import gguf_loader, runtime, weight_cache
 from jaxllm.tokenizer import Tokenizer
 
-# A one-block llama (embed 8, 2 heads of width 4, MLP 16) with a 16-token BPE vocabulary.
-_META = {
-  "llama.block_count": 1,
-  "llama.context_length": 64,
-  "llama.embedding_length": 8,
-  "llama.feed_forward_length": 16,
-  "llama.attention.head_count": 2,
-  "llama.attention.head_count_kv": 2,
-  "llama.rope.dimension_count": 4,
-  "llama.vocab_size": 16,
-}
+# The tiny_gguf block with a 16-token BPE vocabulary.
 _TOKENS = ["a", "b", "c", "d", "ab", "cd", "abcd", "Ġ", "e", "f", "g", "h"]
 _TOKENS += ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "i"]
 _TYPES = [1] * 12 + [3, 3, 3, 1]
 _MERGES = ["a b", "c d", "ab cd"]
-
-
-def _tensors(seed: int = 0) -> dict[str, np.ndarray]:
-  rng = np.random.default_rng(seed)
-  shapes = {
-    "token_embd.weight": (16, 8),
-    "output_norm.weight": (8,),
-    "blk.0.attn_norm.weight": (8,),
-    "blk.0.attn_q.weight": (8, 8),
-    "blk.0.attn_k.weight": (8, 8),
-    "blk.0.attn_v.weight": (8, 8),
-    "blk.0.attn_output.weight": (8, 8),
-    "blk.0.ffn_norm.weight": (8,),
-    "blk.0.ffn_gate.weight": (16, 8),
-    "blk.0.ffn_up.weight": (16, 8),
-    "blk.0.ffn_down.weight": (8, 16),
-  }
-  return {name: rng.standard_normal(shape).astype(np.float32) for name, shape in shapes.items()}
 
 
 def _write_gguf(path, seed: int = 0):
@@ -65,7 +39,7 @@ def _write_gguf(path, seed: int = 0):
   w.add_token_types(_TYPES)
   w.add_bos_token_id(12)
   w.add_eos_token_id(12)
-  for name, data in _tensors(seed).items():
+  for name, data in _tensors(seed=seed).items():
     w.add_tensor(name, data)
   w.write_header_to_file()
   w.write_kv_data_to_file()

@@ -400,10 +400,7 @@ class FireQW4A8(_Int4):
     return {"values": values, "scales": scales, "tensor_scale": tensor_scale}
 
   def dequantize(self, parts):
-    codes = qmm.unpack_int4_full(parts["values"], signed=True).astype(jnp.float32)
-    g = codes.shape[0] // parts["scales"].shape[0]
-    scales = jnp.repeat(parts["scales"].astype(jnp.float32), g, axis=0) * parts["tensor_scale"]
-    return codes * scales
+    return qmm.dequantize_w4_fireq(parts["values"], parts["scales"], parts["tensor_scale"])
 
   def matmul_operands(self, parts, x):
     return (x, parts["values"], parts["scales"].astype(jnp.float32), parts["tensor_scale"])

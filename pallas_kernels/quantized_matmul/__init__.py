@@ -9,6 +9,7 @@ All kernels use the portable form: grid over (M, N) blocks, whole-K blocks and a
 
 from pallas_kernels.quantized_matmul.common import pack_int4, triton_params, unpack_int4_full
 from pallas_kernels.quantized_matmul.w4a8_fireq import (
+  dequantize_w4_fireq,
   quantize_activations_fp8,
   quantize_w4_fireq,
   w4a8_fireq_matmul,
@@ -36,6 +37,7 @@ from pallas_kernels.quantized_matmul.w8a8 import (
 from pallas_kernels.quantized_matmul.xla import fake_quantize_activations_fp8
 
 __all__ = [
+  "dequantize_w4_fireq",
   "dequantize_w4a16",
   "fake_quantize_activations_fp8",
   "int8_codes",
