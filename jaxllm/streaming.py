@@ -179,7 +179,7 @@ class StreamingScorer:
         f"logits of window {first + row} at position {pos} are not finite: the weights or "
         "activations hold NaN/inf"
       )
-    cache.check_overflow()  # cannot fire: `layout` sizes the cache; one scalar fetch
+    cache.check_overflow()  # cannot fire: `layout` sizes the cache, nothing rolls back
     return nll, top1
 
   def score(self, windows: np.ndarray) -> Iterator[tuple[np.ndarray, np.ndarray]]:

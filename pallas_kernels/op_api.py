@@ -50,11 +50,14 @@ class Platform:
 
   `device_kind` is jax's `Device.device_kind` ("TPU v5 lite", "NVIDIA H100 80GB
   HBM3", "cpu"), or a compile-only topology's for export checks.
+  `compute_capability` is a CUDA device's ("9.0"); `pallas_kernels.chips.chip_of`
+  reads both to find the chip's capabilities.
   """
 
   backend: str
   device_kind: str = ""
   interpret: bool = False
+  compute_capability: str = ""
 
   def __post_init__(self):
     if self.backend not in PREFERENCE:
@@ -65,7 +68,9 @@ class Platform:
     """The default device's platform."""
     backend = jax.default_backend()
     backend = "gpu" if backend in _GPU_BACKENDS else backend
-    return cls(backend, jax.devices()[0].device_kind, interpret)
+    device = jax.devices()[0]
+    cc = str(getattr(device, "compute_capability", "") or "")
+    return cls(backend, device.device_kind, interpret, cc)
 
   @property
   def chip(self) -> str:
@@ -84,11 +89,17 @@ class Implementation:
   Attributes:
     name: unique within the op ("reference", "xla", "mosaic_tpu", "triton", ...).
     kind: one of KINDS.
-    fn: ``fn(*args, **kwargs)``; a Pallas one also takes ``interpret=``.
+    fn: ``fn(*args, **kwargs)``; a Pallas one also takes ``interpret=`` and
+      ``platform=`` (the `Platform` it is traced for, to read the chip from).
     backend: for ``pallas``, the backend its kernel compiles for ("tpu" or
       "gpu"); it runs elsewhere only in interpret mode.
     supports: ``supports(platform, *args, **kwargs) -> str | None``, the reason
       it cannot run these inputs (shapes and dtypes are read, never values).
+    variants: names of the kernel's per-chip forms (an int8 dot, a dot of
+      dequantized bf16 values, ...); empty when it has one form. An implementation
+      with variants gets ``variant=`` in its kwargs, for `fn` and `supports` alike.
+    pick_variant: ``pick_variant(platform) -> name``, the variant a call gets when
+      it asks for none, read from the chip at trace time (default: the first).
   """
 
   name: str
@@ -96,6 +107,8 @@ class Implementation:
   fn: Callable
   backend: str | None = None
   supports: Callable = _always
+  variants: tuple[str, ...] = ()
+  pick_variant: Callable | None = None
 
   def __post_init__(self):
     if self.kind not in KINDS:
@@ -103,14 +116,33 @@ class Implementation:
     if (self.kind == "pallas") != (self.backend is not None):
       raise OpError(f"implementation {self.name!r}: a backend is given exactly for Pallas kinds")
 
-  def why_not(self, platform: Platform, *args, **kwargs) -> str | None:
+  def variant_for(self, platform: Platform, requested: str | None) -> str | None:
+    """The variant a call runs: `requested`, else the chip's default; None without variants."""
+    if not self.variants:
+      if requested is not None:
+        raise OpError(f"implementation {self.name!r} has no variants; got variant={requested!r}")
+      return None
+    if requested is None:
+      return self.pick_variant(platform) if self.pick_variant else self.variants[0]
+    if requested not in self.variants:
+      raise OpError(
+        f"implementation {self.name!r} has no variant {requested!r}; it has {list(self.variants)}"
+      )
+    return requested
+
+  def with_variant(self, platform: Platform, requested: str | None, kwargs: dict) -> dict:
+    """`kwargs` plus ``variant=`` where this implementation has variants."""
+    variant = self.variant_for(platform, requested)
+    return kwargs if variant is None else dict(kwargs, variant=variant)
+
+  def why_not(self, platform: Platform, *args, variant: str | None = None, **kwargs) -> str | None:
     """None when this implementation can run the inputs on `platform`, else the reason."""
     if self.kind == "pallas" and self.backend != platform.backend and not platform.interpret:
       return (
         f"its kernel compiles for {self.backend} only "
         f"(on {platform.backend}, run it with interpret=True)"
       )
-    return self.supports(platform, *args, **kwargs)
+    return self.supports(platform, *args, **self.with_variant(platform, variant, kwargs))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -170,10 +202,21 @@ class Op:
     )
 
   def select(
-    self, implementation: str | None, platform: Platform, *args, **kwargs
+    self,
+    implementation: str | None,
+    platform: Platform,
+    *args,
+    variant: str | None = None,
+    **kwargs,
   ) -> Implementation:
-    """The implementation to run; raises UnsupportedError rather than substitute another."""
+    """The implementation to run; raises UnsupportedError rather than substitute another.
+
+    `variant` names one of the chosen implementation's per-chip forms (only with an
+    explicit implementation); None lets the implementation pick by chip.
+    """
     self.check_request(implementation)
+    if variant is not None and implementation is None:
+      raise OpError(f"op {self.name!r}: variant={variant!r} needs an explicit implementation")
     self.validate(*args, **kwargs)
     if implementation is None:
       reasons = []
@@ -190,10 +233,12 @@ class Op:
         + "; ".join(reasons)
       )
     impl = self._pallas_for(platform) if implementation == PALLAS else self.get(implementation)
-    reason = impl.why_not(platform, *args, **kwargs)
+    reason = impl.why_not(platform, *args, variant=variant, **kwargs)
     if reason is not None:
+      chosen = impl.variant_for(platform, variant)
+      form = f"{impl.name!r}" + (f" (variant {chosen!r})" if chosen else "")
       raise UnsupportedError(
-        f"op {self.name!r}: implementation {impl.name!r} cannot run on {platform.chip}: {reason}"
+        f"op {self.name!r}: implementation {form} cannot run on {platform.chip}: {reason}"
       )
     return impl
 
@@ -203,16 +248,19 @@ class Op:
     implementation: str | None = None,
     interpret: bool = False,
     platform: Platform | None = None,
+    variant: str | None = None,
     **kwargs,
   ):
-    """Runs the selected implementation under the name scope ``op/implementation``."""
+    """Runs the selected implementation under the name scope ``op/implementation[/variant]``."""
     platform = platform or Platform.current(interpret)
     if platform.interpret != interpret:
       platform = dataclasses.replace(platform, interpret=interpret)
-    impl = self.select(implementation, platform, *args, **kwargs)
+    impl = self.select(implementation, platform, *args, variant=variant, **kwargs)
+    kwargs = impl.with_variant(platform, variant, kwargs)
     if impl.kind == "pallas":
-      kwargs = dict(kwargs, interpret=interpret)
-    with jax.named_scope(f"{self.name}/{impl.name}"):
+      kwargs = dict(kwargs, interpret=interpret, platform=platform)
+    scope = "/".join(filter(None, (self.name, impl.name, kwargs.get("variant"))))
+    with jax.named_scope(scope):
       return impl.fn(*args, **kwargs)
 
 

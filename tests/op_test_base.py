@@ -55,6 +55,7 @@ EXPORT_PLATFORMS = {
   "cuda": (Platform("gpu", "export"), _TRITON_CALL),
 }
 _KERNEL_CALLS = tuple(call for _, call in EXPORT_PLATFORMS.values())
+_VARIANT = r"( \(variant '\w+'\))?"  # how a refusal names the implementation's variant
 
 
 def fast_jit(fn, **kwargs):
@@ -194,7 +195,7 @@ class OpSuite:
     case = numerics
     args, kwargs = self.inputs(case)
     if impl in case.refuse:
-      pattern = rf"op '{self.OP.name}': implementation '{impl}' cannot run on .*{case.refuse[impl]}"
+      pattern = rf"op '{self.OP.name}': implementation '{impl}'{_VARIANT} cannot run on .*{case.refuse[impl]}"
       with pytest.raises(UnsupportedError, match=pattern):
         self.jitted(impl, args, kwargs)
       return
@@ -244,7 +245,9 @@ class OpSuite:
       disabled_checks=[export.DisabledSafetyCheck.custom_call(_TRITON_CALL)],
     )
     if refusal is not None:
-      pattern = f"op '{self.OP.name}': implementation '{impl}' cannot run on export: .*{refusal}"
+      pattern = (
+        rf"op '{self.OP.name}': implementation '{impl}'{_VARIANT} cannot run on export: .*{refusal}"
+      )
       with pytest.raises(UnsupportedError, match=pattern):
         lower(*lowering.args)
       return

@@ -38,11 +38,11 @@ def test_overflow_inside_jit_is_flagged_and_raised(split_model, method, capacity
     return create_cache(spec_for(method), ONE_LAYER, 1, capacity)
 
   full = decode(state, empty(), capacity)  # exactly fills the cache
-  assert int(full.length) == capacity and not bool(full.overflow)
+  assert full.length.tolist() == [capacity] and not bool(full.overflow)
   full.check_overflow()
 
   over = decode(state, empty(), capacity + 3)  # 3 tokens past it
-  assert int(over.length) == capacity + 3 and bool(over.overflow)
+  assert over.length.tolist() == [capacity + 3] and bool(over.overflow)
   with pytest.raises(ValueError, match=rf"^KV cache overflow: .* capacity of {capacity} tokens"):
     over.check_overflow()
   # the flag stays set whatever comes next

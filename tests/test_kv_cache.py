@@ -104,7 +104,7 @@ def decode_error(tiny_model, tokens, calib_tokens):
       model, calibration = prepare_model(tiny_model, CACHE_PRESETS[name], calib_tokens)
       cache = create_cache(CACHE_PRESETS[name], cfg, 2, CAPACITY, calibration=calibration)
       got, cache = _decode_logits(model, cache, tokens)
-      assert int(cache.length) == TOTAL
+      assert cache.length.tolist() == [TOTAL, TOTAL]
       errors[name] = float(np.abs(got - dense).max() / np.abs(dense).max())
     return errors[name]
 
@@ -217,8 +217,12 @@ def test_bytes_per_token_exact(name):
   assert mem["bf16_bytes_per_token"] == HEADS * 64 * 2 * 2 == 23040
   slots = EXPECTED_FIXED_SLOTS.get(name, EXPECTED_FIXED_SLOTS.get(spec.kind, 0))
   assert mem["residual_bytes"] == HEADS * slots * 64 * 2 * 4
-  leaves = jax.tree.leaves(cache)
-  assert mem["total_bytes"] == sum(x.size * x.dtype.itemsize for x in leaves if x.ndim > 1)
+  # every stored array; not the per-row bookkeeping (lengths, flags, ring positions)
+  bookkeeping = ("length", "quantized_length", "start", "overflow", "refused_rollback")
+  bookkeeping += ("recent_pos",)
+  storage = cache.replace(**{f: None for f in bookkeeping if hasattr(cache, f)})
+  leaves = jax.tree.leaves(storage)
+  assert mem["total_bytes"] == sum(x.size * x.dtype.itemsize for x in leaves)
   if name in FOUR_BIT + ["rotatekv4"]:
     assert mem["ratio_vs_bf16"] <= 0.30
   if name in TWO_BIT:
@@ -247,7 +251,7 @@ def _feed(cache, q, k_pre, v, kernels=ops.KernelConfig()):
   """Writes one chunk into layer 0 (keys get RoPE at their positions); returns
   (out, cache, post-RoPE keys as written)."""
   b, s = q.shape[:2]
-  slots = cache.length + jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
+  slots = cache.length[:, None] + jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
   cos, sin = rope_tables(jnp.maximum(slots - cache.start[:, None], 0), 64, ONE_LAYER.rope_theta)
   k = apply_rope(k_pre, cos, sin)
   out, state = cache.attend(0, apply_rope(q, cos, sin), k_pre, k, v, slots, kernels)
@@ -302,7 +306,8 @@ def test_kivi_flush_moves_one_group_and_residual_stays_exact():
     _, cache, k = feed(cache, q, k_pre, v)
     k_all.append(k)
     v_all.append(v)
-    qlens.append(int(cache.quantized_length))
+    qlens.append(int(cache.quantized_length[0]))
+    assert cache.quantized_length[1] == qlens[-1]
   # the window holds 32..63 tokens: a group of 32 leaves when it reaches 64
   lengths = np.arange(1, 101)
   np.testing.assert_array_equal(qlens, np.maximum(lengths - 32, 0) // 32 * 32)
@@ -333,15 +338,17 @@ def test_chunked_write_equals_token_by_token(name):
   for i in range(70):
     single = feed(single, q[:, i : i + 1], k_pre[:, i : i + 1], v[:, i : i + 1])[1]
   qlen = (70 - spec.residual) // 32 * 32
-  assert int(chunked.quantized_length) == int(single.quantized_length) == qlen
+  assert chunked.quantized_length.tolist() == single.quantized_length.tolist() == [qlen, qlen]
   for a, b in zip(_written(chunked), _written(single)):
     np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), atol=1e-6)
 
 
 def _written(cache):
   """The storage that holds tokens (slots past the lengths are scratch)."""
-  layer, qlen = cache.layers[0], int(cache.quantized_length)
-  held = int(cache.length) - qlen
+  layer, qlen = cache.layers[0], int(cache.quantized_length[0])
+  held = int(cache.length[0]) - qlen
+  assert cache.quantized_length.tolist() == [qlen] * cache.batch  # rows wrote alike
+  assert cache.length.tolist() == [qlen + held] * cache.batch
   pf = 8 // cache.spec.bits
   store = layer.store
   return (
@@ -375,17 +382,17 @@ def test_rollback_forgets_tokens(tiny_model, name):
   _, fresh = run(create_cache(spec, cfg, 1, 96), b[:, :74])
   want, fresh = run(fresh, b[:, 74:])
   np.testing.assert_allclose(got, want, atol=1e-5)
-  assert int(cache.length) == 80
+  assert cache.length.tolist() == [80]
   if name != "int8":
-    assert int(cache.quantized_length) == 32
+    assert cache.quantized_length.tolist() == [32]
 
 
 def test_rollback_into_quantized_tokens_is_an_error():
   rng = np.random.default_rng(3)
   cache = create_cache(spec_for("kivi2").replace(residual=32), ONE_LAYER, 1, 96)
   cache = jax.jit(_feed)(cache, *_chunk(rng, 1, 80))[1]
-  assert int(cache.quantized_length) == 32
-  assert int(cache.rollback(40).length) == 40
+  assert cache.quantized_length.tolist() == [32]
+  assert cache.rollback(40).length.tolist() == [40]
   with pytest.raises(ValueError, match="already quantized"):
     cache.rollback(20)
 
@@ -407,7 +414,8 @@ def test_sink_tokens_exact(name):
     want_k = rot(k_pre[row, s : s + 4]).transpose(1, 0, 2)
     np.testing.assert_array_equal(layer.k_sink[row], want_k)
     np.testing.assert_array_equal(layer.v_sink[row], rot(v[row, s : s + 4]).transpose(1, 0, 2))
-  assert int(cache.quantized_length) == 32  # sinks sit in a quantized group, yet stay exact
+  # sinks sit in a quantized group, yet stay exact
+  assert cache.quantized_length.tolist() == [32, 32]
   # as attention reads them, the sink slots hold the exact post-RoPE keys and values
   k_view, v_view = _layer0_view(cache)
   for row, s in enumerate([5, 0]):
@@ -433,7 +441,7 @@ def test_kivi_sink_tokens_exact():
   spec = spec_for("kivi2_s4").replace(residual=32)
   feed = jax.jit(_feed)
   _, cache, k = feed(create_cache(spec, ONE_LAYER, 2, 96, start=start), q, k_pre, v)
-  assert int(cache.quantized_length) == 32
+  assert cache.quantized_length.tolist() == [32, 32]
   k_view, v_view = _layer0_view(cache)
   plain = create_cache(spec_for("kivi2").replace(residual=32), ONE_LAYER, 2, 96, start=start)
   plain_k, _ = _layer0_view(feed(plain, q, k_pre, v)[1])
@@ -461,7 +469,7 @@ def test_kivi_sinks_through_the_decode_op(impl, residual):
 
   @jax.jit
   def step(cache, q, k_pre, v):
-    slots = jnp.broadcast_to(cache.length, (2, 1))
+    slots = cache.length[:, None]
     cos, sin = rope_tables(jnp.maximum(slots - cache.start[:, None], 0), 64, ONE_LAYER.rope_theta)
     q, k = apply_rope(q, cos, sin), apply_rope(k_pre, cos, sin)
     k_st, v_st = cache._to_storage(k_pre, k, v)
@@ -474,7 +482,7 @@ def test_kivi_sinks_through_the_decode_op(impl, residual):
   for i in range(62, 100):
     via_op, dequantized, cache = step(cache, *(x[:, i : i + 1] for x in (q, k_pre, v)))
     np.testing.assert_allclose(via_op, dequantized, rtol=1e-4, atol=1e-4)
-  assert int(cache.quantized_length) == (64 if residual else 96)
+  assert cache.quantized_length.tolist() == [64 if residual else 96] * 2
 
 
 @pytest.mark.parametrize("residual", [32, 0])
@@ -493,7 +501,7 @@ def test_kivi_value_channel_groups(residual):
     cache = create_cache(spec.replace(channel_groups=groups), ONE_LAYER, 2, 96)
     _, cache, _ = feed(cache, q[:, :79], k_pre[:, :79], v[:, :79])
     _, cache, _ = feed(cache, q[:, 79:], k_pre[:, 79:], v[:, 79:])  # decode
-    assert int(cache.quantized_length) == (32 if residual else 64)
+    assert cache.quantized_length.tolist() == [32 if residual else 64] * 2
     views[groups] = np.asarray(_layer0_view(cache)[1][:, :, :n])
   assert cache.layers[0].store.v_scale.shape[-1] == 2
   want = np.asarray(v[:, :n].transpose(0, 2, 1, 3))
@@ -532,7 +540,7 @@ def test_per_token_cache_exact_window_and_sinks():
 
   def exact_slots(c):
     k_view, v_view = _layer0_view(c)
-    n = int(c.length)
+    n = int(c.length[0])
     err = np.maximum(
       np.abs(k_view[:, :, :n] - k_all[:, :, :n]).max(axis=(1, 3)),
       np.abs(v_view[:, :, :n] - v_all[:, :, :n]).max(axis=(1, 3)),
@@ -759,7 +767,7 @@ def test_overflow(name):
   with pytest.raises(ValueError, match="overflow"):
     cache.check_room(41)
   if name != "dense":
-    cache = cache.replace(length=jnp.asarray(38, jnp.int32))
+    cache = cache.replace(length=jnp.asarray([38], jnp.int32))
     with pytest.raises(ValueError, match="overflow"):
       _feed(cache, *_chunk(rng, 1, 3))
 

@@ -20,8 +20,8 @@ GPU = Platform("gpu", "NVIDIA H100")
 
 def _toy_op(calls):
   def impl(name):
-    def fn(x, interpret=None):
-      calls.append((name, interpret))
+    def fn(x, interpret=None, platform=None):
+      calls.append((name, interpret) if platform is None else (name, interpret, platform.backend))
       return x
 
     return fn
@@ -81,7 +81,43 @@ def test_interpret_is_passed_to_pallas_implementations_only():
   x = jnp.zeros((2,))
   op(x, implementation="triton", interpret=True, platform=CPU)
   op(x, implementation="xla", interpret=True, platform=CPU)
-  assert calls == [("triton", True), ("xla", None)]
+  assert calls == [("triton", True, "cpu"), ("xla", None)]
+
+
+def _variant_op(calls):
+  def fn(x, interpret=None, platform=None, variant=None):
+    calls.append(variant)
+    return x
+
+  def no_wide_on_tpu_v4(platform, x, variant):
+    return "tpu v4 has no wide dots" if variant == "wide" and platform.device_kind == "v4" else None
+
+  def pick(platform):
+    return "narrow" if platform.device_kind == "v4" else "wide"
+
+  kernel = Implementation(
+    "mosaic_tpu", "pallas", fn, "tpu", no_wide_on_tpu_v4, ("wide", "narrow"), pick
+  )
+  return Op("toy", (Implementation("xla", "xla", lambda x: x), kernel))
+
+
+def test_variants_are_picked_by_chip_and_refused_by_name():
+  calls = []
+  op = _variant_op(calls)
+  x = jnp.zeros((2,))
+  v4, v5 = Platform("tpu", "v4"), Platform("tpu", "v5")
+  op(x, platform=v4)
+  op(x, platform=v5)
+  op(x, implementation="pallas", platform=v5, variant="narrow")
+  assert calls == ["narrow", "wide", "narrow"]
+  with pytest.raises(UnsupportedError, match=r"'mosaic_tpu' \(variant 'wide'\) cannot run on v4: "):
+    op(x, implementation="mosaic_tpu", platform=v4, variant="wide")
+  with pytest.raises(OpError, match="has no variant 'huge'; it has \\['wide', 'narrow'\\]"):
+    op(x, implementation="mosaic_tpu", platform=v5, variant="huge")
+  with pytest.raises(OpError, match="variant='wide' needs an explicit implementation"):
+    op(x, platform=v5, variant="wide")
+  with pytest.raises(OpError, match="implementation 'xla' has no variants"):
+    op(x, implementation="xla", platform=v5, variant="wide")
 
 
 def test_unknown_names_are_one_line_errors():

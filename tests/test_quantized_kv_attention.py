@@ -17,10 +17,9 @@ import pytest
 from jax import export
 from op_test_base import EXPORT_PLATFORMS, BadInput, Case, Export, OpSuite, fast_jit, rel_max
 
-from pallas_kernels import registry, shapes
+from pallas_kernels import compile_cases, registry, shapes
 from pallas_kernels.quantized_kv_attention import (
   BlockSizes,
-  compile_check,
   dense_decode_attention,
   dequantize_kv,
   quantize_keys,
@@ -33,6 +32,7 @@ from pallas_kernels.quantized_kv_attention import (
 OP = registry.get("quantized_kv_attention")
 SMOLLM2 = shapes.SMOLLM2.kv_heads  # (Hq, Hkv, D)
 LLAMA3_8B = shapes.LLAMA3_8B.kv_heads
+HEADS = {"smollm2": SMOLLM2, "llama3_8b": LLAMA3_8B}
 TOL = 1e-3  # max |out - ref| / max |ref|
 _quantize_kv = fast_jit(quantize_kv, static_argnums=(2, 3))  # one compile per shape, not per op
 _dequantize_kv = fast_jit(dequantize_kv, static_argnums=(1, 2))
@@ -280,9 +280,9 @@ class TestQuantizedKVAttention(OpSuite):
   EXPORTS = tuple(
     Export(
       f"{model}-{bits}bit",
-      tuple(compile_check.abstract_inputs(2, compile_check.HEADS[model], 1024, 128, bits, 128)),
+      tuple(compile_cases.kv_inputs(2, HEADS[model], 1024, 128, bits, 128)),
       dict(bits=bits, group_size=128),
-      (2, compile_check.HEADS[model][0], compile_check.HEADS[model][2]),
+      (2, HEADS[model][0], HEADS[model][2]),
     )
     for model, bits in (("smollm2", 4), ("llama3_8b", 2))
   )
@@ -293,12 +293,12 @@ class TestQuantizedKVAttention(OpSuite):
 
 @pytest.mark.parametrize("platform", ["tpu", "cuda"])
 @pytest.mark.parametrize("bits", [2, 4, 8])
-@pytest.mark.parametrize("model", list(compile_check.HEADS))
+@pytest.mark.parametrize("model", list(HEADS))
 def test_kernel_exports_lower(platform, model, bits):
   """The platform's Pallas implementation (mosaic_tpu: block_t 256; triton) lowers for
   both models' heads at every bit width (T=1024, a 128-slot window, group 128)."""
   op_platform, kernel_call = EXPORT_PLATFORMS[platform]
-  args = compile_check.abstract_inputs(2, compile_check.HEADS[model], 1024, 128, bits, 128)
+  args = compile_cases.kv_inputs(2, HEADS[model], 1024, 128, bits, 128)
   # The implementation's own function (the op's selection is the suite's export cases).
   kernel = OP.get("mosaic_tpu" if platform == "tpu" else "triton").fn
   assert OP.select("pallas", op_platform, *args, bits=bits, group_size=128).fn is kernel
@@ -410,17 +410,3 @@ def test_reference_error_vs_float_attention_grows_as_bits_shrink():
     errs[bits] = _rel_err(out, exact)
   assert errs[8] < 0.02 and errs[4] < 0.25 and errs[2] < 1.0, errs
   assert errs[8] < errs[4] < errs[2], errs
-
-
-# L2 checks: real compiles with the extra wheels that `make test-chips` installs
-# (libtpu, triton); deselected from the default suite by the `slow` marker.
-@pytest.mark.slow
-def test_tpu_kernel_compiles_with_libtpu():
-  results = list(compile_check.tpu_checks(t=1024, r=32, group_size=64, block_t=256))
-  assert results and all(ok for _, ok, _ in results), [r for r in results if not r[1]]
-
-
-@pytest.mark.slow
-def test_portable_kernel_compiles_with_triton():
-  results = list(compile_check.triton_checks())
-  assert results and all(ok for _, ok, _ in results), [r for r in results if not r[1]]

@@ -41,7 +41,7 @@ from op_test_base import (
 
 from pallas_kernels import quantized_matmul as qm
 from pallas_kernels import registry, shapes
-from pallas_kernels.quantized_matmul import common, w4a8_fireq, w4a16, w8a8
+from pallas_kernels.quantized_matmul import common, w8a8
 
 SMOLLM2 = shapes.SMOLLM2.matmul_shapes()  # (K, N) of each linear
 LLAMA3_8B = shapes.LLAMA3_8B.matmul_shapes(("attn_q_o", "mlp_gate_up"))
@@ -581,45 +581,3 @@ def test_bad_block_sizes_raise():
       block_sizes=w8a8.BlockSizes(block_n=384),
       compiler_params=common.triton_params(),
     )
-
-
-# ---------------------------------------------------------------- L2a: real Mosaic compile
-
-_L2A_CASES = [
-  ("w4a16", w4a16.w4a16_matmul, _w4a16_export_args(8, 576, 192)),
-  ("w4a16", w4a16.w4a16_matmul, _w4a16_export_args(128, *LLAMA3_8B[1])),
-  ("w8a8", w8a8.w8a8_matmul, _w8a8_export_args(8, 576, 192)),
-  ("w8a8", w8a8.w8a8_matmul, _w8a8_export_args(128, *LLAMA3_8B[1])),
-  ("w4a8", w4a8_fireq.w4a8_fireq_matmul, _w4a8_export_args(8, 576, 192, 32)),
-  ("w4a8", w4a8_fireq.w4a8_fireq_matmul, _w4a8_export_args(128, *LLAMA3_8B[1])),
-  (
-    "w4a8_fp8",
-    lambda *a: w4a8_fireq.w4a8_fireq_matmul(*a, dot_dtype=jnp.float8_e4m3fn),
-    _w4a8_export_args(128, *LLAMA3_8B[1], 128),
-  ),
-]
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("topology", ["v5e:1x1", "v6e:1x1", "tpu7x:1x1x1"])
-def test_tpu_full_compile(topology, monkeypatch, tmp_path):
-  """Compile with libtpu's compile-only topologies (needs the libtpu wheel; else skipped).
-
-  TPU v4 is left out on purpose: it has no int8/fp8 MXU operands (E2001), so only
-  W4A16 and W4A8 with the default bf16 dot compile there.
-  """
-  import libtpu  # noqa: F401  (installed by `make test-chips`)
-  from jax.experimental import topologies
-
-  monkeypatch.setenv("TPU_SKIP_MDS_QUERY", "1")
-  monkeypatch.setenv("TPU_LOG_DIR", str(tmp_path))
-  topo = topologies.get_topology_desc(
-    topology_name=topology, platform="tpu", chips_per_host_bounds=(1, 1, 1)
-  )
-  sharding = jax.sharding.SingleDeviceSharding(topo.devices[0])
-  for name, fn, args in _L2A_CASES:
-    sds_ = [jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding) for a in args]
-    try:
-      jax.jit(fn).trace(*sds_).lower().compile()
-    except Exception as e:  # noqa: BLE001 - report which case failed
-      pytest.fail(f"{name} {[a.shape for a in args]} on {topology}: {e}")

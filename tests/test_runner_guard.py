@@ -374,6 +374,8 @@ def test_runner_start_quiets_backend_probe_and_fills_the_cache(nan_run):
     "bench_kernels",
     "bench_decode",
     "make_reference_logits",
+    "device_check",
+    "support_matrix",
   ],
 )
 def test_every_runner_has_the_compilation_cache_flag_without_importing_jax(runner):

@@ -4,14 +4,28 @@ Every cache is a pytree with static shapes and the same calls the model makes:
 ``attend(layer, q, k_pre_rope, k, v, q_slots, kernels)`` (attend over everything
 cached, as stored, and causally over the chunk, then write the chunk),
 ``advance(layer_states, num_tokens)`` and ``rollback(length)``; plus
-``check_room(num_tokens)``, ``memory()`` (exact bytes) and
-``for_chunked_decode(first, chunk)`` (the cache set to decode `chunk` tokens
+``check_room(num_tokens)``, ``check_rollback(length)``, ``memory()`` (exact bytes)
+and ``for_chunked_decode(first, chunk)`` (the cache set to decode `chunk` tokens
 per step with the scores of one per step, or ValueError; see `jaxllm.streaming`).
+
+Lengths are per row: ``length`` (and ``quantized_length`` where tokens are quantized
+a group at a time) is int32 [B]; row b's next chunk is written from slot
+``length[b]``. A batch of left-padded prompts keeps every row at the same length;
+``rollback(length)`` takes a scalar (every row) or [B] (one length per row), so
+rows can part (speculative decoding's rejected tails, continuous batching).
+
+Rollback limits: a row can roll back to no fewer than ``rollback_floor()[b]``
+tokens (0, or the tokens a group-quantized cache has already quantized).
+``check_rollback(length)`` is the host-side check (raises ValueError naming the
+cache, row, requested length and floor); ``rollback`` runs it itself on concrete
+(eager) input. Under jit nothing raises: the row is held at its floor and its
+``refused_rollback`` flag set, which ``check_overflow()`` reports on the host.
 
 Capacity: `check_room` raises before a write past the capacity when the length
 is concrete. Under jit it is traced, so every cache carries ``overflow``, a bool
 scalar set by a write past the capacity (such writes are clamped) and kept from
-then on; ``check_overflow()`` raises ValueError on the host when it is set.
+then on; ``check_overflow()`` raises ValueError on the host when it (or a
+``refused_rollback`` flag) is set.
 
 Three cache classes, named by what they store: `DenseKVCache` (float K/V),
 `TokenQuantizedKVCache` (integer codes per token as it is written: int8, FireQ) and

@@ -1,12 +1,14 @@
 """Dense (float) static-shape key/value cache: the reference cache layout.
 
-Slots are shared by the whole batch: slot ``length`` is written next for every
-row, and rows with shorter prompts are left-padded, their first valid slot
-recorded in ``start``. A token's RoPE position is ``slot - start[row]``.
+Each row has its own length: row b's next chunk is written at slots
+``length[b] ..`` (rows of one prompt batch all have the same length; they part
+after a per-row `rollback`, e.g. the rejected tails of speculative drafts).
+Rows with shorter prompts are left-padded, their first valid slot recorded in
+``start``. A token's RoPE position is ``slot - start[row]``.
 
 Visibility is decided from query slots (see `jaxllm.ops.attention`), so
-shortening ``length`` (`rollback`) is all it takes to drop tokens, e.g. the
-rejected tail of a speculative draft; stale entries are never read.
+shortening ``length`` (`rollback`) is all it takes to drop tokens; stale entries
+are never read.
 """
 
 from __future__ import annotations
@@ -20,9 +22,12 @@ from jaxllm.config import ModelConfig
 from jaxllm.kv_cache.base import (
   SlotCacheMixin,
   bf16_bytes_per_token,
+  initial_lengths,
   memory_report,
   no_overflow,
+  no_refused_rollback,
   overflow_after,
+  update_rows,
 )
 
 
@@ -40,10 +45,12 @@ class DenseKVCache(SlotCacheMixin):
 
   Attributes:
     keys, values: one [B * Hkv, T, D] array per layer.
-    length: int32 scalar, slots written so far (same for every row).
+    length: [B] int32, slots written so far in each row.
     start: [B] int32, first valid slot of each row.
     overflow: bool scalar, set once a write went past the capacity (see
       `SlotCacheMixin.check_overflow`); replicated, no logical axes.
+    refused_rollback: [B] bool, set for a row once a rollback under jit asked it to go
+      below 0 tokens (see `SlotCacheMixin`).
   """
 
   keys: tuple[jax.Array, ...]
@@ -51,6 +58,7 @@ class DenseKVCache(SlotCacheMixin):
   length: jax.Array
   start: jax.Array
   overflow: jax.Array
+  refused_rollback: jax.Array
 
   LOGICAL_AXES = ("cache_rows", "cache_length", "head_dim")
 
@@ -70,29 +78,28 @@ class DenseKVCache(SlotCacheMixin):
     return cls(
       keys=tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers)),
       values=tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers)),
-      length=jnp.zeros((), jnp.int32),
+      length=initial_lengths(batch),
       start=start,
       overflow=no_overflow(),
+      refused_rollback=no_refused_rollback(batch),
     )
 
   @classmethod
   def from_views(cls, keys, values, start: jax.Array) -> "DenseKVCache":
-    """A full cache holding [B, Hkv, S, D] views (e.g. a prefill chunk), length S."""
+    """A full cache holding [B, Hkv, S, D] views (e.g. a prefill chunk), every row length S."""
+    batch = keys[0].shape[0]
     return cls(
       keys=tuple(_rows(k) for k in keys),
       values=tuple(_rows(v) for v in values),
-      length=jnp.asarray(keys[0].shape[2], jnp.int32),
+      length=initial_lengths(batch, keys[0].shape[2]),
       start=start,
       overflow=no_overflow(),
+      refused_rollback=no_refused_rollback(batch),
     )
 
   @property
   def capacity(self) -> int:
     return self.keys[0].shape[1]
-
-  @property
-  def batch(self) -> int:
-    return self.start.shape[0]
 
   @property
   def num_bytes(self) -> int:
@@ -103,11 +110,16 @@ class DenseKVCache(SlotCacheMixin):
     return buf.reshape(self.batch, -1, *buf.shape[1:])
 
   def write(self, layer: int, k: jax.Array, v: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Writes [B, S, Hkv, D] chunks at slot `length` of `layer`; returns [B, Hkv, T, D] views."""
+    """Writes [B, S, Hkv, D] chunks, row b at slot `length[b]`, into `layer`; returns
+    [B, Hkv, T, D] views."""
+    # one start slot per stored (row, kv head) pair; one row: a single start slot
+    at = self.length
+    if self.batch > 1:
+      at = jnp.repeat(self.length, self.keys[layer].shape[0] // self.batch)
 
     def put(buf, new):
       new = _rows(new.astype(buf.dtype).transpose(0, 2, 1, 3))
-      return self.view(jax.lax.dynamic_update_slice(buf, new, (0, self.length, 0)))
+      return self.view(update_rows(buf, new, at, 1))
 
     return put(self.keys[layer], k), put(self.values[layer], v)
 

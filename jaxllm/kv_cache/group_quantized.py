@@ -9,10 +9,14 @@ Storage per layer (``pf = 8 // bits``; Tq quantized slots, Rb = residual + G):
   ``v_scale``/``v_zero`` [B, Hkv, Tq], or [B, Hkv, Tq, C] with
   ``CacheSpec.channel_groups`` C > 1: one scale per token and slab of D/C
   channels); asymmetric ``x ~= code * scale + zero``.
-* residual window [B, Hkv, Rb, D] in the cache dtype: slot r holds position
-  ``quantized_length + r`` (the kernel's convention).
+* residual window [B, Hkv, Rb, D] in the cache dtype: slot r of row b holds position
+  ``quantized_length[b] + r`` (the kernel's convention).
 * sink buffer [B, Hkv, n_sink, D] (RotateKV; KIVI as an ablation): the first n_sink
   tokens of each row, exact, left out of key statistics.
+
+Lengths are per row (``length``, ``quantized_length``: [B]), and so is everything
+below: rows of one prompt batch flush together, rows whose lengths differ (after a
+per-row `rollback`) each at their own lengths.
 
 Flush rule: after every write the window holds ``n = length - quantized_length``
 tokens with ``residual <= n < residual + G`` (once ``length >= residual``): when
@@ -38,6 +42,16 @@ on its own), values rotated too; attention dequantizes, un-rotates and applies
 RoPE at each slot's position, so it always uses the dequantize-then-attend path.
 Sink tokens are left out of the group statistics and overwrite their
 dequantized slots with the exact copies.
+
+Rollback: quantized tokens cannot return to the window, so a row can roll back to
+no fewer than its ``quantized_length`` tokens (`rollback_floor`): at most the
+window's ``length - quantized_length`` newest tokens (R..R+G-1 once R tokens are
+written; the pending group, fewer than G, without a residual window). The tokens
+kept stay as stored: if the rolled-back tokens had pushed a group out of the window,
+it stays quantized, where a cache that never saw them would hold it exactly
+(flushes are not rollback-aware). `check_rollback` refuses a deeper rollback on the
+host; under jit the row stays at its floor and `refused_rollback` is set
+(`SlotCacheMixin`).
 """
 
 from __future__ import annotations
@@ -57,12 +71,15 @@ from jaxllm.kv_cache.base import (
   SlotCacheMixin,
   bf16_bytes_per_token,
   check_room,
-  concrete_int,
+  initial_lengths,
   insert_chunk,
   memory_report,
   no_overflow,
+  no_refused_rollback,
   overflow_after,
+  slice_rows,
   tree_bytes,
+  update_rows,
 )
 from jaxllm.kv_cache.quantize import fake_quantize_asymmetric
 from jaxllm.kv_cache.spec import CacheSpec
@@ -99,11 +116,13 @@ class GroupQuantizedKVCache(SlotCacheMixin):
 
   Attributes:
     layers: one `GroupQuantizedLayer` per layer.
-    length: int32 scalar, tokens written (same for every row).
-    quantized_length: int32 scalar, tokens in the quantized store (a multiple of G).
+    length: [B] int32, tokens written in each row.
+    quantized_length: [B] int32, tokens of each row in the quantized store (a multiple of G).
     start: [B] int32 first valid slot per row.
     overflow: bool scalar, set once a write went past `capacity_tokens` (see
       `SlotCacheMixin.check_overflow`).
+    refused_rollback: [B] bool, set for a row once a rollback under jit asked it to go
+      below its `quantized_length` (see `SlotCacheMixin`).
     capacity_tokens: static capacity (tokens); the store has extra spare slots.
     spec, config: static.
   """
@@ -113,6 +132,7 @@ class GroupQuantizedKVCache(SlotCacheMixin):
   quantized_length: jax.Array
   start: jax.Array
   overflow: jax.Array
+  refused_rollback: jax.Array
   capacity_tokens: int = flax.struct.field(pytree_node=False)
   spec: CacheSpec = flax.struct.field(pytree_node=False)
   config: ModelConfig = flax.struct.field(pytree_node=False)
@@ -160,10 +180,11 @@ class GroupQuantizedKVCache(SlotCacheMixin):
     layer = GroupQuantizedLayer(QuantizedKV(*k_store, *v_store), residual, residual, sink, sink)
     return cls(
       layers=tuple(layer for _ in range(config.num_layers)),
-      length=jnp.zeros((), jnp.int32),
-      quantized_length=jnp.zeros((), jnp.int32),
+      length=initial_lengths(batch),
+      quantized_length=initial_lengths(batch),
       start=start,
       overflow=no_overflow(),
+      refused_rollback=no_refused_rollback(batch),
       capacity_tokens=capacity,
       spec=spec,
       config=config,
@@ -214,10 +235,11 @@ class GroupQuantizedKVCache(SlotCacheMixin):
   # -- quantization --------------------------------------------------------------------
 
   def _stat_mask(self, first_position, num: int) -> jax.Array:
-    """[B, 1, num, 1]: tokens that enter key statistics (not left padding, not sinks)."""
-    pos = first_position + jnp.arange(num, dtype=jnp.int32)
+    """[B, 1, num, 1]: of the `num` tokens from position first_position[b] ([B]), those
+    that enter key statistics (not left padding, not sinks)."""
+    pos = first_position[:, None] + jnp.arange(num, dtype=jnp.int32)[None]
     lo = self.start + self.num_sinks
-    return (pos[None, :] >= lo[:, None])[:, None, :, None]
+    return (pos >= lo[:, None])[:, None, :, None]
 
   def _quantize_groups(self, k, v, valid):
     """k, v [B, Hkv, n*G, D] stored domain -> the store arrays of those n groups."""
@@ -256,7 +278,8 @@ class GroupQuantizedKVCache(SlotCacheMixin):
     if self.spec.residual:
       return k, v
     bits, sdt, rb = self.spec.bits, self.spec.scale_jnp_dtype, self.residual_slots
-    pending = jnp.arange(rb)[None, None, :, None] < self.length - self.quantized_length
+    held = self.length - self.quantized_length
+    pending = jnp.arange(rb)[None, None, :, None] < held[:, None, None, None]
     valid = pending & self._stat_mask(self.quantized_length, rb)
     key_axis = -2 if self.spec.per_channel_keys else -1
     fq_k = fake_quantize_asymmetric(k, bits, key_axis, valid, sdt, self.spec.search_keys)
@@ -299,15 +322,14 @@ class GroupQuantizedKVCache(SlotCacheMixin):
     sits does not matter.
     """
     k_res, v_res = self._attended_residual(stored)
-    held = self.length - self.quantized_length
-    k_res = jax.lax.dynamic_update_slice(k_res, k_st, (0, 0, held, 0))
-    v_res = jax.lax.dynamic_update_slice(v_res, v_st, (0, 0, held, 0))
-    start, length = self.start, jnp.broadcast_to(self.length + 1, self.start.shape)
+    held = self.length - self.quantized_length  # [B]
+    k_res = update_rows(k_res, k_st, held, 2)
+    v_res = update_rows(v_res, v_st, held, 2)
+    start, length = self.start, self.length + 1
     if self.num_sinks:
       pad = ((0, 0), (0, 0), (0, self.num_sinks), (0, 0))
-      at = (0, 0, held + 1, 0)
-      k_res = jax.lax.dynamic_update_slice(jnp.pad(k_res, pad), stored.k_sink, at)
-      v_res = jax.lax.dynamic_update_slice(jnp.pad(v_res, pad), stored.v_sink, at)
+      k_res = update_rows(jnp.pad(k_res, pad), stored.k_sink, held + 1, 2)
+      v_res = update_rows(jnp.pad(v_res, pad), stored.v_sink, held + 1, 2)
       written = jnp.clip(self.length - self.start, 0, self.num_sinks)
       start, length = start + written, length + written
     out = ops.quantized_kv_attention(
@@ -337,9 +359,9 @@ class GroupQuantizedKVCache(SlotCacheMixin):
     k_buf, v_buf = self._dequantize_store(stored.store)
     k_res, v_res = self._attended_residual(stored)
     pad = ((0, 0), (0, 0), (0, self.residual_slots), (0, 0))
-    at = (0, 0, self.quantized_length, 0)
-    k_buf = jax.lax.dynamic_update_slice(jnp.pad(k_buf, pad), k_res.astype(jnp.float32), at)
-    v_buf = jax.lax.dynamic_update_slice(jnp.pad(v_buf, pad), v_res.astype(jnp.float32), at)
+    at = self.quantized_length
+    k_buf = update_rows(jnp.pad(k_buf, pad), k_res.astype(jnp.float32), at, 2)
+    v_buf = update_rows(jnp.pad(v_buf, pad), v_res.astype(jnp.float32), at, 2)
     if self.num_sinks:
       put = jax.vmap(lambda buf, sink, s: jax.lax.dynamic_update_slice(buf, sink, (0, s, 0)))
       k_buf = put(k_buf, stored.k_sink.astype(jnp.float32), self.start)
@@ -347,30 +369,28 @@ class GroupQuantizedKVCache(SlotCacheMixin):
     return self._to_attention(k_buf, v_buf)
 
   def _write(self, stored: GroupQuantizedLayer, k_st, v_st):
-    """Appends the chunk [B, Hkv, S, D] to the window, flushing whole groups; returns
-    (new GroupQuantizedLayer, new quantized_length)."""
+    """Appends the chunk [B, Hkv, S, D] to each row's window, flushing whole groups;
+    returns (new GroupQuantizedLayer, new quantized_length [B])."""
     g, r = self.spec.group_size, self.spec.residual
     s = k_st.shape[2]
-    held = self.length - self.quantized_length
+    held = self.length - self.quantized_length  # [B]
     pad = ((0, 0), (0, 0), (0, s + g), (0, 0))
-    at = (0, 0, held, 0)
-    window_k = jax.lax.dynamic_update_slice(jnp.pad(stored.k_residual, pad), k_st, at)
-    window_v = jax.lax.dynamic_update_slice(jnp.pad(stored.v_residual, pad), v_st, at)
-    flushed = jnp.maximum(held + s - r, 0) // g  # whole groups leaving the window
+    window_k = update_rows(jnp.pad(stored.k_residual, pad), k_st, held, 2)
+    window_v = update_rows(jnp.pad(stored.v_residual, pad), v_st, held, 2)
+    flushed = jnp.maximum(held + s - r, 0) // g  # [B] whole groups leaving the window
     candidates = (g - 1 + s) // g
     n = candidates * g
     valid = self._stat_mask(self.quantized_length, n)
     groups = self._quantize_groups(window_k[:, :, :n], window_v[:, :, :n], valid)
     store = _put_groups(stored.store, groups, self.quantized_length, self.spec)
-    shift = (0, 0, flushed * g, 0)
-    size = stored.k_residual.shape
+    size = stored.k_residual.shape[2]
     k_sink, v_sink = stored.k_sink, stored.v_sink
     if self.num_sinks:
       k_sink, v_sink = self._write_sinks(stored, k_st, v_st)
     new = GroupQuantizedLayer(
       store,
-      jax.lax.dynamic_slice(window_k, shift, size),
-      jax.lax.dynamic_slice(window_v, shift, size),
+      slice_rows(window_k, flushed * g, size, 2),
+      slice_rows(window_v, flushed * g, size, 2),
       k_sink,
       v_sink,
     )
@@ -380,7 +400,7 @@ class GroupQuantizedKVCache(SlotCacheMixin):
     """Copies chunk tokens at positions start + i (i < n_sink) into the sink buffers."""
     s = k_st.shape[2]
     pos = self.start[:, None] + jnp.arange(self.num_sinks, dtype=jnp.int32)[None]  # [B, n]
-    offset = pos - self.length
+    offset = pos - self.length[:, None]
     hit = ((offset >= 0) & (offset < s))[:, None, :, None]
     idx = jnp.clip(offset, 0, s - 1)[:, None, :, None]
     k_new = jnp.take_along_axis(k_st, idx, axis=2)
@@ -420,18 +440,10 @@ class GroupQuantizedKVCache(SlotCacheMixin):
       )
     return self
 
-  def rollback(self, length) -> "GroupQuantizedKVCache":
-    """Truncates to `length` tokens. Quantized tokens cannot return to the window, so
-    the target must be >= `quantized_length` (checked when concrete; clamped under jit)."""
-    target = jnp.asarray(length, jnp.int32)
-    qlen, want = concrete_pair(self.quantized_length, target)
-    if qlen is not None and want < qlen:
-      raise ValueError(
-        f"cannot roll back to {want} tokens: the first {qlen} are already quantized "
-        f"(at most {int(self.length) - qlen} newest tokens can be rolled back)"
-      )
-    target = jnp.maximum(jnp.minimum(self.length, target), self.quantized_length)
-    return self.replace(length=target)
+  def rollback_floor(self) -> jax.Array:
+    """[B]: each row's `quantized_length`: quantized tokens cannot return to the window,
+    so a row can roll back to no fewer tokens (`SlotCacheMixin.rollback`)."""
+    return self.quantized_length
 
   def memory(self) -> dict:
     """Exact bytes (see `bytes_per_token`); residual_bytes = window + sinks, all layers."""
@@ -442,12 +454,6 @@ class GroupQuantizedKVCache(SlotCacheMixin):
     residual = c.num_layers * c.num_kv_heads * fixed_slots * c.head_dim * 2 * itemsize
     bf16 = bf16_bytes_per_token(c.num_layers, c.num_kv_heads, c.head_dim)
     return memory_report(bf16, per_token, residual, tree_bytes(self.layers))
-
-
-def concrete_pair(a, b):
-  """(int(a), int(b)) when both are concrete, else (None, None)."""
-  x, y = concrete_int(a), concrete_int(b)
-  return (x, y) if x is not None and y is not None else (None, None)
 
 
 def bytes_per_token(spec: CacheSpec, config: ModelConfig):
@@ -486,14 +492,13 @@ def _quantize_values(v, spec: CacheSpec):
 
 
 def _put_groups(store: QuantizedKV, groups: QuantizedKV, quantized_length, spec) -> QuantizedKV:
-  """Writes the packed arrays of whole groups into the store at token `quantized_length`."""
+  """Writes the packed arrays of whole groups into the store, row b at token
+  `quantized_length[b]` ([B]); every array's token axis is axis 2."""
   pf, g = 8 // spec.bits, spec.group_size
-  if spec.per_channel_keys:
-    k_at = ((0, 0, quantized_length // pf, 0), (0, 0, quantized_length // g, 0))
-  else:
-    k_at = ((0, 0, quantized_length, 0), (0, 0, quantized_length))
-  v_at = ((0, 0, quantized_length, 0), (0, 0, quantized_length, *(0,) * (store.v_scale.ndim - 3)))
-  at = (k_at[0], k_at[1], k_at[1], v_at[0], v_at[1], v_at[1])
-  return QuantizedKV(
-    *(jax.lax.dynamic_update_slice(s, new, i) for s, new, i in zip(store, groups, at))
+  k_code_at, k_scale_at = (
+    (quantized_length // pf, quantized_length // g)
+    if spec.per_channel_keys
+    else (quantized_length, quantized_length)
   )
+  at = (k_code_at, k_scale_at, k_scale_at, quantized_length, quantized_length, quantized_length)
+  return QuantizedKV(*(update_rows(s, new, i, 2) for s, new, i in zip(store, groups, at)))

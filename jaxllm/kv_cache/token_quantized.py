@@ -20,7 +20,11 @@ attention reads the R newest and the sinks exactly. The slack keeps a rollback o
 up to ROLLBACK_SLACK tokens exact (the R tokens before the new length are still
 in the ring); after a deeper one, the ring entries that discarded tokens
 overwrote fall back to their quantized copies (the ring records which position
-each slot holds).
+each slot holds). Every token keeps its codes, so a row can roll back to any
+length (`rollback_floor` 0); only that exactness of the window is limited.
+
+Lengths are per row (``length`` [B], ring positions ``recent_pos`` [B, slots]):
+rows of one prompt batch move together, and part after a per-row `rollback`.
 
 Codes: 8-bit symmetric as int8; asymmetric as uint8 in [0, 2**bits); 4-bit
 symmetric as ``code + 8``; 4-bit nibbles packed two per uint8 along
@@ -43,12 +47,15 @@ from jaxllm.kv_cache.base import (
   attend_two_copies,
   bf16_bytes_per_token,
   check_room,
+  initial_lengths,
   insert_chunk,
   memory_report,
   no_overflow,
+  no_refused_rollback,
   overflow_after,
   repeat_kv_heads,
   tree_bytes,
+  update_rows,
 )
 from jaxllm.kv_cache.quantize import fp8_quantize_dequantize
 from jaxllm.kv_cache.spec import CacheSpec
@@ -139,11 +146,14 @@ class TokenQuantizedKVCache(SlotCacheMixin):
     key_scale: [L, Hkv, D] post-RoPE per-channel key scale, or None.
     key_rounding: [L, Hkv, D, D] upper triangular GPTQ factors for the keys
       (`CacheSpec.key_rounding="gptq"`, `jaxllm.quant.kv_calibration.key_rounding`), or None.
-    recent_pos: [ring slots] int32, the position each ring entry holds; -1 = none.
-    length: int32 scalar, slots written.
+    recent_pos: [B, ring slots] int32, the position each ring entry of a row holds;
+      -1 = none.
+    length: [B] int32, slots written in each row.
     start: [B] int32 first valid slot per row.
     overflow: bool scalar, set once a write went past the capacity (see
       `SlotCacheMixin.check_overflow`).
+    refused_rollback: [B] bool, set for a row once a rollback under jit asked it to go
+      below 0 tokens (see `SlotCacheMixin`).
     spec, config: static.
     chunks_as_decode: static; a chunk of S > 1 tokens reads its own earlier
       tokens as S one-token steps would (see `for_chunked_decode`), not exactly
@@ -157,6 +167,7 @@ class TokenQuantizedKVCache(SlotCacheMixin):
   length: jax.Array
   start: jax.Array
   overflow: jax.Array
+  refused_rollback: jax.Array
   spec: CacheSpec = flax.struct.field(pytree_node=False)
   config: ModelConfig = flax.struct.field(pytree_node=False)
   chunks_as_decode: bool = flax.struct.field(pytree_node=False, default=False)
@@ -202,10 +213,11 @@ class TokenQuantizedKVCache(SlotCacheMixin):
       layers=tuple(layer for _ in range(config.num_layers)),
       key_scale=None if key_scale is None else jnp.asarray(key_scale, jnp.float32),
       key_rounding=None if key_rounding is None else jnp.asarray(key_rounding, jnp.float32),
-      recent_pos=jnp.full((ring,), -1, jnp.int32),
-      length=jnp.zeros((), jnp.int32),
+      recent_pos=jnp.full((batch, ring), -1, jnp.int32),
+      length=initial_lengths(batch),
       start=start,
       overflow=no_overflow(),
+      refused_rollback=no_refused_rollback(batch),
       spec=spec,
       config=config,
     )
@@ -233,10 +245,9 @@ class TokenQuantizedKVCache(SlotCacheMixin):
     def write(codes_buf, scale_buf, zero_buf, x, search, rounding=None):
       groups = scale_buf.shape[-1]
       codes, scale, zero = encode(x.transpose(0, 2, 1, 3), self.spec, groups, search, rounding)
-      at = (0, 0, self.length, 0)
-      put = jax.lax.dynamic_update_slice
-      zero_buf = None if zero is None else put(zero_buf, zero, at)
-      return put(codes_buf, codes, at), put(scale_buf, scale, at), zero_buf
+      at = self.length
+      zero_buf = None if zero is None else update_rows(zero_buf, zero, at, 2)
+      return update_rows(codes_buf, codes, at, 2), update_rows(scale_buf, scale, at, 2), zero_buf
 
     rounding = None if self.key_rounding is None else self.key_rounding[layer][:, None]
     new = TokenQuantizedLayer(
@@ -278,23 +289,24 @@ class TokenQuantizedKVCache(SlotCacheMixin):
     t = jnp.arange(self.capacity, dtype=jnp.int32)
     window = self.spec.residual
     if window:
-      ring = t % self.recent_pos.shape[0]
-      newest = (t >= self.length - window) & (t < self.length)
-      use = ((self.recent_pos[ring] == t) & newest)[None, None, :, None]
+      ring = t % self.recent_pos.shape[1]
+      length = self.length[:, None]
+      newest = (t[None] >= length - window) & (t[None] < length)  # [B, T]
+      use = ((self.recent_pos[:, ring] == t[None]) & newest)[:, None, :, None]
       k_buf = jnp.where(use, stored.k_recent[:, :, ring].astype(jnp.float32), k_buf)
       v_buf = jnp.where(use, stored.v_recent[:, :, ring].astype(jnp.float32), v_buf)
     return k_buf, v_buf
 
   def _dequantized(self, stored: TokenQuantizedLayer, length):
     """Keys and values [B, Hkv, T, D] (float32) from the codes, the sinks written
-    before slot `length` replaced by their exact copies."""
+    before slot `length[b]` ([B]) replaced by their exact copies."""
     bits, n = self.spec.bits, self.spec.n_sink
     k_buf = decode(stored.k_codes, stored.k_scale, stored.k_zero, bits)
     v_buf = decode(stored.v_codes, stored.v_scale, stored.v_zero, bits)
     if n:
       t = jnp.arange(self.capacity, dtype=jnp.int32)
       rel = t[None] - self.start[:, None]  # [B, T]
-      use = ((rel >= 0) & (rel < n) & (t[None] < length))[:, None, :, None]
+      use = ((rel >= 0) & (rel < n) & (t[None] < length[:, None]))[:, None, :, None]
       idx = jnp.clip(rel, 0, n - 1)[:, None, :, None]
       k_sink = jnp.take_along_axis(stored.k_sink, idx, axis=2).astype(jnp.float32)
       v_sink = jnp.take_along_axis(stored.v_sink, idx, axis=2).astype(jnp.float32)
@@ -302,21 +314,23 @@ class TokenQuantizedKVCache(SlotCacheMixin):
     return k_buf, v_buf
 
   def _write_exact(self, stored: TokenQuantizedLayer, k_st, v_st):
-    """New (k_recent, v_recent, k_sink, v_sink) with the chunk [B, Hkv, S, D] (slots
-    length .. length + S - 1) written: its newest tokens into the ring, and the
-    tokens at start + i (i < n_sink) into the sinks."""
+    """New (k_recent, v_recent, k_sink, v_sink) with the chunk [B, Hkv, S, D] (row b's
+    slots length[b] .. length[b] + S - 1) written: its newest tokens into the ring, and
+    the tokens at start + i (i < n_sink) into the sinks."""
     s = k_st.shape[2]
-    slots, n = self.recent_pos.shape[0], self.spec.n_sink
+    slots, n = self.recent_pos.shape[1], self.spec.n_sink
     k_recent, v_recent = stored.k_recent, stored.v_recent
     if slots:
-      pos = self.length + jnp.arange(s, dtype=jnp.int32)
+      length = self.length[:, None]
+      pos = length + jnp.arange(s, dtype=jnp.int32)[None]  # [B, S]
       # tokens older than the newest `slots` of the chunk go to index `slots`: dropped
-      ring = jnp.where(pos >= self.length + s - slots, pos % slots, slots)
-      k_recent = k_recent.at[:, :, ring].set(k_st.astype(k_recent.dtype), mode="drop")
-      v_recent = v_recent.at[:, :, ring].set(v_st.astype(v_recent.dtype), mode="drop")
+      ring = jnp.where(pos >= length + s - slots, pos % slots, slots)
+      put = jax.vmap(lambda buf, new, idx: buf.at[:, idx].set(new, mode="drop"))
+      k_recent = put(k_recent, k_st.astype(k_recent.dtype), ring)
+      v_recent = put(v_recent, v_st.astype(v_recent.dtype), ring)
     k_sink, v_sink = stored.k_sink, stored.v_sink
     if n:
-      offset = self.start[:, None] + jnp.arange(n, dtype=jnp.int32)[None] - self.length  # [B, n]
+      offset = self.start[:, None] + jnp.arange(n, dtype=jnp.int32)[None] - self.length[:, None]
       hit = ((offset >= 0) & (offset < s))[:, None, :, None]
       idx = jnp.clip(offset, 0, s - 1)[:, None, :, None]
       k_new = jnp.take_along_axis(k_st, idx, axis=2).astype(k_sink.dtype)
@@ -326,12 +340,13 @@ class TokenQuantizedKVCache(SlotCacheMixin):
 
   def advance(self, layer_states, num_tokens: int) -> "TokenQuantizedKVCache":
     recent_pos = self.recent_pos
-    slots = recent_pos.shape[0]
+    slots = recent_pos.shape[1]
     if slots:
-      last = self.length + num_tokens - 1
-      entry = jnp.arange(slots, dtype=jnp.int32)
-      newest = last - (last - entry) % slots  # the newest position written to each entry
-      recent_pos = jnp.where(newest >= self.length, newest, recent_pos)
+      length = self.length[:, None]
+      last = length + num_tokens - 1
+      entry = jnp.arange(slots, dtype=jnp.int32)[None]
+      newest = last - (last - entry) % slots  # [B, slots] newest position written to each entry
+      recent_pos = jnp.where(newest >= length, newest, recent_pos)
     return self.replace(
       layers=tuple(layer_states),
       recent_pos=recent_pos,
@@ -350,6 +365,6 @@ class TokenQuantizedKVCache(SlotCacheMixin):
     bf16 = bf16_bytes_per_token(c.num_layers, c.num_kv_heads, c.head_dim)
     total = tree_bytes((self.layers, self.key_scale, self.key_rounding))
     exact = self.layers[0].k_recent
-    slots = self.recent_pos.shape[0] + spec.n_sink
+    slots = self.recent_pos.shape[1] + spec.n_sink
     residual = c.num_layers * c.num_kv_heads * slots * c.head_dim * 2 * exact.dtype.itemsize
     return memory_report(bf16, c.num_layers * c.num_kv_heads * per_head, residual, total)

@@ -33,6 +33,17 @@ def _validate(
   _validate_inputs(q, kv, k_residual, v_residual, bits, group_size)
 
 
+def _kernel(fn):
+  """`fn` as a Pallas implementation's function (one form on every chip: the platform
+  is not read)."""
+
+  def run(*args, platform=None, **kwargs):
+    del platform
+    return fn(*args, **kwargs)
+
+  return run
+
+
 QUANTIZED_KV_ATTENTION = Op(
   "quantized_kv_attention",
   (
@@ -41,14 +52,14 @@ QUANTIZED_KV_ATTENTION = Op(
     Implementation(
       "mosaic_tpu",
       "pallas",
-      quantized_kv_decode_attention,
+      _kernel(quantized_kv_decode_attention),
       backend="tpu",
       supports=supported_by_tracing(quantized_kv_decode_attention),
     ),
     Implementation(
       "triton",
       "pallas",
-      quantized_kv_decode_attention_portable,
+      _kernel(quantized_kv_decode_attention_portable),
       backend="gpu",
       supports=supported_by_tracing(quantized_kv_decode_attention_portable),
     ),

@@ -16,14 +16,31 @@ All take ``out_dtype=`` (default x's dtype). Implementations of each:
   * ``triton``: the same kernel with Triton compiler parameters (its block rules:
     power-of-2 tiles >= 16).
 A Pallas implementation supports the inputs when its wrapper's tiling and dtype
-checks pass (`op_api.supported_by_tracing`).
+checks pass (`op_api.supported_by_tracing`) and the chip takes the variant's dtypes.
+
+Variants (per-chip forms, picked at trace time from the device kind through
+`pallas_kernels.chips`; `variant=` asks for one):
+  * ``w8a8_matmul``: ``int8_dot`` (int8 operands, int32 accumulation; where the
+    chip has native int8: TPU v5e/v6e, every CUDA chip, and unknown chips) or
+    ``bf16_dot`` (the int8 codes converted to bf16 in the kernel, exact; TPU v4,
+    which rejects int8 operands, and TPU 7x, which has no native int8).
+  * ``w4a8_fireq_matmul``: ``fp8_dot`` (native fp8 dot: TPU v6e/7x, sm89+),
+    ``bf16_dot`` (fp8 activations converted in the kernel; the default elsewhere
+    and on unknown chips) or ``bf16_inputs`` (activations rounded to fp8 by XLA and
+    handed to the kernel as bf16: no fp8 in the kernel, for sm80).
+  * ``w4a16_matmul``: one form (a dot in the activations' dtype).
+On TPU the VMEM limit is the chip's where it has less than 64 MiB (v4: 16 MiB) and
+the kernels shrink their default blocks to fit it.
 """
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels import chips
 from pallas_kernels.op_api import Implementation, Op, supported_by_tracing
 
 from . import common, w4a8_fireq, w4a16, w8a8
@@ -66,17 +83,82 @@ def _validate_fireq(x, w_q, w_scale, tensor_scale, *, out_dtype=None):
   _check_out_dtype(name, out_dtype)
 
 
-def _op(name, reference, xla, kernel, validate) -> Op:
-  def pallas(params_fn, backend):
-    def run(*args, interpret=False, **kwargs):
-      return kernel(*args, interpret=interpret, compiler_params=params_fn(), **kwargs)
+# variant name -> the kernel's keyword arguments
+W8A8_VARIANTS = {
+  "int8_dot": {"dot_dtype": jnp.int8},
+  "bf16_dot": {"dot_dtype": jnp.bfloat16},
+}
+FIREQ_VARIANTS = {
+  "bf16_dot": {"dot_dtype": jnp.bfloat16, "kernel_x_dtype": jnp.float8_e4m3fn},
+  "fp8_dot": {"dot_dtype": jnp.float8_e4m3fn, "kernel_x_dtype": jnp.float8_e4m3fn},
+  "bf16_inputs": {"dot_dtype": jnp.bfloat16, "kernel_x_dtype": jnp.bfloat16},
+}
+
+
+def _pick_w8a8(platform) -> str:
+  chip = chips.chip_of(platform)
+  return "int8_dot" if chip is None or chip.native(jnp.int8) else "bf16_dot"
+
+
+def _pick_fireq(platform) -> str:
+  chip = chips.chip_of(platform)
+  if chip is None:
+    return "bf16_dot"
+  if chip.native(jnp.float8_e4m3fn):
+    return "fp8_dot"
+  return "bf16_inputs" if chip.rejects_values(jnp.float8_e4m3fn) else "bf16_dot"
+
+
+def _chip_refusal(platform, kwargs) -> str | None:
+  """Why the chip cannot take the variant's dtypes (None if it can, or is unknown)."""
+  chip = chips.chip_of(platform)
+  if chip is None:
+    return None
+  dot = kwargs.get("dot_dtype")
+  x_in = kwargs.get("kernel_x_dtype")
+  if dot is not None and chip.rejects(dot):
+    return chip.rejection("matmul operands", dot)
+  for dtype in (x_in, dot):
+    if dtype is not None and chip.rejects_values(dtype):
+      return chip.rejection("kernel values", dtype)
+  return None
+
+
+def _op(name, reference, xla, kernel, validate, variants=None, pick=None) -> Op:
+  def pallas(backend):
+    def params(platform):
+      if backend == "gpu":
+        return common.triton_params()
+      chip = chips.chip_of(platform) if platform else None
+      return common.tpu_params(chip.onchip_bytes if chip else None)
+
+    def forms_of(variant, platform):
+      if not variants:
+        return {}
+      if variant is None:  # called directly, not through the op
+        variant = pick(platform) if platform is not None else next(iter(variants))
+      return variants[variant]
+
+    def run(*args, interpret=False, variant=None, platform=None, **kwargs):
+      forms = forms_of(variant, platform)
+      return kernel(*args, interpret=interpret, compiler_params=params(platform), **forms, **kwargs)
+
+    def supports(platform, *args, variant=None, **kwargs):
+      forms = forms_of(variant, platform)
+      reason = _chip_refusal(platform, forms)
+      if reason is None:
+        traced = supported_by_tracing(functools.partial(run, platform=platform, variant=variant))
+        reason = traced(platform, *args, **kwargs)
+      return reason
 
     return Implementation(
       "mosaic_tpu" if backend == "tpu" else "triton",
       "pallas",
       run,
       backend=backend,
-      supports=supported_by_tracing(run),
+      supports=supports,
+      variants=tuple(variants or ()),
+      pick_variant=pick,
     )
 
   return Op(
@@ -84,15 +166,21 @@ def _op(name, reference, xla, kernel, validate) -> Op:
     (
       Implementation("reference", "reference", reference),
       Implementation("xla", "xla", xla),
-      pallas(common.tpu_params, "tpu"),
-      pallas(common.triton_params, "gpu"),
+      pallas("tpu"),
+      pallas("gpu"),
     ),
     validate=validate,
   )
 
 
 W8A8_MATMUL = _op(
-  "w8a8_matmul", w8a8.w8a8_matmul_reference, w8a8_matmul_xla, w8a8.w8a8_matmul, _validate_w8a8
+  "w8a8_matmul",
+  w8a8.w8a8_matmul_reference,
+  w8a8_matmul_xla,
+  w8a8.w8a8_matmul,
+  _validate_w8a8,
+  W8A8_VARIANTS,
+  _pick_w8a8,
 )
 W4A16_MATMUL = _op(
   "w4a16_matmul",
@@ -107,4 +195,6 @@ W4A8_FIREQ_MATMUL = _op(
   w4a8_fireq_matmul_xla,
   w4a8_fireq.w4a8_fireq_matmul,
   _validate_fireq,
+  FIREQ_VARIANTS,
+  _pick_fireq,
 )

@@ -134,7 +134,7 @@ def _validate(x, w_q, scales, mins) -> int:
   return g
 
 
-def _kernel(x_ref, w_ref, s_ref, m_ref, o_ref, *, group: int, chunk: int, n_steps: int):
+def _kernel(x_ref, w_ref, s_ref, m_ref, o_ref, *, group: int, chunk: int, n_steps: int, triton):
   half = chunk * n_steps
   per_group = group // chunk  # chunks per group
   bm, bn = o_ref.shape
@@ -158,7 +158,7 @@ def _kernel(x_ref, w_ref, s_ref, m_ref, o_ref, *, group: int, chunk: int, n_step
     acc += jnp.dot(x_hi, dequant(hi, group_of(i + n_steps)), preferred_element_type=jnp.float32)
     return acc
 
-  acc = common.k_loop(n_steps, chunk, body, jnp.zeros((bm, bn), jnp.float32))
+  acc = common.k_loop(n_steps, chunk, body, jnp.zeros((bm, bn), jnp.float32), triton)
   o_ref[...] = acc.astype(o_ref.dtype)
 
 
@@ -201,15 +201,20 @@ def w4a16_matmul(
     raise ValueError(
       f"{_NAME}: Triton needs a power-of-2 K chunk >= 16, got gcd(group_size={g}, K/2={k // 2})"
     )
-  bm = common.pick_block_m(m, bs.block_m)
-  bn = common.pick_block_n(n, bs.block_n, triton)
-  m_pad = common.round_up(m, bm)
-  common.check_blocks(_NAME, m_pad, n, bm, bn, triton)
   n_groups = k // g
+
+  def need(bm, bn):
+    blocks = [((bm, k), x.dtype), ((k // 2, bn), w_q.dtype), ((bm, bn), out_dtype or x.dtype)]
+    blocks += [((n_groups, 1, bn), s.dtype) for s in (scales, mins)]
+    return common.vmem_estimate(blocks, 4 * 4 * max(bm, 8) * bn + 3 * 4 * chunk * bn)
+
+  bm, bn, m_pad = common.fit_blocks(_NAME, m, n, bs, triton, compiler_params, need)
   s3 = scales.reshape(n_groups, 1, n)
   m3 = mins.reshape(n_groups, 1, n)
   out_dtype = out_dtype or x.dtype
-  kernel = functools.partial(_kernel, group=g, chunk=chunk, n_steps=(k // 2) // chunk)
+  kernel = functools.partial(
+    _kernel, group=g, chunk=chunk, n_steps=(k // 2) // chunk, triton=triton
+  )
   out = pl.pallas_call(
     kernel,
     out_shape=jax.ShapeDtypeStruct((m_pad, n), out_dtype),

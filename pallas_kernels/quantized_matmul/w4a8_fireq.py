@@ -12,7 +12,10 @@ Kernel: grid over (M/bm, N/bn), whole-K blocks, `fori_loop` over chunks of one h
 of K (two dots per step, f32 carry). Both operands are converted in-kernel to
 `dot_dtype` (bf16 by default: exact for e4m3 and int4 values, works on every
 backend and in interpret mode; `jnp.float8_e4m3fn` uses native fp8 dots, which
-need TPU v5e+ / sm89+). Per-channel scales are applied once after the loop;
+need TPU v5e+ / sm89+). `kernel_x_dtype=bfloat16` hands the kernel the FP8-rounded
+activations as bf16 values (exact: every e4m3 value is a bf16 value), so the kernel
+holds no fp8 at all, which chips without fp8 need (sm80 rejects even fp8 converts).
+Per-channel scales are applied once after the loop;
 group-wise scales are applied to each group's partial product. M is zero-padded in
 the wrapper and sliced back; N must be a multiple of block_n.
 """
@@ -33,6 +36,7 @@ _FP8 = jnp.float8_e4m3fn
 _X_DTYPES = (jnp.bfloat16, jnp.float32)
 _OUT_DTYPES = (jnp.float32, jnp.bfloat16)
 _DOT_DTYPES = (jnp.bfloat16, _FP8)
+_KERNEL_X_DTYPES = (_FP8, jnp.bfloat16)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -137,7 +141,7 @@ def w4a8_fireq_matmul_quantized_reference(
   return jnp.dot(x, w, preferred_element_type=jnp.float32).astype(out_dtype)
 
 
-def _kernel(x_ref, xs_ref, w_ref, ws_ref, o_ref, *, chunk, n_steps, grouped, dot_dtype):
+def _kernel(x_ref, xs_ref, w_ref, ws_ref, o_ref, *, chunk, n_steps, grouped, dot_dtype, triton):
   half = chunk * n_steps
   bm, bn = o_ref.shape
 
@@ -157,7 +161,7 @@ def _kernel(x_ref, xs_ref, w_ref, ws_ref, o_ref, *, chunk, n_steps, grouped, dot
       return acc + d_lo * ws_ref[i] + d_hi * ws_ref[i + n_steps]
     return acc + d_lo + d_hi
 
-  acc = common.k_loop(n_steps, chunk, body, jnp.zeros((bm, bn), jnp.float32))
+  acc = common.k_loop(n_steps, chunk, body, jnp.zeros((bm, bn), jnp.float32), triton)
   if not grouped:
     acc = acc * ws_ref[0]
   o_ref[...] = (acc * xs_ref[...]).astype(o_ref.dtype)
@@ -172,6 +176,7 @@ def w4a8_fireq_matmul_quantized(
   *,
   out_dtype=jnp.float32,
   dot_dtype=jnp.bfloat16,
+  kernel_x_dtype=_FP8,
   block_sizes: BlockSizes | None = None,
   interpret: bool = False,
   compiler_params=None,
@@ -184,6 +189,8 @@ def w4a8_fireq_matmul_quantized(
       tensor_scale: f32 [1, 1].
     out_dtype: f32 or bf16.
     dot_dtype: bf16 (portable) or float8_e4m3fn (native fp8 dot).
+    kernel_x_dtype: the dtype x enters the kernel in: float8_e4m3fn, or bf16
+      (the same values; no fp8 inside the kernel).
     block_sizes: tile sizes; defaults depend on the backend.
     interpret: Pallas interpret mode.
     compiler_params: default: Triton's on a GPU backend, else Mosaic TPU's.
@@ -194,6 +201,7 @@ def w4a8_fireq_matmul_quantized(
   g = _validate(x_fp8, x_scale, w_q, w_scale, tensor_scale)
   common.check_dtype(_NAME, "out_dtype", out_dtype, _OUT_DTYPES)
   common.check_dtype(_NAME, "dot_dtype", dot_dtype, _DOT_DTYPES)
+  common.check_dtype(_NAME, "kernel_x_dtype", kernel_x_dtype, _KERNEL_X_DTYPES)
   bs = block_sizes or BlockSizes()
   compiler_params = common.default_compiler_params(compiler_params)
   triton = common.is_triton(compiler_params)
@@ -210,14 +218,22 @@ def w4a8_fireq_matmul_quantized(
     chunk = common.pick_chunk(k // 2, bs.block_k, triton)
     if (k // 2) % chunk:
       raise ValueError(f"{_NAME}: block_k={chunk} must divide K/2={k // 2}")
-  bm = common.pick_block_m(m, bs.block_m)
-  bn = common.pick_block_n(n, bs.block_n, triton)
-  m_pad = common.round_up(m, bm)
-  common.check_blocks(_NAME, m_pad, n, bm, bn, triton)
   n_sc = w_scale.shape[0]
+
+  def need(bm, bn):
+    blocks = [((bm, k), kernel_x_dtype), ((bm, 1), jnp.float32), ((k // 2, bn), w_q.dtype)]
+    blocks += [((n_sc, 1, bn), jnp.float32), ((bm, bn), out_dtype)]
+    return common.vmem_estimate(blocks, 4 * 4 * max(bm, 8) * bn + 3 * 4 * chunk * bn)
+
+  bm, bn, m_pad = common.fit_blocks(_NAME, m, n, bs, triton, compiler_params, need)
   ws3 = (w_scale * tensor_scale).reshape(n_sc, 1, n)
   kernel = functools.partial(
-    _kernel, chunk=chunk, n_steps=(k // 2) // chunk, grouped=grouped, dot_dtype=dot_dtype
+    _kernel,
+    chunk=chunk,
+    n_steps=(k // 2) // chunk,
+    grouped=grouped,
+    dot_dtype=dot_dtype,
+    triton=triton,
   )
   out = pl.pallas_call(
     kernel,
@@ -233,7 +249,7 @@ def w4a8_fireq_matmul_quantized(
     compiler_params=compiler_params,
     interpret=interpret,
     name="w4a8_fireq_matmul",
-  )(common.pad_rows(x_fp8, m_pad), common.pad_rows(x_scale, m_pad), w_q, ws3)
+  )(common.pad_rows(x_fp8.astype(kernel_x_dtype), m_pad), common.pad_rows(x_scale, m_pad), w_q, ws3)
   return out[:m]
 
 
@@ -246,6 +262,7 @@ def w4a8_fireq_matmul(
   per_token: bool = True,
   out_dtype=None,
   dot_dtype=jnp.bfloat16,
+  kernel_x_dtype=_FP8,
   block_sizes: BlockSizes | None = None,
   interpret: bool = False,
   compiler_params=None,
@@ -264,6 +281,7 @@ def w4a8_fireq_matmul(
     tensor_scale,
     out_dtype=out_dtype or x.dtype,
     dot_dtype=dot_dtype,
+    kernel_x_dtype=kernel_x_dtype,
     block_sizes=block_sizes,
     interpret=interpret,
     compiler_params=compiler_params,

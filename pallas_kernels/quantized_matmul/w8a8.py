@@ -8,6 +8,12 @@ Kernel: grid over (M/bm, N/bn) blocks, whole-K blocks, `fori_loop` over K chunks
 block_k with an int32 carry (portable form for Mosaic TPU and Triton). The integer
 part is exposed on its own as `int8_matmul` (int32 output, exact). M is zero-padded in
 the wrapper and sliced back; N must be a multiple of block_n and K of block_k.
+
+`dot_dtype` picks the dot: int8 operands with an int32 accumulator (the default), or
+the same int8 codes converted in the kernel to bf16 (exact: |code| <= 127) with an f32
+accumulator, for chips whose matrix units take no int8 (TPU v4). The f32 sum of
+integer products is exact while it stays below 2**24 (K <= 1040 always; beyond, the
+rounding is float32's, far below the quantization error).
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ from pallas_kernels.quantized_matmul import common
 _NAME = "w8a8_matmul"
 _X_DTYPES = (jnp.bfloat16, jnp.float32)
 _OUT_DTYPES = (jnp.float32, jnp.bfloat16)
+DOT_DTYPES = (jnp.int8, jnp.bfloat16)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -118,38 +125,48 @@ def _validate_float_x(x) -> None:
   common.check_dtype(_NAME, "x", x, _X_DTYPES)
 
 
-def _kernel(*refs, block_k: int, n_steps: int, scaled: bool):
+def _kernel(*refs, block_k: int, n_steps: int, scaled: bool, dot_dtype, triton: bool):
   if scaled:
     x_ref, w_ref, xs_ref, ws_ref, o_ref = refs
   else:
     x_ref, w_ref, o_ref = refs
   bm, bn = o_ref.shape
+  integer = jnp.dtype(dot_dtype) == jnp.int8
+  acc_dtype = jnp.int32 if integer else jnp.float32
+
+  def operand(v):  # int8 -> int32 -> f32 -> dot dtype: each step exact for int8 codes
+    return v if integer else v.astype(jnp.int32).astype(jnp.float32).astype(dot_dtype)
 
   def body(i, acc):
     k0 = common.chunk_start(i, block_k)
-    x = x_ref[:, pl.ds(k0, block_k)]
-    w = w_ref[pl.ds(k0, block_k), :]
-    return acc + jnp.dot(x, w, preferred_element_type=jnp.int32)
+    x = operand(x_ref[:, pl.ds(k0, block_k)])
+    w = operand(w_ref[pl.ds(k0, block_k), :])
+    return acc + jnp.dot(x, w, preferred_element_type=acc_dtype)
 
-  acc = common.k_loop(n_steps, block_k, body, jnp.zeros((bm, bn), jnp.int32))
+  acc = common.k_loop(n_steps, block_k, body, jnp.zeros((bm, bn), acc_dtype), triton)
   if scaled:
     out = acc.astype(jnp.float32) * xs_ref[...] * ws_ref[...]
     o_ref[...] = out.astype(o_ref.dtype)
   else:
-    o_ref[...] = acc
+    o_ref[...] = acc.astype(o_ref.dtype)
 
 
-def _call(x_q, w_q, scales, out_dtype, block_sizes, interpret, compiler_params, name):
+def _call(x_q, w_q, scales, out_dtype, block_sizes, interpret, compiler_params, name, dot_dtype):
+  common.check_dtype(name, "dot_dtype", dot_dtype, DOT_DTYPES)
   bs = block_sizes or BlockSizes()
   compiler_params = common.default_compiler_params(compiler_params)
   triton = common.is_triton(compiler_params)
   m, k = x_q.shape
   n = w_q.shape[1]
-  bm = common.pick_block_m(m, bs.block_m)
-  bn = common.pick_block_n(n, bs.block_n, triton)
   bk = common.pick_chunk(k, bs.block_k, triton)
-  m_pad = common.round_up(m, bm)
-  common.check_blocks(name, m_pad, n, bm, bn, triton)
+
+  def need(bm, bn):
+    blocks = [((bm, k), x_q.dtype), ((k, bn), w_q.dtype), ((bm, bn), out_dtype)]
+    if scales is not None:
+      blocks += [((bm, 1), jnp.float32), ((1, bn), jnp.float32)]
+    return common.vmem_estimate(blocks, 3 * 4 * max(bm, 8) * bn + 2 * 4 * bk * max(bm, bn))
+
+  bm, bn, m_pad = common.fit_blocks(name, m, n, bs, triton, compiler_params, need)
   if k % bk:
     raise ValueError(f"{name}: block_k={bk} must divide K={k}")
   in_specs = [
@@ -164,7 +181,14 @@ def _call(x_q, w_q, scales, out_dtype, block_sizes, interpret, compiler_params, 
       pl.BlockSpec((1, bn), lambda i, j: (0, j)),
     ]
     args += [common.pad_rows(x_scale, m_pad), w_scale]
-  kernel = functools.partial(_kernel, block_k=bk, n_steps=k // bk, scaled=scales is not None)
+  kernel = functools.partial(
+    _kernel,
+    block_k=bk,
+    n_steps=k // bk,
+    scaled=scales is not None,
+    dot_dtype=dot_dtype,
+    triton=triton,
+  )
   out = pl.pallas_call(
     kernel,
     out_shape=jax.ShapeDtypeStruct((m_pad, n), out_dtype),
@@ -183,7 +207,9 @@ def int8_matmul(
 ) -> jax.Array:
   """Exact int8 x int8 -> int32 matmul (the integer core of W8A8)."""
   _validate_int(x_q, w_q, "int8_matmul")
-  return _call(x_q, w_q, None, jnp.int32, block_sizes, interpret, compiler_params, "int8_matmul")
+  return _call(
+    x_q, w_q, None, jnp.int32, block_sizes, interpret, compiler_params, "int8_matmul", jnp.int8
+  )
 
 
 def w8a8_matmul_quantized(
@@ -193,6 +219,7 @@ def w8a8_matmul_quantized(
   w_scale,
   *,
   out_dtype=jnp.float32,
+  dot_dtype=jnp.int8,
   block_sizes: BlockSizes | None = None,
   interpret=False,
   compiler_params=None,
@@ -203,6 +230,7 @@ def w8a8_matmul_quantized(
     x_q: int8 [M, K]; x_scale: f32 [M, 1] (per token).
     w_q: int8 [K, N]; w_scale: f32 [1, N] (per output channel).
     out_dtype: f32 or bf16.
+    dot_dtype: int8 (int32 accumulation) or bf16 (codes converted in the kernel).
     block_sizes: tile sizes; defaults depend on the backend.
     interpret: Pallas interpret mode.
     compiler_params: default: Triton's on a GPU backend, else Mosaic TPU's.
@@ -214,7 +242,15 @@ def w8a8_matmul_quantized(
   _validate_scales(x_q, w_q, x_scale, w_scale)
   common.check_dtype(_NAME, "out_dtype", out_dtype, _OUT_DTYPES)
   return _call(
-    x_q, w_q, (x_scale, w_scale), out_dtype, block_sizes, interpret, compiler_params, _NAME
+    x_q,
+    w_q,
+    (x_scale, w_scale),
+    out_dtype,
+    block_sizes,
+    interpret,
+    compiler_params,
+    _NAME,
+    dot_dtype,
   )
 
 
@@ -224,6 +260,7 @@ def w8a8_matmul(
   w_scale,
   *,
   out_dtype=None,
+  dot_dtype=jnp.int8,
   block_sizes: BlockSizes | None = None,
   interpret=False,
   compiler_params=None,
@@ -237,6 +274,7 @@ def w8a8_matmul(
     w_q,
     w_scale,
     out_dtype=out_dtype or x.dtype,
+    dot_dtype=dot_dtype,
     block_sizes=block_sizes,
     interpret=interpret,
     compiler_params=compiler_params,
