@@ -400,6 +400,32 @@ def _kv_inputs(seed: int, s: Settings, heads, spec, copies: int):
   return q, layers, qlen, jnp.zeros((b,), jnp.int32)
 
 
+def _attention_inputs(seed: int, heads, t: int):
+  """A causal prefill of `t` tokens, batch 1, bf16: ``(q, k, v, q_slots, kv_start)``."""
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+
+  hq, hkv, d = heads
+  q = _normal((seed, hq, t), (1, t, hq, d), jnp.bfloat16)
+  k = _normal((seed, hkv, t, 1), (1, hkv, t, d), jnp.bfloat16)
+  v = _normal((seed, hkv, t, 2), (1, hkv, t, d), jnp.bfloat16)
+  return q, k, v, jnp.arange(t, dtype=jnp.int32)[None], jnp.zeros((1,), jnp.int32)
+
+
+def _attention_run(s: Settings, impl: str):
+  """Jitted ``f(q, k, v, q_slots, kv_start)``: the attention op's `impl`, as a 1-list."""
+  import jax  # pylint: disable=import-outside-toplevel
+
+  from pallas_kernels import registry  # pylint: disable=import-outside-toplevel
+
+  op = registry.get("attention")
+  return jax.jit(lambda *a: [op(*a, implementation=impl, interpret=s.interpret)])
+
+
+def _attention_len(s: Settings) -> int:
+  """Prefill length of the attention cases: the KV context, at most 2048."""
+  return min(s.kv_context, 2048)
+
+
 def _kv_call(s: Settings, spec, qlen: int, impl: str):
   """``f(q, store, start, k_residual, v_residual)``: the op's `impl` over `spec`'s cache."""
   from pallas_kernels import registry  # pylint: disable=import-outside-toplevel
@@ -536,6 +562,19 @@ def run_kernels(check: Check, platform) -> None:
       (q, layers),
     )
 
+  def attn(row, heads):
+    args = _attention_inputs(seed, heads, _attention_len(s))
+    op = registry.get("attention")
+    select = lambda: op.select("pallas", platform, *args)  # noqa: E731
+    run_pallas, run_reference = _attention_run(s, "pallas"), _attention_run(s, "reference")
+    return _compare(row, s, select, run_pallas, run_reference, args)
+
+  if "attention" in s.ops:
+    for shape_set in s.shapes:
+      row = dict(section="kernels", op="attention", shape=shape_set, m=1, method="prefill")
+      row.update(implementation="pallas", context=_attention_len(s))
+      if not check.skip_if_late(row):
+        check.add(_attempt(row, lambda row, h=bench_lib.KV_HEADS[shape_set]: attn(row, h)))
   # The KV cases first (few, and the most intricate kernels), then M=1 matmuls, M=8, ...
   if "quantized_kv_attention" in s.ops:
     for shape_set in s.shapes:
@@ -668,7 +707,22 @@ def run_speed(check: Check, platform, chip) -> None:
         run = _kv_run(s, spec, qlen, impl, start)
         done.append(_timed(rows[len(done)], s, chip, select, run, (q, layers), copies, nbytes))
 
-  # As in the kernels section: the KV groups first, then the matmul groups, M=1 first.
+  def attention_group(rows, done, heads):
+    args = _attention_inputs(seed, heads, _attention_len(s))
+    q, k, v = args[:3]
+    nbytes = 2 * q.nbytes + k.nbytes + v.nbytes  # q, k, v read; the output (q's size) written
+    for row, impl in zip(rows, ("xla", "pallas")):
+      select = functools.partial(attention.select, impl, platform, *args)
+      done.append(_timed(row, s, chip, select, _attention_run(s, impl), args, 1, nbytes))
+
+  # As in the kernels section: attention, the KV groups, then the matmul groups, M=1 first.
+  if "attention" in s.ops:
+    for shape_set in s.shapes:
+      base = dict(section="speed", op="attention", shape=shape_set, m=1, method="prefill")
+      base["context"] = _attention_len(s)
+      rows = [dict(base, implementation=impl) for impl in ("xla", "pallas")]
+      heads = bench_lib.KV_HEADS[shape_set]
+      _run_group(check, rows, functools.partial(attention_group, heads=heads))
   if "quantized_kv_attention" in s.ops:
     for shape_set in s.shapes:
       base = dict(section="speed", shape=_kv_shape(shape_set, s), m=s.kv_batch)
@@ -841,7 +895,7 @@ def main(argv):
   note = None
   if hbm is None:
     note = f"no HBM bandwidth known for {info['device_kind']}: hbm_fraction is absent"
-  covered = {op for _, op in _matmul_formats(s)} | {"quantized_kv_attention"}
+  covered = {op for _, op in _matmul_formats(s)} | {"quantized_kv_attention", "attention"}
   record = dict(
     finished=False,
     run_info=info,

@@ -10,8 +10,8 @@ arguments. `cases(op_name, models)` lists them for the models in
     FireQ: groups of 32 on SmolLM2, 128 on Llama-3-8B);
   * ``quantized_kv_attention``: one decode step for 2 rows over a 4096-token cache
     and a 128-token full-precision window, 2, 4 and 8 bits (key groups 128, 64, 32);
-  * ``linear`` and ``attention`` (XLA only): the model's projections and a
-    2048-token causal prefill.
+  * ``linear`` (XLA only): the model's projections; ``attention``: a 2048-token
+    causal prefill.
 """
 
 from __future__ import annotations

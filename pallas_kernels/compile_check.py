@@ -61,6 +61,9 @@ def tpu_device(chip_name: str):
   from jax.experimental import topologies  # pylint: disable=import-outside-toplevel
 
   os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
+  # Compile-only topologies touch no chip, so another process holding libtpu's
+  # lockfile (a second check, a test) must not stop this one.
+  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
   os.environ.setdefault("TPU_LOG_DIR", tempfile.mkdtemp(prefix="libtpu_logs_"))
   chip = chips.chip_named(chip_name)
   kw = {"chips_per_host_bounds": (1, 1, 1)}

@@ -20,7 +20,13 @@ import pytest
 from experiments import bench_lib
 
 ROOT = Path(__file__).resolve().parents[1]
-PALLAS_OPS = {"w8a8_matmul", "w4a16_matmul", "w4a8_fireq_matmul", "quantized_kv_attention"}
+PALLAS_OPS = {
+  "w8a8_matmul",
+  "w4a16_matmul",
+  "w4a8_fireq_matmul",
+  "quantized_kv_attention",
+  "attention",
+}
 SUMMARY_KEYS = {"chip", "cases", "passed", "failed", "refused", "skipped", "max_rel_err", "json"}
 TINY_HEADS = bench_lib.KV_HEADS["tiny"]  # (num_heads, num_kv_heads, head_dim)
 
@@ -62,8 +68,8 @@ def test_every_kernel_matches_its_reference(smoke):
   assert summary["failed"] == summary["refused"] == summary["skipped"] == 0
   assert record["settings"]["interpret"] is True and record["unchecked_ops"] == []
   kernels = [r for r in record["cases"] if r["section"] == "kernels"]
-  # 2 tiny linears x 3 formats at M=1, and 3 KIVI caches
-  assert len(kernels) == 2 * 3 + 3
+  # 2 tiny linears x 3 formats at M=1, 3 KIVI caches, and one attention prefill
+  assert len(kernels) == 2 * 3 + 3 + 1
   assert {r["op"] for r in kernels} == PALLAS_OPS
   for r in kernels:
     assert r["status"] == "passed" and r["ran"] == "mosaic_tpu", r
@@ -79,14 +85,15 @@ def test_speed_figures_follow_from_the_shapes(smoke):
   assert all(r["status"] == "passed" for r in speed)
   assert record["hbm_note"] and all(r["hbm_fraction"] is None for r in speed)
   peers = {r["shape"]: r for r in speed if r["method"] in ("bf16", "dense_bf16")}
-  assert len(peers) == 3  # two linears, one KV head shape
+  peers |= {r["shape"]: r for r in speed if r["op"] == "attention" and r["implementation"] == "xla"}
+  assert len(peers) == 4  # two linears, one KV head shape, one attention prefill
   for r in speed:
     assert r["us_min"] <= r["us"] <= r["us_max"] and r["first_call_s"] > 0, r
     assert math.isclose(r["gb_s"], r["bytes"] / r["us"] / 1e3, rel_tol=1e-9), r
-    if r["method"] not in ("bf16", "dense_bf16"):
+    if r is not peers[r["shape"]]:
       assert math.isclose(r["x_vs_bf16"], peers[r["shape"]]["us"] / r["us"], rel_tol=1e-9)
-    if r["implementation"] == "pallas":
-      assert r["ran"] == "mosaic_tpu" and r["x_vs_xla"] > 0, r
+    if r["implementation"] == "pallas":  # attention's XLA peer is its bf16 peer
+      assert r["ran"] == "mosaic_tpu" and (r["op"] == "attention" or r["x_vs_xla"] > 0), r
   for r in speed:
     m, k, n = r["m"], r.get("k"), r.get("n")
     if r["method"] == "bf16":  # x, w and out in bf16

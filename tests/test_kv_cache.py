@@ -691,8 +691,11 @@ def test_kivi_decode_pallas_interpret_matches_xla(tiny_model, tokens):
       results[impl], _ = _decode_logits(tiny_model, cache, tokens[:, :70], prefill=66)
     finally:
       tiny_model.kernels = ops.KernelConfig()
-  scale = np.abs(results["xla"]).max()
-  assert np.abs(results["pallas"] - results["xla"]).max() / scale <= 1e-3
+  # Row 1's first 3 positions are left padding: their queries see no key, and what
+  # attention returns there (the kernels: zeros; XLA: a uniform average) is never used.
+  seen = np.arange(results["xla"].shape[1])[None, :] >= np.asarray(start)[:, None]
+  scale = np.abs(results["xla"][seen]).max()
+  assert np.abs(results["pallas"][seen] - results["xla"][seen]).max() / scale <= 1e-3
 
 
 def test_kivi_decode_calls_the_kernel(tiny_model):

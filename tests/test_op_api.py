@@ -129,8 +129,8 @@ def test_unknown_names_are_one_line_errors():
     ops.KernelConfig.parse("conv=xla")
   with pytest.raises(OpError, match="kernel setting 'triton'"):
     ops.KernelConfig("triton")
-  with pytest.raises(OpError, match="op 'attention' has no Pallas implementation"):
-    ops.KernelConfig(overrides=(("attention", "pallas"),))
+  with pytest.raises(OpError, match="op 'linear' has no Pallas implementation"):
+    ops.KernelConfig(overrides=(("linear", "pallas"),))
   with pytest.raises(OpError, match="name an op twice"):
     ops.KernelConfig.parse("linear=xla,linear=reference")
   with pytest.raises(OpError, match="names one implementation twice|must be unique"):
@@ -142,8 +142,8 @@ def test_kernel_setting_is_per_op():
   assert cfg.request("w4a16_matmul") == "pallas"
   assert cfg.request("quantized_kv_attention") == "pallas"
   assert cfg.request("w8a8_matmul") == "xla"
-  assert cfg.request("attention") is None  # no Pallas implementation: the default
-  assert cfg.request("linear") is None
+  assert cfg.request("attention") == "pallas"  # the flash attention kernels
+  assert cfg.request("linear") is None  # no Pallas implementation: the default
   assert ops.KernelConfig.parse("") == ops.KernelConfig()
   assert ops.KernelConfig.parse("xla").request("attention") == "xla"
 
@@ -222,5 +222,5 @@ def test_model_wide_pallas_setting_calls_the_kernels_it_names():
     return _pallas_kernels_called(lambda t: model(t)[0], tokens)
 
   pallas = kernels_called(ops.KernelConfig("pallas", interpret=True))
-  assert pallas and set(pallas) == {"w8a8_matmul"}, pallas
+  assert pallas and set(pallas) == {"w8a8_matmul", "flash_attention"}, pallas
   assert kernels_called(ops.KernelConfig()) == []

@@ -277,7 +277,7 @@ def test_kv_compression_prefill_must_leave_decode_steps(text_file):
   err = proc.stderr.strip().splitlines()[-1]
   assert err == (
     "error: --kernels=pallas,attention=flash: op 'attention' has no implementation 'flash'; "
-    "it has ['reference', 'xla']"
+    "it has ['reference', 'xla', 'mosaic_tpu', 'triton']"
   ), err
 
 
