@@ -11,7 +11,8 @@ arguments. `cases(op_name, models)` lists them for the models in
   * ``quantized_kv_attention``: one decode step for 2 rows over a 4096-token cache
     and a 128-token full-precision window, 2, 4 and 8 bits (key groups 128, 64, 32);
   * ``linear`` (XLA only): the model's projections; ``attention``: a 2048-token
-    causal prefill.
+    causal prefill, a 64-token chunk against a 1024-slot buffer, and a decode step
+    of 8 rows against 4096 slots.
 """
 
 from __future__ import annotations
@@ -114,11 +115,15 @@ def cases(op: str, models=MODELS) -> list[Case]:
         out.append(Case(op, label, args, {"bits": bits, "group_size": group}))
     elif op == "attention":
       hq, hkv, d = shape.kv_heads
-      t = 2048
-      q = sds((1, t, hq, d), jnp.bfloat16)
-      kv = sds((1, hkv, t, d), jnp.bfloat16)
-      args = (q, kv, kv, sds((1, t), jnp.int32), sds((1,), jnp.int32))
-      out.append(Case(op, f"{model} prefill S=T={t}", args))
+      for kind, b, s, t in (
+        ("prefill", 1, 2048, 2048),
+        ("chunk", 1, 64, 1024),
+        ("decode", 8, 1, 4096),
+      ):
+        q = sds((b, s, hq, d), jnp.bfloat16)
+        kv = sds((b, hkv, t, d), jnp.bfloat16)
+        args = (q, kv, kv, sds((b, s), jnp.int32), sds((b,), jnp.int32))
+        out.append(Case(op, f"{model} {kind} B={b} S={s} T={t}", args))
     else:
       raise ValueError(f"no compile cases for op {op!r}")
   return out
