@@ -1,8 +1,8 @@
 """Speed and error of the quantized hot paths, Pallas beside fused XLA and bf16 peers.
 
-  python -m experiments.bench_kernels [--ops=matmul,kv_attention] [--reps=5]
+  python -m experiments.bench_kernels [--ops=matmul,kv_attention,attention] [--reps=5]
 
-Two ops, each through the public dispatch (`jaxllm.ops`), on random data of
+Three ops, each through the public dispatch (`jaxllm.ops`), on random data of
 named real-model shapes:
   * matmul: rows [M, K] @ a `jaxllm.quant` QTensor [K, N] for each --methods
     recipe (w8a8, w4a16_g128, fireq_w4a8); peer: the bf16 weight through the
@@ -10,6 +10,9 @@ named real-model shapes:
   * kv_attention: one decode step of the ``quantized_kv_attention`` op over a
     --kv_context-token KIVI cache (store + full-precision window) per
     --kv_methods; peer: the ``attention`` op over a dense bf16 cache.
+  * attention (not by default): a causal prefill of --attention_len tokens (S = T,
+    batch 1) at each --kv_models head shape, every implementation (the flash
+    kernels with ``pallas``) beside XLA's attention in bf16.
 
 Timing (CONTRACT): one untimed call (its wall time, compile included, is
 ``first_call_s``), then the median of --reps calls. Each call runs the op on
@@ -33,7 +36,8 @@ from jaxllm import runtime
 
 NAME = "bench_kernels"
 common.define_common_flags(NAME, ("out_dir", "seed", "dtype"))
-_OPS = flags.DEFINE_list("ops", ["matmul", "kv_attention"], "Ops to measure.")
+OPS = ("matmul", "kv_attention", "attention")
+_OPS = flags.DEFINE_list("ops", ["matmul", "kv_attention"], f"Ops to measure: {', '.join(OPS)}.")
 _METHODS = flags.DEFINE_list(
   "methods", ["w8a8", "w4a16_g128", "fireq_w4a8"], "Weight recipes (jaxllm.quant.RECIPES)."
 )
@@ -47,6 +51,9 @@ _KV_MODELS = flags.DEFINE_list("kv_models", ["smollm2", "llama3_8b"], "Attention
 _KV_METHODS = flags.DEFINE_list("kv_methods", ["kivi4", "kivi2"], "KIVI cache specs.")
 _KV_CONTEXT = flags.DEFINE_list("kv_context", ["1024", "8192"], "Cached tokens per row.")
 _KV_BATCH = flags.DEFINE_integer("kv_batch", 8, "Decode rows.", lower_bound=1)
+_ATTN_LEN = flags.DEFINE_list(
+  "attention_len", ["2048"], "--ops=attention: causal prefill lengths (S = T, batch 1)."
+)
 _IMPLS = flags.DEFINE_list(
   "implementations",
   None,
@@ -294,6 +301,63 @@ def _kv_rows(backend: str, dtype, impls) -> list[dict]:
   return rows
 
 
+# --------------------------------------------------------------------------- attention
+
+
+def _attention_rows(dtype, impls) -> list[dict]:
+  """A causal prefill (S = T, batch 1) through the ``attention`` op for each
+  implementation, beside XLA's in bf16, at each --kv_models head shape."""
+  import jax  # pylint: disable=import-outside-toplevel
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+
+  from jaxllm import ops  # pylint: disable=import-outside-toplevel
+
+  rows = []
+  key = jax.random.key(FLAGS.seed)
+  for model in _KV_MODELS.value:
+    hq, hkv, d = KV_HEADS[model]
+    for t in (int(v) for v in _ATTN_LEN.value):
+      kq, kk, kv = jax.random.split(jax.random.fold_in(key, t * 7 + hq), 3)
+      q = jax.random.normal(kq, (1, t, hq, d), jnp.float32)
+      k = jax.random.normal(kk, (1, hkv, t, d), jnp.float32)
+      v = jax.random.normal(kv, (1, hkv, t, d), jnp.float32)
+      slots, start = jnp.arange(t, dtype=jnp.int32)[None], jnp.zeros((1,), jnp.int32)
+      base = dict(op="attention", shape=f"{model}.s{t}", m=t, copies=1, method="prefill")
+      base["cache_bytes"] = 2 * 2 * hkv * t * d  # K and V in bf16
+
+      def call(q, k, v, impl, slots=slots, start=start):
+        cfg = ops.KernelConfig(interpret=FLAGS.interpret, overrides=(("attention", impl),))
+        return [ops.attention(q, k, v, slots, start, cfg)]
+
+      bf16 = tuple(a.astype(jnp.bfloat16) for a in (q, k, v))
+      peer = _measure(
+        "prefill bf16/xla",
+        jax.jit(functools.partial(call, impl="xla")),
+        bf16,
+        1,
+        dict(base, method="prefill_bf16", implementation="xla"),
+      )
+      rows.append(peer)
+      _print_row(peer)
+      args = tuple(a.astype(dtype) for a in (q, k, v))
+      ref = call(*args, impl="reference")[0]
+      by_impl = {}
+      for impl in impls:
+        row = dict(base, implementation=impl)
+        ran, reason = _selected("attention", impl, *args, slots, start)
+        if reason:
+          by_impl[impl] = _refused(row, reason)
+          continue
+        row["ran"] = ran
+        run = jax.jit(functools.partial(call, impl=ran))
+        row = _measure(f"prefill/{impl}", run, args, 1, row)
+        if "error" not in row:
+          row["rel_err_vs_reference"] = _rel_err(run(*args)[0], ref)
+        by_impl[impl] = row
+      rows += _finish_rows(by_impl, peer)
+  return rows
+
+
 # ------------------------------------------------------------------------------ output
 
 
@@ -336,9 +400,9 @@ def main(argv):
   import jax  # pylint: disable=import-outside-toplevel
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
 
-  bad = sorted(set(_OPS.value) - {"matmul", "kv_attention"})
+  bad = sorted(set(_OPS.value) - set(OPS))
   if bad:
-    common.fail(f"--ops: unknown {bad}; choose from matmul, kv_attention")
+    common.fail(f"--ops: unknown {bad}; choose from {', '.join(OPS)}")
   backend = jax.default_backend()
   impls = _implementations(backend)
   if "pallas" in impls and backend == "cpu" and not FLAGS.interpret:
@@ -351,6 +415,8 @@ def main(argv):
     rows += _matmul_rows(backend, dtype, impls)
   if "kv_attention" in _OPS.value:
     rows += _kv_rows(backend, dtype, impls)
+  if "attention" in _OPS.value:
+    rows += _attention_rows(dtype, impls)
   errors = [r for r in rows if "error" in r]
   record = dict(info=info, flags={f: FLAGS[f].value for f in ("ops", "methods", "m")}, rows=rows)
   keep = ("op", "shape", "m", "method", "implementation", "us", "x_vs_bf16", "x_vs_xla")

@@ -318,5 +318,30 @@ def test_bench_kernels_tiny_interpret(tmp_path):
   assert 1e-4 < f32_errs["w8a8"] < 0.05 and 0.02 < f32_errs["fireq_w4a8"] < 0.3, f32_errs
 
 
+def test_bench_kernels_attention_puts_the_flash_kernel_beside_xla(tmp_path):
+  """--ops=attention: a causal prefill through each implementation (the flash kernel
+  interpreted), beside XLA's bf16 attention, each checked against the reference."""
+  summary = last_json(
+    run(
+      "bench_kernels",
+      "--ops=attention",
+      "--kv_models=tiny",
+      "--attention_len=128",
+      "--implementations=pallas,xla",
+      "--interpret",
+      "--reps=3",
+      f"--out_dir={tmp_path}",
+    )
+  )
+  assert summary["errors"] == 0
+  rows = {(r["method"], r["implementation"]): r for r in summary["results"]}
+  assert set(rows) == {("prefill_bf16", "xla"), ("prefill", "pallas"), ("prefill", "xla")}
+  for key in (("prefill", "pallas"), ("prefill", "xla")):  # float32 inputs
+    assert 0 < rows[key]["rel_err_vs_reference"] < 1e-5, rows[key]
+    assert rows[key]["x_vs_bf16"] > 0 and rows[key]["x_vs_xla"] > 0
+  record = json.loads((tmp_path / "bench_kernels.json").read_text())
+  assert {r.get("ran") for r in record["rows"] if r["implementation"] == "pallas"} == {"mosaic_tpu"}
+
+
 def test_bench_kernels_rejects_unknown_op():
   assert "--ops" in _one_line_error(run("bench_kernels", "--ops=conv"))
