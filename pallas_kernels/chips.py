@@ -99,7 +99,7 @@ def gpu_chip(major: int, minor: int, hbm_bytes_per_s: float | None = None) -> Ch
   """A CUDA chip from its compute capability (fp8 from 8.9 on)."""
   cc = (major, minor)
   fp8 = cc >= (8, 9)
-  smem = {(8, 0): 163, (8, 6): 99, (8, 9): 99, (9, 0): 227}.get(cc, 99 if cc < (9, 0) else 227)
+  smem = 163 if cc == (8, 0) else 99 if cc < (9, 0) else 227  # KiB per block, opt-in
   return Chip(
     f"sm{major}{minor}",
     "gpu",

@@ -107,10 +107,16 @@ _VMEM_CASE = Case(
 )
 
 
-def _w4a16_blocks(block_m: int):
+def _w4a16_blocks(block_m: int, block_n: int, lift_vmem_check: bool):
+  """W4A16 on `_VMEM_CASE` with fixed blocks under the chip's VMEM limit; the broken
+  form lifts that limit far above the chip's VMEM, since the kernel's own block check
+  would otherwise refuse it before lowering."""
+
   def build(chip):
     params = common.tpu_params(chip.onchip_bytes)
-    blocks = w4a16.BlockSizes(block_m=block_m, block_n=512 if block_m > 64 else 128)
+    if lift_vmem_check:
+      params = dataclasses.replace(params, vmem_limit_bytes=1 << 30)
+    blocks = w4a16.BlockSizes(block_m=block_m, block_n=block_n)
 
     def fn(*args):
       return w4a16.w4a16_matmul(*args, block_sizes=blocks, compiler_params=params)
@@ -118,19 +124,6 @@ def _w4a16_blocks(block_m: int):
     return fn, _VMEM_CASE
 
   return build
-
-
-def w4a16_past_vmem_check(chip):
-  """The broken VMEM form: the kernel's own block check would refuse it, so it is
-  lowered with that check lifted (a limit far above the chip's VMEM)."""
-  params = dataclasses.replace(common.tpu_params(None), vmem_limit_bytes=1 << 30)
-  blocks = w4a16.BlockSizes(block_m=512, block_n=512)
-  del chip
-
-  def fn(*args):
-    return w4a16.w4a16_matmul(*args, block_sizes=blocks, compiler_params=params)
-
-  return fn, _VMEM_CASE
 
 
 GUARDS = (
@@ -163,7 +156,7 @@ GUARDS = (
     "a 512-row whole-K f32 block on TPU v4's 16 MiB VMEM",
     ("tpu_v4",),
     r"vmem|VMEM",
-    w4a16_past_vmem_check,
-    _w4a16_blocks(64),
+    _w4a16_blocks(512, 512, lift_vmem_check=True),
+    _w4a16_blocks(64, 128, lift_vmem_check=False),
   ),
 )

@@ -264,6 +264,17 @@ class Op:
       return impl.fn(*args, **kwargs)
 
 
+def without_platform(fn: Callable) -> Callable:
+  """`fn` as a Pallas implementation's function when its kernel has one form on every
+  chip: the ``platform=`` the op passes is dropped."""
+
+  def run(*args, platform=None, **kwargs):
+    del platform
+    return fn(*args, **kwargs)
+
+  return run
+
+
 def reason_from(check: Callable, *args, **kwargs) -> str | None:
   """Runs a validation function that raises ValueError/TypeError; returns its message or None."""
   try:

@@ -21,7 +21,7 @@ The kernels also return the logsumexp when called directly with ``return_lse=Tru
 from __future__ import annotations
 
 from pallas_kernels.flash_attention import flash_attention_tpu, flash_attention_triton
-from pallas_kernels.op_api import Implementation, Op, supported_by_tracing
+from pallas_kernels.op_api import Implementation, Op, supported_by_tracing, without_platform
 
 from .reference import attention_reference
 from .validation import validate
@@ -32,12 +32,11 @@ def _kernel(fn):
   """`fn` as a Pallas implementation: the op's own validation first (so a direct call
   raises the op's errors), one form on every chip (the platform is not read)."""
 
-  def run(q, k, v, q_slots, kv_start, *, platform=None, **kwargs):
-    del platform
+  def run(q, k, v, q_slots, kv_start, **kwargs):
     validate(q, k, v, q_slots, kv_start)
     return fn(q, k, v, q_slots, kv_start, **kwargs)
 
-  return run
+  return without_platform(run)
 
 
 ATTENTION = Op(

@@ -17,7 +17,7 @@ Implementations:
 
 from __future__ import annotations
 
-from pallas_kernels.op_api import Implementation, Op, supported_by_tracing
+from pallas_kernels.op_api import Implementation, Op, supported_by_tracing, without_platform
 
 from .portable_kernel import quantized_kv_decode_attention_portable
 from .reference import quantized_kv_attention_reference
@@ -33,17 +33,6 @@ def _validate(
   _validate_inputs(q, kv, k_residual, v_residual, bits, group_size)
 
 
-def _kernel(fn):
-  """`fn` as a Pallas implementation's function (one form on every chip: the platform
-  is not read)."""
-
-  def run(*args, platform=None, **kwargs):
-    del platform
-    return fn(*args, **kwargs)
-
-  return run
-
-
 QUANTIZED_KV_ATTENTION = Op(
   "quantized_kv_attention",
   (
@@ -52,14 +41,14 @@ QUANTIZED_KV_ATTENTION = Op(
     Implementation(
       "mosaic_tpu",
       "pallas",
-      _kernel(quantized_kv_decode_attention),
+      without_platform(quantized_kv_decode_attention),
       backend="tpu",
       supports=supported_by_tracing(quantized_kv_decode_attention),
     ),
     Implementation(
       "triton",
       "pallas",
-      _kernel(quantized_kv_decode_attention_portable),
+      without_platform(quantized_kv_decode_attention_portable),
       backend="gpu",
       supports=supported_by_tracing(quantized_kv_decode_attention_portable),
     ),
