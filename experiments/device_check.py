@@ -421,6 +421,10 @@ def _attention_run(s: Settings, impl: str):
   return jax.jit(lambda *a: [op(*a, implementation=impl, interpret=s.interpret)])
 
 
+# MoBA's kernel case: the attention prefill's inputs, routed with key blocks of 64, top-8.
+_MOBA_BLOCK, _MOBA_TOP_K = 64, 8
+
+
 def _attention_len(s: Settings) -> int:
   """Prefill length of the attention cases: the KV context, at most 2048."""
   return min(s.kv_context, 2048)
@@ -529,6 +533,8 @@ def _compare(row: dict, s: Settings, select, run_pallas, run_reference, args) ->
 
 def run_kernels(check: Check, platform) -> None:
   """Section "kernels": every Pallas kernel against its reference implementation."""
+  import jax  # pylint: disable=import-outside-toplevel
+
   from pallas_kernels import registry  # pylint: disable=import-outside-toplevel
 
   s = check.s
@@ -569,12 +575,34 @@ def run_kernels(check: Check, platform) -> None:
     run_pallas, run_reference = _attention_run(s, "pallas"), _attention_run(s, "reference")
     return _compare(row, s, select, run_pallas, run_reference, args)
 
+  def moba(row, heads):
+    from pallas_kernels import block_sparse_attention as bsa  # pylint: disable=import-outside-toplevel
+
+    q, k, v, q_slots, start = _attention_inputs(seed, heads, _attention_len(s))
+    blocks = dict(block_q=_MOBA_BLOCK, block_k=_MOBA_BLOCK)
+    top_k = min(_MOBA_TOP_K, k.shape[2] // _MOBA_BLOCK)
+    idx = bsa.route(q, bsa.pool_keys(k, start, _MOBA_BLOCK), q_slots, start, top_k=top_k, **blocks)
+    args = (q, k, v, q_slots, start, idx)
+    op = registry.get("block_sparse_attention")
+    select = lambda: op.select("pallas", platform, *args, **blocks)  # noqa: E731
+
+    def run(impl):
+      return jax.jit(lambda *a: [op(*a, implementation=impl, interpret=s.interpret, **blocks)])
+
+    return _compare(row, s, select, run("pallas"), run("reference"), args)
+
   if "attention" in s.ops:
     for shape_set in s.shapes:
       row = dict(section="kernels", op="attention", shape=shape_set, m=1, method="prefill")
       row.update(implementation="pallas", context=_attention_len(s))
       if not check.skip_if_late(row):
         check.add(_attempt(row, lambda row, h=bench_lib.KV_HEADS[shape_set]: attn(row, h)))
+  if "block_sparse_attention" in s.ops:
+    for shape_set in s.shapes:
+      row = dict(section="kernels", op="block_sparse_attention", shape=shape_set, m=1)
+      row.update(method="moba_prefill", implementation="pallas", context=_attention_len(s))
+      if not check.skip_if_late(row):
+        check.add(_attempt(row, lambda row, h=bench_lib.KV_HEADS[shape_set]: moba(row, h)))
   # The KV cases first (few, and the most intricate kernels), then M=1 matmuls, M=8, ...
   if "quantized_kv_attention" in s.ops:
     for shape_set in s.shapes:
@@ -895,7 +923,11 @@ def main(argv):
   note = None
   if hbm is None:
     note = f"no HBM bandwidth known for {info['device_kind']}: hbm_fraction is absent"
-  covered = {op for _, op in _matmul_formats(s)} | {"quantized_kv_attention", "attention"}
+  covered = {op for _, op in _matmul_formats(s)} | {
+    "quantized_kv_attention",
+    "attention",
+    "block_sparse_attention",
+  }
   record = dict(
     finished=False,
     run_info=info,

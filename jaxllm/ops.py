@@ -7,7 +7,7 @@ says which implementation each op should use; the op's table
 (`pallas_kernels.op_api.Op.select`) makes the choice and raises when an explicit
 choice cannot run. This module only routes calls: `linear` (float weights, or a
 quantized weight that names its matmul op), `attention` and
-`quantized_kv_attention`.
+`block_sparse_attention` and `quantized_kv_attention`.
 """
 
 from __future__ import annotations
@@ -151,6 +151,26 @@ def attention(
   return call("attention", config, q, k, v, q_slots, kv_start)
 
 
+def block_sparse_attention(
+  q, k, v, q_slots, kv_start, block_indices, *, block_q: int, block_k: int, config
+) -> jax.Array:
+  """Attention over the key blocks `block_indices` [B, Hkv, tiles, top_k] selects for each
+  tile of `block_q` queries (blocks of `block_k` slots; -1 = none); causal and left-padding
+  visibility as `attention`. [B, S, Hq, D] in q's dtype (see the op's api.py)."""
+  return call(
+    "block_sparse_attention",
+    config,
+    q,
+    k,
+    v,
+    q_slots,
+    kv_start,
+    block_indices,
+    block_q=block_q,
+    block_k=block_k,
+  )
+
+
 def quantized_kv_attention(
   q, kv, start, quantized_length, length, k_residual, v_residual, *, bits, group_size, config
 ):
@@ -175,6 +195,7 @@ __all__ = [
   "KernelConfig",
   "QuantizedWeight",
   "attention",
+  "block_sparse_attention",
   "call",
   "linear",
   "quantized_kv_attention",

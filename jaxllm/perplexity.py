@@ -70,20 +70,29 @@ def _nll_sums(logits: jax.Array, tokens: jax.Array) -> jax.Array:
   return jnp.sum(logz - picked, axis=-1)
 
 
-def make_nll_fn(model_or_forward: Any) -> Callable[[np.ndarray], jax.Array]:
+def make_nll_fn(model_or_forward: Any, make_cache=None) -> Callable[[np.ndarray], jax.Array]:
   """A jitted ``tokens [B, S] -> NLL sums f32 [B]``.
 
   Args:
     model_or_forward: a `Pipeline` (anything with a ``.model``), an NNX `Llama`,
       or a traceable ``forward(tokens [B, S]) -> logits [B, S, V]``.
+    make_cache: with a model, a `jaxllm.kv_cache.CacheFactory`: the window runs as one
+      chunk into an empty cache of S slots from it (its format and attention method,
+      e.g. a sparse one), instead of the cacheless causal forward.
   """
   model = getattr(model_or_forward, "model", model_or_forward)
+  if make_cache is not None and not isinstance(model, nnx.Module):
+    raise TypeError("make_nll_fn: make_cache needs a model, not a forward function")
   if isinstance(model, nnx.Module):
     graphdef, state = nnx.split(model)
 
     @jax.jit
     def from_state(state, tokens):
-      logits, _ = nnx.merge(graphdef, state)(tokens, logits_at="all")
+      cache = None
+      if make_cache is not None:
+        b, s = tokens.shape
+        cache = make_cache(b, s, jnp.zeros((b,), jnp.int32))
+      logits, _ = nnx.merge(graphdef, state)(tokens, cache=cache, logits_at="all")
       return _nll_sums(logits, tokens)
 
     return lambda tokens: from_state(state, jnp.asarray(tokens, jnp.int32))
@@ -94,7 +103,7 @@ def make_nll_fn(model_or_forward: Any) -> Callable[[np.ndarray], jax.Array]:
 
 
 def window_nll(
-  model_or_forward: Any, windows: np.ndarray, batch_size: int = 1
+  model_or_forward: Any, windows: np.ndarray, batch_size: int = 1, make_cache=None
 ) -> Iterator[tuple[float, int]]:
   """Iterator of (sum of NLL in nats, scored-token count) per window, in order.
 
@@ -103,13 +112,14 @@ def window_nll(
     windows: int [N, context] from `tokenize_windows`.
     batch_size: windows per forward pass; a short last batch is padded with
       copies of its last window (results dropped), so one compile serves all.
+    make_cache: see `make_nll_fn`.
   """
   if batch_size < 1:
     raise ValueError(f"batch_size must be >= 1, got {batch_size}")
   model = getattr(model_or_forward, "model", model_or_forward)
   vocab = getattr(getattr(model, "config", None), "vocab_size", None)
   windows = check_windows(windows, vocab)
-  return _scores(make_nll_fn(model_or_forward), windows, batch_size)
+  return _scores(make_nll_fn(model_or_forward, make_cache), windows, batch_size)
 
 
 def _scores(nll_fn, windows: np.ndarray, batch_size: int) -> Iterator[tuple[float, int]]:
@@ -125,7 +135,11 @@ def _scores(nll_fn, windows: np.ndarray, batch_size: int) -> Iterator[tuple[floa
 
 
 def perplexity(
-  model_or_forward: Any, windows: np.ndarray, batch_size: int = 1, progress: bool = False
+  model_or_forward: Any,
+  windows: np.ndarray,
+  batch_size: int = 1,
+  progress: bool = False,
+  make_cache=None,
 ) -> dict:
   """Perplexity of `windows` (see `tokenize_windows`).
 
@@ -134,12 +148,13 @@ def perplexity(
     windows: int [N, context].
     batch_size: windows per forward pass.
     progress: show a tqdm bar on stderr.
+    make_cache: see `make_nll_fn` (one chunk into an empty cache from it).
 
   Returns:
     dict(ppl, nll (mean per scored token, nats), tokens (scored), windows, context).
   """
   windows = np.asarray(windows)
-  results = window_nll(model_or_forward, windows, batch_size)
+  results = window_nll(model_or_forward, windows, batch_size, make_cache)
   if progress:
     import tqdm  # pylint: disable=import-outside-toplevel
 

@@ -12,7 +12,9 @@ arguments. `cases(op_name, models)` lists them for the models in
     and a 128-token full-precision window, 2, 4 and 8 bits (key groups 128, 64, 32);
   * ``linear`` (XLA only): the model's projections; ``attention``: a 2048-token
     causal prefill, a 64-token chunk against a 1024-slot buffer, and a decode step
-    of 8 rows against 4096 slots.
+    of 8 rows against 4096 slots;
+  * ``block_sparse_attention`` (MoBA): a 2048-token prefill and a decode step of 8 rows
+    against 4096 slots, key blocks of 64 (query tiles of 64), top-8.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ MODELS = ("smollm2", "llama3_8b")
 MATMUL_ROWS = {"smollm2": (1, 128), "llama3_8b": (128,)}
 KV_BITS_GROUPS = ((2, 128), (4, 64), (8, 32))
 KV_CONTEXT, KV_WINDOW, KV_BATCH = 4096, 128, 2
+MOBA_BLOCK, MOBA_TOP_K = 64, 8
 
 
 @dataclasses.dataclass(frozen=True)
@@ -124,6 +127,17 @@ def cases(op: str, models=MODELS) -> list[Case]:
         kv = sds((b, hkv, t, d), jnp.bfloat16)
         args = (q, kv, kv, sds((b, s), jnp.int32), sds((b,), jnp.int32))
         out.append(Case(op, f"{model} {kind} B={b} S={s} T={t}", args))
+    elif op == "block_sparse_attention":
+      hq, hkv, d = shape.kv_heads
+      for kind, b, s, t in (("prefill", 1, 2048, 2048), ("decode", 8, 1, 4096)):
+        q = sds((b, s, hq, d), jnp.bfloat16)
+        kv = sds((b, hkv, t, d), jnp.bfloat16)
+        nq = -(-s // MOBA_BLOCK)
+        idx = sds((b, hkv, nq, MOBA_TOP_K), jnp.int32)
+        args = (q, kv, kv, sds((b, s), jnp.int32), sds((b,), jnp.int32), idx)
+        label = f"{model} {kind} B={b} S={s} T={t} block {MOBA_BLOCK} top-{MOBA_TOP_K}"
+        blocks = {"block_q": MOBA_BLOCK, "block_k": MOBA_BLOCK}
+        out.append(Case(op, label, args, blocks))
     else:
       raise ValueError(f"no compile cases for op {op!r}")
   return out

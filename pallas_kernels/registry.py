@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pallas_kernels.attention.api import ATTENTION
+from pallas_kernels.block_sparse_attention.api import BLOCK_SPARSE_ATTENTION
 from pallas_kernels.linear.api import LINEAR
 from pallas_kernels.op_api import Op, OpError
 from pallas_kernels.quantized_kv_attention.api import QUANTIZED_KV_ATTENTION
@@ -17,6 +18,7 @@ OPS: dict[str, Op] = {
     W4A16_MATMUL,
     W4A8_FIREQ_MATMUL,
     QUANTIZED_KV_ATTENTION,
+    BLOCK_SPARSE_ATTENTION,
   )
 }
 

@@ -26,6 +26,7 @@ PALLAS_OPS = {
   "w4a8_fireq_matmul",
   "quantized_kv_attention",
   "attention",
+  "block_sparse_attention",
 }
 SUMMARY_KEYS = {"chip", "cases", "passed", "failed", "refused", "skipped", "max_rel_err", "json"}
 TINY_HEADS = bench_lib.KV_HEADS["tiny"]  # (num_heads, num_kv_heads, head_dim)
@@ -68,8 +69,8 @@ def test_every_kernel_matches_its_reference(smoke):
   assert summary["failed"] == summary["refused"] == summary["skipped"] == 0
   assert record["settings"]["interpret"] is True and record["unchecked_ops"] == []
   kernels = [r for r in record["cases"] if r["section"] == "kernels"]
-  # 2 tiny linears x 3 formats at M=1, 3 KIVI caches, and one attention prefill
-  assert len(kernels) == 2 * 3 + 3 + 1
+  # 2 tiny linears x 3 formats at M=1, 3 KIVI caches, one attention prefill and one MoBA
+  assert len(kernels) == 2 * 3 + 3 + 1 + 1
   assert {r["op"] for r in kernels} == PALLAS_OPS
   for r in kernels:
     assert r["status"] == "passed" and r["ran"] == "mosaic_tpu", r

@@ -376,6 +376,7 @@ def test_runner_start_quiets_backend_probe_and_fills_the_cache(nan_run):
     "make_reference_logits",
     "device_check",
     "support_matrix",
+    "sparse_attention",
   ],
 )
 def test_every_runner_has_the_compilation_cache_flag_without_importing_jax(runner):

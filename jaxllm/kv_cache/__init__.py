@@ -98,6 +98,7 @@ def create_cache(
   dtype=jnp.float32,
   calibration=None,
   start=None,
+  attention=None,
 ):
   """An empty cache for `spec`.
 
@@ -110,7 +111,14 @@ def create_cache(
     calibration: `jaxllm.quant.kv_calibration.prepare_model`'s calibration (FireQ:
       post-RoPE scale, GPTQ key rounding factors).
     start: [B] first valid slot per row (left padding); zeros by default.
+    attention: the cache's attention method (`jaxllm.sparse_attention.MoBA` / `SparQ`;
+      None: dense), see `with_attention`.
   """
+  cache = _create(spec, config, batch, capacity, dtype, calibration, start)
+  return cache if attention is None else cache.with_attention(attention)
+
+
+def _create(spec, config, batch, capacity, dtype, calibration, start):
   if batch <= 0 or capacity <= 0:
     raise ValueError(f"KV cache needs batch > 0 and capacity > 0, got {batch=}, {capacity=}")
   start = jnp.zeros((batch,), jnp.int32) if start is None else jnp.asarray(start, jnp.int32)
@@ -133,6 +141,22 @@ def create_cache(
   return GroupQuantizedKVCache.create(spec, config, batch, capacity, start, dtype)
 
 
+def key_value_bytes(spec: CacheSpec, config: ModelConfig) -> tuple[float, float]:
+  """(key, value) bytes one token takes per KV head in `spec`'s stored format: codes plus
+  scales and zero points (amortized over a group where a group shares them); dense: bf16.
+  Exact windows and sinks are left out (a fixed cost per sequence)."""
+  d = config.head_dim
+  if spec.kind == "dense":
+    return 2.0 * d, 2.0 * d
+  sb = jnp.dtype(spec.scale_dtype).itemsize
+  codes = d * spec.bits / 8
+  if spec.kind in ("int8", "fireq"):
+    params = sb * (2 if spec.zero_point else 1)
+    return codes + spec.key_groups * params, codes + spec.channel_groups * params
+  keys = 2 * d * sb / spec.group_size if spec.per_channel_keys else 2 * sb
+  return codes + keys, codes + 2 * sb * spec.channel_groups
+
+
 # How `jaxllm.decoding.Generator` and `jaxllm.streaming.StreamingScorer` get their
 # caches: ``make_cache(batch, capacity, start)`` -> an empty cache (any type here),
 # `start` being int32 [batch], each row's first valid slot (its left padding).
@@ -141,7 +165,7 @@ CacheFactory = Callable[[int, int, jax.Array], Any]
 
 
 def cache_factory(
-  spec: CacheSpec | str, config: ModelConfig, dtype=jnp.float32, calibration=None
+  spec: CacheSpec | str, config: ModelConfig, dtype=jnp.float32, calibration=None, attention=None
 ) -> CacheFactory:
   """The `CacheFactory` of `spec`'s caches (`create_cache` with these arguments).
 
@@ -150,6 +174,7 @@ def cache_factory(
     config: the model's config.
     dtype: float dtype of dense/residual/sink storage (the model's activation dtype).
     calibration: `jaxllm.quant.kv_calibration.prepare_model`'s calibration.
+    attention: the caches' attention method (`jaxllm.sparse_attention`; None: dense).
 
   Raises ValueError here, not at the first cache: for an unknown preset name, and
   for what `create_cache` refuses at any capacity (a FireQ spec without its
@@ -162,7 +187,7 @@ def cache_factory(
     raise TypeError(f"cache_factory: spec must be a CacheSpec or a preset name, got {spec!r}")
 
   def make_cache(batch: int, capacity: int, start: jax.Array) -> Any:
-    return create_cache(spec, config, batch, capacity, dtype, calibration, start)
+    return create_cache(spec, config, batch, capacity, dtype, calibration, start, attention)
 
   jax.eval_shape(lambda: make_cache(1, config.max_seq_len, jnp.zeros((1,), jnp.int32)))
   return make_cache
@@ -197,5 +222,6 @@ __all__ = [
   "cache_factory",
   "check_cache_factory",
   "create_cache",
+  "key_value_bytes",
   "spec_for",
 ]

@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxllm import sparse_attention
 from jaxllm.config import ModelConfig
 
 
@@ -161,6 +162,21 @@ class SlotCacheMixin:
     """The cache as errors name it: class and, for compressed caches, preset name."""
     spec = getattr(self, "spec", None)
     return type(self).__name__ + (f" ({spec.name})" if spec is not None else "")
+
+  def with_attention(self, method):
+    """This cache attending by `method` (`jaxllm.sparse_attention.MoBA` / `SparQ`; None:
+    dense attention) from now on; ValueError if the method cannot run over this cache's
+    capacity and head dim (e.g. top_k above the blocks, k above the slots, r above D)."""
+    sparse_attention.check_method(method)
+    if method is not None:
+      method.check_call(self.head_dim, self.capacity)
+    return self.replace(attention=method)
+
+  def attend_slots(self, q, k, v, q_slots, kernels, block_keys=None):
+    """Attention of q over slot buffers k, v [B, Hkv, T, D] by this cache's method."""
+    return sparse_attention.attend(
+      self.attention, q, k, v, q_slots, self.start, kernels, block_keys
+    )
 
   def check_overflow(self) -> None:
     """Raises ValueError, on the host (fetches the flags), if a write under jit went past

@@ -13,6 +13,8 @@ are never read.
 
 from __future__ import annotations
 
+from typing import Any
+
 import flax.struct
 import jax
 import jax.numpy as jnp
@@ -51,6 +53,8 @@ class DenseKVCache(SlotCacheMixin):
       `SlotCacheMixin.check_overflow`); replicated, no logical axes.
     refused_rollback: [B] bool, set for a row once a rollback under jit asked it to go
       below 0 tokens (see `SlotCacheMixin`).
+    attention: static, the attention method (`jaxllm.sparse_attention`; None: dense);
+      set with `with_attention`.
   """
 
   keys: tuple[jax.Array, ...]
@@ -59,6 +63,7 @@ class DenseKVCache(SlotCacheMixin):
   start: jax.Array
   overflow: jax.Array
   refused_rollback: jax.Array
+  attention: Any = flax.struct.field(pytree_node=False, default=None)
 
   LOGICAL_AXES = ("cache_rows", "cache_length", "head_dim")
 
@@ -102,6 +107,10 @@ class DenseKVCache(SlotCacheMixin):
     return self.keys[0].shape[1]
 
   @property
+  def head_dim(self) -> int:
+    return self.keys[0].shape[2]
+
+  @property
   def num_bytes(self) -> int:
     return sum(x.size * x.dtype.itemsize for x in self.keys + self.values)
 
@@ -140,7 +149,7 @@ class DenseKVCache(SlotCacheMixin):
     del k_pre_rope
     self.check_room(q.shape[1])
     k_buf, v_buf = self.write(layer, k, v)
-    return ops.attention(q, k_buf, v_buf, q_slots, self.start, kernels), (k_buf, v_buf)
+    return self.attend_slots(q, k_buf, v_buf, q_slots, kernels), (k_buf, v_buf)
 
   def for_chunked_decode(self, first: int, chunk: int) -> "DenseKVCache":
     """This cache: K/V are stored exactly, so decoding `chunk` tokens per step

@@ -58,7 +58,7 @@ from __future__ import annotations
 
 import math
 from fractions import Fraction
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import flax.struct
 import jax
@@ -85,6 +85,7 @@ from jaxllm.kv_cache.quantize import fake_quantize_asymmetric
 from jaxllm.kv_cache.spec import CacheSpec
 from jaxllm.quant.numerics import pack_along, quantize_asymmetric, unpack_along
 from jaxllm.rope import rope_table_constants
+from jaxllm.sparse_attention import MoBA
 from pallas_kernels.quantized_kv_attention import QuantizedKV, dequantize_keys, dequantize_values
 
 _TPU_BLOCK = 256  # the TPU kernel's default block_t: Tq is a multiple of it once larger
@@ -125,6 +126,10 @@ class GroupQuantizedKVCache(SlotCacheMixin):
       below its `quantized_length` (see `SlotCacheMixin`).
     capacity_tokens: static capacity (tokens); the store has extra spare slots.
     spec, config: static.
+    attention: static, the attention method (`jaxllm.sparse_attention`; None: dense);
+      set with `with_attention`. A sparse method attends over the dequantized store
+      and the window (never the decode op); MoBA over KIVI routes by block means
+      taken from the key group statistics (`block_key_means`).
   """
 
   layers: tuple[GroupQuantizedLayer, ...]
@@ -136,6 +141,7 @@ class GroupQuantizedKVCache(SlotCacheMixin):
   capacity_tokens: int = flax.struct.field(pytree_node=False)
   spec: CacheSpec = flax.struct.field(pytree_node=False)
   config: ModelConfig = flax.struct.field(pytree_node=False)
+  attention: Any = flax.struct.field(pytree_node=False, default=None)
 
   @classmethod
   def create(
@@ -193,6 +199,10 @@ class GroupQuantizedKVCache(SlotCacheMixin):
   @property
   def capacity(self) -> int:
     return self.capacity_tokens
+
+  @property
+  def head_dim(self) -> int:
+    return self.config.head_dim
 
   @property
   def residual_slots(self) -> int:
@@ -304,6 +314,7 @@ class GroupQuantizedKVCache(SlotCacheMixin):
       and self.spec.per_channel_keys
       and self.spec.channel_groups == 1
       and q.shape[1] == 1
+      and self.attention is None
     )
     if layout_fits_decode_op:
       out = self._decode_op(stored, q, k_st, v_st, kernels)
@@ -347,10 +358,56 @@ class GroupQuantizedKVCache(SlotCacheMixin):
     return out[:, None]
 
   def _attend_dequantized(self, stored, q, k, v, q_slots, kernels):
-    """Dequantized stored tokens plus the exact chunk in slot-indexed buffers, then `ops.attention`."""
+    """Dequantized stored tokens plus the exact chunk in slot-indexed buffers, then this
+    cache's attention method (dense: `ops.attention`)."""
     k_buf, v_buf = self.stored_view(stored)
     k_buf, v_buf = insert_chunk(k_buf, k, self.length), insert_chunk(v_buf, v, self.length)
-    return ops.attention(q, k_buf, v_buf, q_slots, self.start, kernels)
+    block_keys = None
+    if isinstance(self.attention, MoBA) and self._routes_by_group_stats(self.attention):
+      block_keys = self.block_key_means(stored, k, k_buf.shape[2], self.attention.block_size)
+    return self.attend_slots(q, k_buf, v_buf, q_slots, kernels, block_keys)
+
+  def _routes_by_group_stats(self, method: MoBA) -> bool:
+    """KIVI keys (post-RoPE, per channel over groups) whose groups tile MoBA's blocks,
+    no key convolution: the block means follow from the group statistics."""
+    spec = self.spec
+    return (
+      spec.kind == "kivi"
+      and spec.per_channel_keys
+      and method.block_size % spec.group_size == 0
+      and spec.residual % spec.group_size == 0
+      and method.key_conv is None
+    )
+
+  def block_key_means(self, stored, k_chunk, num_slots: int, block: int) -> jax.Array:
+    """Post-RoPE key means [B, Hkv, ceil(num_slots / block), D] (float32) per block of the
+    slots attention reads (`stored_view` plus this chunk, `k_chunk` [B, S, Hkv, D] at
+    `length`), for MoBA's router, without dequantizing the store.
+
+    A quantized group's key mean per channel is zero + scale * mean(code) (the codes'
+    mean: the scale and zero point are the group's); the window's and the chunk's groups
+    are averaged exactly. Left padding and sinks are averaged as stored (their group
+    statistics exclude them; the router only ranks blocks wholly before a query tile).
+    """
+    g, bits = self.spec.group_size, self.spec.bits
+    packed = stored.store.k_packed  # [B, Hkv, Tq / pf, D], each group's rows packed together
+    b, h, rows, d = packed.shape
+    tq = rows * (8 // bits)
+    by_group = packed.reshape(b, h, tq // g, g * bits // 8, d)
+    code_mean = unpack_along(by_group, bits, -2).astype(jnp.float32).mean(3)
+    store = (
+      stored.store.k_zero.astype(jnp.float32) + stored.store.k_scale.astype(jnp.float32) * code_mean
+    )  # [B, Hkv, Tq/G, D]
+    s = k_chunk.shape[1]
+    window = stored.k_residual.astype(jnp.float32)
+    held = self.length - self.quantized_length
+    pad = ((0, 0), (0, 0), (0, -(-s // g) * g), (0, 0))
+    window = update_rows(jnp.pad(window, pad), k_chunk.transpose(0, 2, 1, 3), held, 2)
+    window = window.reshape(b, h, window.shape[2] // g, g, d).mean(3)
+    groups = -(-num_slots // block) * (block // g)
+    store = jnp.pad(store, ((0, 0), (0, 0), (0, groups + window.shape[2] - tq // g), (0, 0)))
+    means = update_rows(store, window, self.quantized_length // g, 2)[:, :, :groups]
+    return means.reshape(b, h, groups * g // block, block // g, d).mean(3)
 
   def stored_view(self, stored: GroupQuantizedLayer):
     """Post-RoPE keys and values [B, Hkv, Tq + Rb, D] (float32) of the stored tokens as

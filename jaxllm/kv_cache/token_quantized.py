@@ -33,7 +33,7 @@ channels (lane c holds channels c and c + D/2).
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import flax.struct
 import jax
@@ -158,6 +158,8 @@ class TokenQuantizedKVCache(SlotCacheMixin):
     chunks_as_decode: static; a chunk of S > 1 tokens reads its own earlier
       tokens as S one-token steps would (see `for_chunked_decode`), not exactly
       as a prefill does.
+    attention: static, the attention method (`jaxllm.sparse_attention`; None: dense);
+      set with `with_attention`.
   """
 
   layers: tuple[TokenQuantizedLayer, ...]
@@ -171,6 +173,7 @@ class TokenQuantizedKVCache(SlotCacheMixin):
   spec: CacheSpec = flax.struct.field(pytree_node=False)
   config: ModelConfig = flax.struct.field(pytree_node=False)
   chunks_as_decode: bool = flax.struct.field(pytree_node=False, default=False)
+  attention: Any = flax.struct.field(pytree_node=False, default=None)
 
   @classmethod
   def create(
@@ -226,6 +229,10 @@ class TokenQuantizedKVCache(SlotCacheMixin):
   def capacity(self) -> int:
     return self.layers[0].k_scale.shape[2]
 
+  @property
+  def head_dim(self) -> int:
+    return self.config.head_dim
+
   def attend(self, layer, q, k_pre_rope, k, v, q_slots, kernels=ops.KernelConfig()):
     """Attends q [B, S, Hq, D] over the stored (quantized) tokens and this chunk
     (full precision, causal; with `chunks_as_decode`, as S one-token steps would),
@@ -260,7 +267,7 @@ class TokenQuantizedKVCache(SlotCacheMixin):
     else:
       k_buf, v_buf = self.stored_view(stored)
       k_buf, v_buf = insert_chunk(k_buf, k, self.length), insert_chunk(v_buf, v, self.length)
-      out = ops.attention(q.astype(jnp.float32), k_buf, v_buf, q_slots, self.start, kernels)
+      out = self.attend_slots(q.astype(jnp.float32), k_buf, v_buf, q_slots, kernels)
     return out.astype(v.dtype), new
 
   def _attend_as_decoded(self, stored, new, q, k, v, q_slots):
@@ -277,8 +284,14 @@ class TokenQuantizedKVCache(SlotCacheMixin):
 
   def for_chunked_decode(self, first: int, chunk: int) -> "TokenQuantizedKVCache":
     """This cache with chunks of more than one token attended as one-token steps
-    would read them (`_attend_as_decoded`), so any chunk scores exactly."""
-    del first, chunk
+    would read them (`_attend_as_decoded`), so any chunk scores exactly. With a sparse
+    attention method only one token per step (ValueError otherwise)."""
+    del first
+    if self.attention is not None and chunk > 1:
+      raise ValueError(
+        f"{self.name}: decoding {chunk} tokens per step reads the chunk as stored with dense "
+        f"attention only; with {self.attention.name} use chunk=1"
+      )
     return self.replace(chunks_as_decode=True)
 
   def stored_view(self, stored: TokenQuantizedLayer):
