@@ -25,8 +25,10 @@ _EXPORTS = {
   "Pipeline": "jaxllm.pipeline",
   "load_pipeline": "jaxllm.pipeline",
   "SamplingConfig": "jaxllm.sampling",
+  "SpeculativeConfig": "jaxllm.speculative",
+  "SpeculativeGenerator": "jaxllm.speculative",
 }
-_SUBMODULES = ("kv_cache", "quant", "streaming")
+_SUBMODULES = ("drafts", "kv_cache", "quant", "streaming")
 
 __all__ = sorted((*_EXPORTS, *_SUBMODULES))
 
