@@ -63,6 +63,22 @@ def fast_jit(fn, **kwargs):
   return jax.jit(fn, compiler_options=FAST_COMPILE, **kwargs)
 
 
+def pallas_call_names(jaxpr) -> list[str]:
+  """The names of the `pallas_call`s in `jaxpr` and every jaxpr nested in it (loops,
+  conds, jits): which kernels a traced model path really calls."""
+  names = []
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name == "pallas_call":
+      names.append(str(eqn.params["name"]).split()[0])
+    for value in eqn.params.values():
+      for sub in value if isinstance(value, (tuple, list)) else (value,):
+        if isinstance(sub, jax.extend.core.ClosedJaxpr):
+          names += pallas_call_names(sub.jaxpr)
+        elif isinstance(sub, jax.extend.core.Jaxpr):
+          names += pallas_call_names(sub)
+  return names
+
+
 # ------------------------------------------------------------------ comparisons
 
 

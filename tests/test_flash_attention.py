@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from op_test_base import fast_jit
+from op_test_base import fast_jit, pallas_call_names
 
 import jaxllm
 from jaxllm import ops
@@ -180,20 +180,6 @@ def test_head_dims_the_kernels_do_not_cover_go_to_xla_by_design():
     assert ATTENTION.select(None, TPU, *ok).name == "mosaic_tpu"
 
 
-def _pallas_calls(jaxpr) -> list[str]:
-  names = []
-  for eqn in jaxpr.eqns:
-    if eqn.primitive.name == "pallas_call":
-      names.append(str(eqn.params["name"]).split()[0])
-    for value in eqn.params.values():
-      for sub in value if isinstance(value, (tuple, list)) else (value,):
-        if isinstance(sub, jax.extend.core.ClosedJaxpr):
-          names += _pallas_calls(sub.jaxpr)
-        elif isinstance(sub, jax.extend.core.Jaxpr):
-          names += _pallas_calls(sub)
-  return names
-
-
 def test_model_under_pallas_runs_the_flash_kernel_and_matches_xla():
   """The tiny model (6 / 2 heads of 64) over a left-padded batch: "pallas" (interpreted)
   routes its attention to the flash kernel (a jaxpr check) and its logits match the
@@ -205,7 +191,7 @@ def test_model_under_pallas_runs_the_flash_kernel_and_matches_xla():
   for setting in ("xla", "pallas"):
     model.kernels = ops.KernelConfig(setting, interpret=True)
     call = lambda t, s: model(t, start=s)[0]  # noqa: E731
-    called = _pallas_calls(jax.make_jaxpr(call)(tokens, start).jaxpr)
+    called = pallas_call_names(jax.make_jaxpr(call)(tokens, start).jaxpr)
     assert ("flash_attention" in called) == (setting == "pallas"), (setting, called)
     logits[setting] = np.asarray(fast_jit(call)(tokens, start))
   valid = np.arange(24)[None] >= np.asarray(start)[:, None]

@@ -377,6 +377,7 @@ def test_runner_start_quiets_backend_probe_and_fills_the_cache(nan_run):
     "device_check",
     "support_matrix",
     "sparse_attention",
+    "speculative",
   ],
 )
 def test_every_runner_has_the_compilation_cache_flag_without_importing_jax(runner):

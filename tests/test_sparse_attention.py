@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from op_test_base import fast_jit
+from op_test_base import fast_jit, pallas_call_names
 
 import jaxllm
 from jaxllm import kv_cache, ops
@@ -304,3 +304,22 @@ def test_other_bad_inputs():
       ValueError, match=f"{owner}: k .* the KV heads 4 must divide the query heads 6"
     ):
       attend(method, q, k, v, q_slots, start)
+
+
+def test_model_with_moba_runs_the_chosen_block_sparse_kernel():
+  """A MoBA cache under "pallas" (interpreted) routes the model's attention to the
+  block-sparse kernel (a jaxpr check), under "xla" to no kernel, with equal logits."""
+  model = init_model(CFG, seed=0)
+  tokens = jnp.asarray(np.random.default_rng(9).integers(0, CFG.vocab_size, (1, 64)), jnp.int32)
+  logits = {}
+  for setting in ("xla", "pallas"):
+    model.kernels = ops.KernelConfig(setting, interpret=True)
+    cache = kv_cache.create_cache(
+      kv_cache.spec_for("dense"), CFG, 1, 64, attention=MoBA(16, 2, query_tile=16)
+    )
+    call = lambda t, c: model(t, cache=c)[0]  # noqa: E731
+    called = pallas_call_names(jax.make_jaxpr(call)(tokens, cache).jaxpr)
+    assert ("block_sparse_attention" in called) == (setting == "pallas"), (setting, called)
+    logits[setting] = np.asarray(fast_jit(call)(tokens, cache))
+  err = np.abs(logits["pallas"] - logits["xla"]).max() / np.abs(logits["xla"]).max()
+  assert err <= 1e-5, err
