@@ -443,9 +443,9 @@ def main(argv):
     common.fail(f"GGUF file not found: {FLAGS.gguf}")
   kernels = common.kernel_config()
   from experiments import peers  # pylint: disable=import-outside-toplevel
+  from experiments.common import load_pipeline  # sharded by --mesh
   from jaxllm.config import get_config  # pylint: disable=import-outside-toplevel
   from jaxllm.gguf_loader import default_gguf_path  # pylint: disable=import-outside-toplevel
-  from jaxllm.pipeline import load_pipeline  # pylint: disable=import-outside-toplevel
 
   try:
     cfg = get_config(FLAGS.model)

@@ -8,6 +8,10 @@ a non-zero exit code.
 Heavy imports (jax) happen inside functions, so a runner can reject bad input
 before paying for them.
 
+Runners that load a model (``--model``/``--gguf``) also get ``--mesh`` (e.g.
+``data:2,tensor:4``) and ``--mesh_strict``: `start` refuses a bad mesh before any
+work, and `load_pipeline` shards the params over it and sets it for the process.
+
 A runner ends with `report`: its `Table`s on stdout, its `ScatterPlot` as
 ``out_dir/NAME.png``, then `finish` (the JSON file and the summary line).
 
@@ -85,6 +89,19 @@ def define_common_flags(name: str, only: Iterable[str] = COMMON_FLAGS) -> None:
   for flag in only:
     if flag not in FLAGS:
       definitions[flag]()
+  if ("model" in only or "gguf" in only) and "mesh" not in FLAGS:  # runners that load a model
+    flags.DEFINE_string(
+      "mesh",
+      None,
+      "Device mesh, e.g. data:2,tensor:4 (axes data, fsdp, tensor, expert; their product "
+      "must be the device count): params and caches are sharded over it. Default: one device.",
+    )
+    flags.DEFINE_bool(
+      "mesh_strict",
+      False,
+      "With --mesh: a param dimension the mesh does not divide is an error (default: "
+      "replicated, reported once per kind).",
+    )
   if "compilation_cache" not in FLAGS:
     runtime.define_flags()
     flags.declare_key_flag("compilation_cache")  # listed with the common flags
@@ -96,9 +113,57 @@ def start() -> str | None:
   cache unless ``--nocompilation_cache``). Returns the cache directory or None.
   Exits with a one-line error when the cache directory cannot be created."""
   try:
-    return runtime.setup()
+    cache_dir = runtime.setup()
   except ValueError as e:
     fail(str(e))
+  mesh_from_flags()  # a bad --mesh fails here, before any load
+  return cache_dir
+
+
+def mesh_from_flags():
+  """The ``--mesh`` `jax.sharding.Mesh` (`sharding.make_mesh`), or None (flag unset or not
+  defined); exits with a one-line error for a malformed string, an unknown axis, a
+  repeated axis, a size below 1 or a mesh that does not match the devices."""
+  if "mesh" not in FLAGS:
+    return None
+  if FLAGS.mesh is None:
+    if FLAGS.mesh_strict:
+      fail("--mesh_strict needs --mesh")
+    return None
+  import sharding  # pylint: disable=import-outside-toplevel
+
+  try:
+    return sharding.make_mesh(FLAGS.mesh)
+  except ValueError as e:
+    fail(f"--mesh: {e}")
+
+
+def shard_pipeline(pipe):
+  """`pipe` with its model's params sharded over the ``--mesh`` mesh (in place; a no-op
+  without one) and that mesh set for the process (``jax.set_mesh``). Each kind of param
+  dimension the mesh does not divide is logged once (replicated), or with
+  ``--mesh_strict`` ends the run with a one-line error naming the param."""
+  mesh = mesh_from_flags()
+  if mesh is None:
+    return pipe
+  import jax  # pylint: disable=import-outside-toplevel
+  from absl import logging  # pylint: disable=import-outside-toplevel
+
+  from jaxllm import sharded  # pylint: disable=import-outside-toplevel
+
+  try:
+    sharded.shard_model(pipe.model, mesh, strict=FLAGS.mesh_strict, log=logging.warning)
+  except ValueError as e:
+    fail(f"--mesh_strict: {e}")
+  jax.set_mesh(mesh)
+  return pipe
+
+
+def load_pipeline(*args, **kwargs):
+  """`jaxllm.pipeline.load_pipeline(*args, **kwargs)`, sharded by ``--mesh`` (`shard_pipeline`)."""
+  from jaxllm import pipeline  # pylint: disable=import-outside-toplevel
+
+  return shard_pipeline(pipeline.load_pipeline(*args, **kwargs))
 
 
 def fail(msg: str, code: int = 1):

@@ -781,8 +781,8 @@ class _Pipelines:
   def get(self, fmt: str):
     from flax import nnx  # pylint: disable=import-outside-toplevel
 
+    from experiments.common import load_pipeline  # sharded by --mesh
     from jaxllm import ops  # pylint: disable=import-outside-toplevel
-    from jaxllm.pipeline import load_pipeline  # pylint: disable=import-outside-toplevel
     from jaxllm.quant import quantize_model  # pylint: disable=import-outside-toplevel
 
     s = self.s

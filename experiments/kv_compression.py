@@ -182,10 +182,10 @@ def main(argv):
   # pylint: disable=import-outside-toplevel
   import jax.numpy as jnp
 
+  from experiments.common import load_pipeline  # sharded by --mesh
   from jaxllm import kv_cache
   from jaxllm.gguf_loader import default_gguf_path
   from jaxllm.perplexity import tokenize_windows
-  from jaxllm.pipeline import load_pipeline
   from jaxllm.quant import kv_calibration
   from jaxllm.streaming import StreamingConfig, StreamingScorer, streaming_perplexity
   from jaxllm.tokenizer import Tokenizer

@@ -80,7 +80,7 @@ def main(argv):
     common.fail(f"no --prompts given and no fixture at {FIXTURE}")
 
   with common.one_line_errors():  # the loader's messages name the file and tensor
-    pipe = jaxllm.load_pipeline(gguf_path=gguf, dtype=FLAGS.dtype, kernels=kernels)
+    pipe = common.load_pipeline(gguf_path=gguf, dtype=FLAGS.dtype, kernels=kernels)
   seqs = [pipe.tokenizer.encode(t) for t in texts]
   if not all(seqs):
     common.fail("a prompt encodes to zero tokens")

@@ -69,14 +69,18 @@ def _load(cfg, kernels):
   tensor of the wrong shape) or a partial checkpoint ends the run with one line."""
   # pylint: disable=import-outside-toplevel
   if _CHECKPOINT.value is None:
-    from jaxllm.pipeline import load_pipeline
+    from experiments.common import load_pipeline  # sharded by --mesh
 
     with common.one_line_errors():  # the loader's messages name the file and tensor
       return load_pipeline(FLAGS.model, FLAGS.gguf, FLAGS.dtype, FLAGS.seed, kernels), FLAGS.dtype
   from jaxllm import checkpoint
 
   with common.one_line_errors():  # the messages name the directory
-    return checkpoint.restore(_CHECKPOINT.value, kernels=kernels), "as saved"
+    mesh = common.mesh_from_flags()
+    model = checkpoint.restore(
+      _CHECKPOINT.value, kernels=kernels, mesh=mesh, strict=FLAGS.mesh_strict
+    )
+    return model, "as saved"
 
 
 def main(argv):

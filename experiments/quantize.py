@@ -235,10 +235,10 @@ def main(argv):
 
   from flax import nnx
 
+  from experiments.common import load_pipeline  # sharded by --mesh
   from jaxllm import checkpoint
   from jaxllm.gguf_loader import default_gguf_path
   from jaxllm.perplexity import perplexity, tokenize_windows
-  from jaxllm.pipeline import load_pipeline
   from jaxllm.quant import activation_absmax, apply_recipe, weight_bytes
   from jaxllm.tokenizer import Tokenizer
 

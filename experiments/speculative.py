@@ -14,7 +14,9 @@ Prompts (`--text_file`, default WikiText-2's test split):
 
 Drafts (`jaxllm.drafts`): ``lookup`` (prompt lookup, n-grams of the prompt and the
 generated text), ``layerskip`` (the target's first ``--layerskip_layers`` layers and its LM
-head), ``quantized`` (a copy of the target quantized with ``--quant_recipe``).
+head), ``quantized`` (a copy of the target quantized with ``--quant_recipe``), ``easyspec``
+(the target's first ``--easyspec_layers`` layers run layer-parallel in groups of
+``--easyspec_group``, its cache recalibrated by an exact pass each step).
 
 For each gamma and each prompt, at batch 1 and greedy: plain decoding (`Generator`) and
 speculative decoding (`SpeculativeGenerator`) each run once untimed (compile; its tokens
@@ -34,6 +36,15 @@ Figures per gamma:
   * ``decode_phase_speedup``: from those step-by-step runs, the plain decode steps' summed
     time / the speculative steps' (draft + verify), prefills left out, which the cost model
     also leaves out.
+
+With ``--draft=easyspec``, each gamma also has ``easyspec``: the same draft run sequentially
+(`EasySpecDraft` with group size 1: the same layers, calibration and cache, no layer
+parallelism) and the layer-skip draft of the same layers, each with its alpha, tau and
+greedy identity from one generation per prompt, and every draft's ``propose`` call time
+(calibration included) as the median over every step of ``--repeats`` step-by-step
+generations per prompt, the three drafts alternating; ``draft_speedup_vs_sequential`` is the
+sequential draft's median over EasySpec's, ``acceptance_loss`` and ``tau_loss`` the
+sequential draft's alpha and tau minus EasySpec's.
 
 Outputs ``out_dir/speculative.json`` (config, versions, per-gamma figures and per-prompt
 rows) and ``speculative.png`` (speedup against gamma, measured and predicted). The last
@@ -55,8 +66,8 @@ from absl import app, flags
 from experiments import common
 
 NAME = "speculative"
-DRAFTS = ("lookup", "layerskip", "quantized")
-NOT_BUILT = ("easyspec",)
+DRAFTS = ("lookup", "layerskip", "quantized", "easyspec")
+DRAFT_NAMES = {"layerskip": "a layer-skip draft", "easyspec": "an EasySpec draft"}
 TASKS = ("continuation", "grounded")
 # Grounded requests, cycled over the prompts; each answer should reuse the paragraph.
 REQUESTS = (
@@ -82,6 +93,17 @@ _PARAGRAPH_TOKENS = flags.DEFINE_integer(
 )
 _LAYERSKIP_LAYERS = flags.DEFINE_integer(
   "layerskip_layers", None, "layerskip: the draft's layers (default: half the target's)."
+)
+_EASYSPEC_LAYERS = flags.DEFINE_integer(
+  "easyspec_layers", None, "easyspec: the draft's layers (default: as --layerskip_layers)."
+)
+_EASYSPEC_GROUP = flags.DEFINE_integer(
+  "easyspec_group",
+  2,
+  "easyspec: layers per layer-parallel group (a smaller last group takes the remainder).",
+)
+_EASYSPEC_FUSE = flags.DEFINE_boolean(
+  "easyspec_fuse", False, "easyspec: run each group with its weights joined (wider matmuls)."
 )
 _QUANT_RECIPE = flags.DEFINE_string(
   "quant_recipe", "w8a8", "quantized: weight format of jaxllm.quant (w8a8, w4a16, ...)."
@@ -114,25 +136,38 @@ def _gammas() -> list[int]:
   return list(dict.fromkeys(gammas))
 
 
+def _layers_flag(draft: str):
+  """The flag that sets a layer-skip or EasySpec draft's layers (easyspec: its own when
+  given, else --layerskip_layers)."""
+  if draft == "easyspec" and _EASYSPEC_LAYERS.value is not None:
+    return _EASYSPEC_LAYERS
+  return _LAYERSKIP_LAYERS
+
+
+def _draft_layers(cfg) -> int:
+  return _layers_flag(_DRAFT.value).value or max(1, cfg.num_layers // 2)
+
+
 def _check_flags(cfg) -> list[int]:
   """Checks that need no text or model; returns the gammas."""
   draft = _DRAFT.value
-  if draft in NOT_BUILT:
-    common.fail(
-      f"--draft={draft}: EasySpec (layer-parallel drafting with KV calibration) is not built "
-      f"yet; choose one of {', '.join(DRAFTS)}"
-    )
   if draft not in DRAFTS:
     common.fail(f"unknown --draft={draft!r}; choose one of {', '.join(DRAFTS)}")
   if _TASK.value not in TASKS:
     common.fail(f"unknown --task={_TASK.value!r}; choose one of {', '.join(TASKS)}")
   gammas = _gammas()
-  layers = _LAYERSKIP_LAYERS.value
-  if draft == "layerskip" and layers is not None and not 1 <= layers < cfg.num_layers:
+  if draft in ("layerskip", "easyspec"):
+    flag = _layers_flag(draft)
+    layers = flag.value
+    if layers is not None and not 1 <= layers < cfg.num_layers:
+      common.fail(
+        f"--{flag.name}={layers}: {DRAFT_NAMES[draft]} needs between 1 and "
+        f"{cfg.num_layers - 1} layers ({cfg.name} has {cfg.num_layers}; the draft must be "
+        "shallower than the target)"
+      )
+  if draft == "easyspec" and _EASYSPEC_GROUP.value < 1:
     common.fail(
-      f"--layerskip_layers={layers}: a layer-skip draft needs between 1 and "
-      f"{cfg.num_layers - 1} layers ({cfg.name} has {cfg.num_layers}; the draft must be "
-      "shallower than the target)"
+      f"--easyspec_group={_EASYSPEC_GROUP.value}: a layer-parallel group needs at least 1 layer"
     )
   if FLAGS.gguf is not None and not os.path.isfile(FLAGS.gguf):
     common.fail(f"GGUF file not found: {FLAGS.gguf}")
@@ -326,14 +361,12 @@ def _first_difference(a: list[int], b: list[int]) -> int | None:
   return None if len(a) == len(b) else min(len(a), len(b))
 
 
-def _measure_gamma(model, draft, gamma: int, plain, plain_tokens, prompts, bar) -> dict:
-  """Every figure of one gamma (see the module docstring)."""
+def _generator(model, draft, gamma: int):
   # pylint: disable=import-outside-toplevel
   from jaxllm.speculative import SpeculativeConfig, SpeculativeGenerator
 
-  new, repeats = _MAX_NEW.value, _REPEATS.value
   try:
-    spec = SpeculativeGenerator(
+    return SpeculativeGenerator(
       model,
       draft,
       SpeculativeConfig(gamma),
@@ -342,6 +375,11 @@ def _measure_gamma(model, draft, gamma: int, plain, plain_tokens, prompts, bar) 
     )
   except ValueError as e:
     common.fail(f"gamma={gamma}: {e}")
+
+
+def _measure_gamma(spec, gamma: int, plain, plain_tokens, prompts, bar) -> dict:
+  """Every figure of one gamma (see the module docstring)."""
+  new, repeats = _MAX_NEW.value, _REPEATS.value
   rows, decode_s, propose_s, verify_s = [], [], [], []
   for i, prompt in enumerate(prompts):
     bar.set_postfix_str(f"gamma {gamma}, prompt {i + 1}/{len(prompts)}")
@@ -430,6 +468,62 @@ def _measure_gamma(model, draft, gamma: int, plain, plain_tokens, prompts, bar) 
   }
 
 
+def _easyspec_peers(model, spec, gamma: int, plain_tokens, prompts, bar) -> dict:
+  """EasySpec (`spec`'s draft) against the same draft run sequentially and the layer-skip
+  draft of the same layers (see the module docstring)."""
+  # pylint: disable=import-outside-toplevel
+  from jaxllm.drafts import EasySpecDraft, LayerSkipDraft
+
+  draft = spec.draft
+  gens = {
+    "easyspec": spec,
+    "sequential": _generator(model, EasySpecDraft(model, draft.num_layers, 1, draft.fuse), gamma),
+    "layerskip": _generator(model, LayerSkipDraft(model, draft.num_layers), gamma),
+  }
+  totals = {name: {"generated": 0, "calls": 0, "drafted": 0, "accepted": 0} for name in gens}
+  identical = {name: True for name in gens}
+  propose_s = {name: [] for name in gens}
+  for i, prompt in enumerate(prompts):
+    bar.set_postfix_str(f"gamma {gamma}, easyspec peers, prompt {i + 1}/{len(prompts)}")
+    for name, gen in gens.items():
+      out = gen.generate([prompt], _MAX_NEW.value)  # compiles this prompt's shapes
+      st = out.stats
+      for key, value in (
+        ("generated", st.generated),
+        ("calls", st.target_calls),
+        ("drafted", st.drafted),
+        ("accepted", st.accepted),
+      ):
+        totals[name][key] += value[0]
+      identical[name] &= _first_difference(out.tokens[0], plain_tokens[i]) is None
+    for _ in range(_REPEATS.value):
+      for name, gen in gens.items():
+        propose_s[name] += _spec_step_seconds(gen, prompt)[0]
+    bar.update()
+  peers = {}
+  for name, t in totals.items():
+    peers[name] = {
+      "acceptance_rate": t["accepted"] / max(t["drafted"], 1),
+      "tokens_per_target_call": t["generated"] / t["calls"],
+      "draft_propose_ms": 1e3 * statistics.median(propose_s[name]),
+      "draft_propose_ms_min": 1e3 * min(propose_s[name]),
+      "draft_propose_ms_max": 1e3 * max(propose_s[name]),
+      "propose_calls": len(propose_s[name]),
+      "greedy_identical": identical[name],
+      **t,
+    }
+  es, seq, ls = peers["easyspec"], peers["sequential"], peers["layerskip"]
+  return {
+    "groups": draft.groups,
+    "fuse": draft.fuse,
+    "drafts": peers,
+    "draft_speedup_vs_sequential": seq["draft_propose_ms"] / es["draft_propose_ms"],
+    "draft_speedup_vs_layerskip": ls["draft_propose_ms"] / es["draft_propose_ms"],
+    "acceptance_loss": seq["acceptance_rate"] - es["acceptance_rate"],
+    "tau_loss": seq["tokens_per_target_call"] - es["tokens_per_target_call"],
+  }
+
+
 def _plot(path: str, results: list[dict], title: str) -> None:
   import matplotlib  # pylint: disable=import-outside-toplevel
 
@@ -460,6 +554,38 @@ def _plot(path: str, results: list[dict], title: str) -> None:
 # ----------------------------------------------------------------------------------- main
 
 
+def _easyspec_table(results: list[dict]):
+  rows = []
+  for r in results:
+    peers = r["easyspec"]
+    for name, d in peers["drafts"].items():
+      rows.append({"gamma": r["gamma"], "draft": name, **d})
+  return common.Table(
+    (
+      common.Column("gamma", "gamma", "d", width=5),
+      common.Column("draft", "draft", "s", width=10, left=True),
+      common.Column("propose ms", "draft_propose_ms", ".2f", width=10),
+      common.Column(
+        "min-max",
+        lambda d: f"{d['draft_propose_ms_min']:.1f}-{d['draft_propose_ms_max']:.1f}",
+        width=11,
+      ),
+      common.Column("alpha", "acceptance_rate", ".3f", width=6),
+      common.Column("tau", "tokens_per_target_call", ".2f", width=5),
+      common.Column("identical", "greedy_identical", lambda b: "yes" if b else "NO", width=9),
+    ),
+    rows,
+    title="\nEasySpec against the same draft run sequentially (group size 1) and the layer-skip "
+    "draft of the same layers; propose = one draft call of gamma tokens, calibration included: "
+    + "; ".join(
+      f"gamma {r['gamma']}: draft speedup vs sequential "
+      f"{r['easyspec']['draft_speedup_vs_sequential']:.2f}x, alpha loss "
+      f"{r['easyspec']['acceptance_loss']:+.3f}, tau loss {r['easyspec']['tau_loss']:+.2f}"
+      for r in results
+    ),
+  )
+
+
 def _check_recipe() -> None:
   from jaxllm.quant.formats import FORMATS  # pylint: disable=import-outside-toplevel
 
@@ -469,14 +595,19 @@ def _check_recipe() -> None:
 
 def _make_draft(model):
   # pylint: disable=import-outside-toplevel
-  from jaxllm.drafts import LayerSkipDraft, LookupDraft, quantized_draft
+  from jaxllm.drafts import EasySpecDraft, LayerSkipDraft, LookupDraft, quantized_draft
 
   name = _DRAFT.value
   if name == "lookup":
     return LookupDraft(), {"max_ngram": 3, "min_ngram": 1}
+  layers = _draft_layers(model.config)
   if name == "layerskip":
-    layers = _LAYERSKIP_LAYERS.value or max(1, model.config.num_layers // 2)
     return LayerSkipDraft(model, layers), {"layers": layers}
+  if name == "easyspec":
+    group, fuse = _EASYSPEC_GROUP.value, _EASYSPEC_FUSE.value
+    with common.one_line_errors():
+      draft = EasySpecDraft(model, layers, group, fuse)
+    return draft, {"layers": layers, "group_size": group, "groups": draft.groups, "fuse": fuse}
   recipe = _QUANT_RECIPE.value
   group = _QUANT_GROUP.value or (None if recipe == "w8a8" else 32)
   with common.one_line_errors(f"--quant_recipe={recipe}: "):
@@ -493,9 +624,9 @@ def main(argv):
   # pylint: disable=import-outside-toplevel
   import tqdm
 
+  from experiments.common import load_pipeline  # sharded by --mesh
   from jaxllm.decoding import Generator
   from jaxllm.gguf_loader import default_gguf_path
-  from jaxllm.pipeline import load_pipeline
 
   with common.one_line_errors():
     gguf = FLAGS.gguf or default_gguf_path()
@@ -513,10 +644,15 @@ def main(argv):
       plain_tokens.append(plain.generate([prompt], _MAX_NEW.value).tokens[0])
 
   results = []
-  with tqdm.tqdm(total=len(gammas) * len(prompts), desc=NAME, unit="prompt") as bar:
+  easyspec = _DRAFT.value == "easyspec"
+  total = len(gammas) * len(prompts) * (2 if easyspec else 1)
+  with tqdm.tqdm(total=total, desc=NAME, unit="prompt") as bar:
     for gamma in gammas:
+      spec = _generator(model, draft, gamma)
       try:
-        results.append(_measure_gamma(model, draft, gamma, plain, plain_tokens, prompts, bar))
+        results.append(_measure_gamma(spec, gamma, plain, plain_tokens, prompts, bar))
+        if easyspec:
+          results[-1]["easyspec"] = _easyspec_peers(model, spec, gamma, plain_tokens, prompts, bar)
       except ValueError as e:  # NaN logits and the like, named by the generator
         common.fail(f"gamma={gamma}: {e}")
   identical = all(r["greedy_identical"] for r in results)
@@ -562,6 +698,9 @@ def main(argv):
     f"{len(prompts)} prompts ({label}), batch 1, greedy, max_new_tokens {_MAX_NEW.value}; "
     f"plain decode step {results[0]['decode_step_ms']:.2f} ms",
   )
+  lines = table.lines()
+  if easyspec:
+    lines += _easyspec_table(results).lines()
   record = {
     "config": {
       "model": FLAGS.model,
@@ -599,7 +738,7 @@ def main(argv):
     "summary": summary,
     **common.run_info(),
   }
-  print("\n".join(table.lines()), flush=True)
+  print("\n".join(lines), flush=True)
   os.makedirs(FLAGS.out_dir, exist_ok=True)
   record["plot"] = os.path.join(FLAGS.out_dir, f"{NAME}.png")
   _plot(

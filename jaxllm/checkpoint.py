@@ -11,6 +11,10 @@ exactly.
 directory and swaps it into place only when complete, so a save killed at any
 moment leaves the previous checkpoint restorable.
 
+`restore(..., mesh=...)` reads every array straight into its sharded layout on a
+device mesh (shardings from the params' logical axes, `sharding.DEFAULT_RULES`; a
+QTensor's parts shard like its float weight, FP8 bits like the float original).
+
 A missing, partial or malformed checkpoint raises `CheckpointError` (a
 ValueError; `CheckpointNotFoundError` is also a FileNotFoundError) with a
 one-line message naming the directory.
@@ -28,11 +32,13 @@ import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
 from flax import nnx
+from jax.sharding import Mesh
 
+import sharding
 from jaxllm import atomic_dir, ops
 from jaxllm.config import ModelConfig
 from jaxllm.model import Llama
-from jaxllm.params import _int_keys, model_from_params
+from jaxllm.params import _int_keys, logical_axes, model_from_params
 from jaxllm.quant.formats import get_format
 from jaxllm.quant.qtensor import QTensor
 
@@ -230,35 +236,54 @@ def _config_from_json(data, given: str) -> ModelConfig:
     raise CheckpointError(f"{where}: {e}") from e
 
 
-def restore(directory: str, dtype=None, kernels: ops.KernelConfig = ops.KernelConfig()) -> Llama:
+def restore(
+  directory: str,
+  dtype=None,
+  kernels: ops.KernelConfig = ops.KernelConfig(),
+  mesh: Mesh | None = None,
+  rules: sharding.LogicalRules = sharding.DEFAULT_RULES,
+  strict: bool = False,
+  log=None,
+) -> Llama:
   """Rebuilds the model saved by `save` (float params cast to `dtype` if given;
   quantized weights come back exactly as saved).
 
-  A missing, partial or inconsistent checkpoint raises `CheckpointError` (a
-  ValueError) with a one-line message naming the directory.
+  With `mesh`, every array is read straight into its sharded layout on it (by the
+  params' logical axes and `rules`; see `sharding.plan_shardings`): a dimension the
+  mesh does not divide is replicated over it and logged once per kind (`log`, default
+  the ``sharding`` logger), or with `strict` refused.
+
+  A missing, partial or inconsistent checkpoint, or a mesh that cannot hold it (an
+  axis that is not a sharding axis; with `strict`, an axis not dividing a dim),
+  raises `CheckpointError` (a ValueError) with a one-line message naming the directory.
   """
   given = os.fspath(directory)
   path = _locate(directory)
   cfg = _load_config(path, given)
   params_path = os.path.join(path, _PARAMS)
-  try:
-    with ocp.StandardCheckpointer() as ckptr:
-      params = ckptr.restore(params_path)
-  except Exception as e:  # Orbax and TensorStore raise many kinds on damaged files
-    raise CheckpointError(
-      f"checkpoint {given}: {_PARAMS}/ cannot be read (partial or corrupt): "
-      f"{type(e).__name__}: {_first_line(e)}"
-    ) from e
   quant_path = os.path.join(path, _QUANT)
-  try:
-    if not os.path.isfile(quant_path):
-      dtype = dtype or jax.tree.leaves(params)[0].dtype
-      return model_from_params(cfg, params, jnp.dtype(dtype), kernels)
+  meta = None
+  if os.path.isfile(quant_path):
     try:
       with open(quant_path, encoding="utf-8") as f:
         meta = json.load(f)
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
       raise CheckpointError(f"checkpoint {given}: {_QUANT} cannot be read: {e}") from e
+  target = None
+  if mesh is not None:
+    target = _sharded_target(params_path, given, cfg, meta, mesh, rules, strict, log)
+  try:
+    with ocp.StandardCheckpointer() as ckptr:
+      params = ckptr.restore(params_path) if target is None else ckptr.restore(params_path, target)
+  except Exception as e:  # Orbax and TensorStore raise many kinds on damaged files
+    raise CheckpointError(
+      f"checkpoint {given}: {_PARAMS}/ cannot be read (partial or corrupt): "
+      f"{type(e).__name__}: {_first_line(e)}"
+    ) from e
+  try:
+    if meta is None:
+      dtype = dtype or jax.tree.leaves(params)[0].dtype
+      return model_from_params(cfg, params, jnp.dtype(dtype), kernels)
     params = _decode_quantized(params, meta)
     return _quantized_model(cfg, _int_keys(params), dtype, kernels)
   except CheckpointError:
@@ -268,6 +293,58 @@ def restore(directory: str, dtype=None, kernels: ops.KernelConfig = ops.KernelCo
       f"checkpoint {given}: the params do not match {_CONFIG}/{_QUANT}: "
       f"{type(e).__name__}: {_first_line(e)}"
     ) from e
+
+
+def _str_keys(tree):
+  """Nested dict with every key a string (as the checkpoint's tree has them)."""
+  if not isinstance(tree, dict):
+    return tree
+  return {str(k): _str_keys(v) for k, v in tree.items()}
+
+
+def _sharded_target(params_path, given, cfg, meta, mesh, rules, strict, log):
+  """The checkpoint's tree as `jax.ShapeDtypeStruct`s carrying each array's sharding on
+  `mesh` (what Orbax restores straight into); CheckpointError if the mesh cannot hold it."""
+  if not isinstance(mesh, Mesh):
+    raise CheckpointError(
+      f"checkpoint {given}: mesh must be a jax.sharding.Mesh, got {type(mesh).__name__}"
+    )
+  try:
+    with ocp.StandardCheckpointer() as ckptr:
+      stored = ckptr.metadata(params_path).item_metadata
+    stored = getattr(stored, "tree", stored)  # Orbax's TreeMetadata wraps the dict
+    stored = jax.tree.map(lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype), stored)
+  except Exception as e:  # Orbax and TensorStore raise many kinds on damaged files
+    raise CheckpointError(
+      f"checkpoint {given}: {_PARAMS}/ metadata cannot be read (partial or corrupt): "
+      f"{type(e).__name__}: {_first_line(e)}"
+    ) from e
+  abstract = nnx.eval_shape(lambda: Llama(cfg, rngs=None))
+  names = _str_keys(logical_axes(abstract))
+  try:
+    for entry in (meta or {}).values():  # a QTensor's parts are named like its float weight
+      node, parts = names, stored
+      for key in entry["keys"][:-1]:
+        node, parts = node[key], parts[key]
+      last = entry["keys"][-1]
+      q = QTensor(
+        **parts[last],
+        format=get_format(entry["method"]),
+        shape=tuple(entry["shape"]),
+        contract_dims=entry["contract_dims"],
+        k_pad=entry["k_pad"],
+      ).logical_axes(tuple(node[last]))
+      node[last] = {name: getattr(q, name) for name in parts[last]}
+    shardings, report = sharding.plan_shardings(stored, names, mesh, rules, strict)
+  except (KeyError, IndexError, TypeError, ValueError) as e:
+    raise CheckpointError(
+      f"checkpoint {given}: cannot restore onto the mesh {dict(mesh.shape)}: "
+      + " ".join(str(e).split())
+    ) from e
+  sharding.log_report(report, log)
+  return jax.tree.map(
+    lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), stored, shardings
+  )
 
 
 def _first_line(e: BaseException, limit: int = 160) -> str:

@@ -7,6 +7,7 @@ and never retraced per token.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import numbers
 import threading
@@ -16,9 +17,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+import sharding
+from jaxllm import sharded
 from jaxllm.kv_cache import CacheFactory, DenseKVCache, check_cache_factory
 from jaxllm.model import Llama
+from jaxllm.params import logical_axes
 from jaxllm.sampling import MIN_TEMPERATURE, SamplingConfig, sample
 
 
@@ -70,6 +75,14 @@ class Generator:
       start)``, e.g. ``kv_cache.cache_factory("kivi2", config, dtype)``) building the
       (compressed) cache generation runs through; by default a dense cache holding
       the prefill chunk as computed.
+    mesh: run sharded on this `jax.sharding.Mesh` (axes `sharding.MESH_AXES`): the
+      params are placed by their logical names (`sharding_report` says what the mesh
+      could not divide), every jitted step runs under ``jax.set_mesh`` and pins the
+      cache to its sharding (`jaxllm.sharded.constrain_cache`), so it stays sharded
+      across steps. None: the mesh the model's params are already placed on
+      (`jaxllm.sharded.shard_model`), if any, else one device.
+    rules: the logical-axis rules (`sharding.DEFAULT_RULES`).
+    strict: with `mesh`, a param dimension the mesh does not divide is a ValueError.
 
   Each step's logits are checked for NaN/inf inside the jitted prefill and decode
   step (one bool per row, fetched with the sampled ids), and `generate` raises
@@ -82,6 +95,9 @@ class Generator:
     max_cache_len: int | None = None,
     prompt_bucket: int = 64,
     make_cache: CacheFactory | None = None,
+    mesh: Mesh | None = None,
+    rules: sharding.LogicalRules = sharding.DEFAULT_RULES,
+    strict: bool = False,
   ):
     self.config = model.config
     limit = model.config.max_seq_len
@@ -109,6 +125,17 @@ class Generator:
     # Jitted functions take the params as a plain dict: JAX flattens it in C++, so
     # each decode step dispatches faster than with an nnx.State of Variables.
     self.params = self.state.to_pure_dict()
+    self.rules = rules
+    self.sharding_report = sharding.ShardingReport()
+    if mesh is None:
+      mesh = sharded.mesh_of(self.params)
+    elif not isinstance(mesh, Mesh):
+      raise TypeError(f"Generator: mesh must be a jax.sharding.Mesh, got {type(mesh).__name__}")
+    else:
+      self.params, self.sharding_report = sharding.shard_params_with_report(
+        self.params, logical_axes(model), mesh, rules, strict
+      )
+    self.mesh = mesh
     self.max_cache_len = int(max_cache_len)
     self.prompt_bucket = int(prompt_bucket)
     self.make_cache = make_cache
@@ -117,6 +144,18 @@ class Generator:
     self._compiled_steps: set = set()
 
   # -- jitted bodies -------------------------------------------------------------------
+
+  def _mesh_context(self):
+    """``jax.set_mesh(self.mesh)`` (thread-local: each thread that traces enters it)."""
+    return jax.set_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext()
+
+  def _pinned(self, ids, finite, cache):
+    """Under a mesh: the cache constrained to its sharding, ids and flags replicated."""
+    if self.mesh is None:
+      return ids, finite, cache
+    replicated = NamedSharding(jax.sharding.get_abstract_mesh(), PartitionSpec())
+    ids, finite = (jax.lax.with_sharding_constraint(x, replicated) for x in (ids, finite))
+    return ids, finite, sharded.constrain_cache(cache, self.rules)
 
   def _model(self, params) -> Llama:
     state = jax.tree.map(lambda x: x, self.state)  # a fresh State to fill with tracers
@@ -131,12 +170,12 @@ class Generator:
     else:
       empty = self.make_cache(tokens.shape[0], capacity, start)
       logits, cache = model(tokens, cache=empty, logits_at="last")
-    return (*_sample_checked(logits[:, -1], key, sampling), cache)
+    return self._pinned(*_sample_checked(logits[:, -1], key, sampling), cache)
 
   def _step_fn(self, params, cache, tokens, key, *, sampling):
     model = self._model(params)
     logits, cache = model(tokens[:, None], cache=cache, logits_at="last")
-    return (*_sample_checked(logits[:, -1], key, sampling), cache)
+    return self._pinned(*_sample_checked(logits[:, -1], key, sampling), cache)
 
   def _compile_step(self, batch: int, capacity: int, sampling: SamplingConfig) -> None:
     """Compiles the decode step for this shape ahead of time (jit caches the result)."""
@@ -150,8 +189,17 @@ class Generator:
       make = lambda: self.make_cache(batch, capacity, start)
     cache = jax.eval_shape(make)
     tokens = jax.ShapeDtypeStruct((batch,), jnp.int32)
+    if self.mesh is not None:  # the shardings the prefill hands the step
+      shardings, _ = sharded.cache_shardings(cache, self.mesh, self.rules)
+      cache = jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), cache, shardings
+      )
+      tokens = jax.ShapeDtypeStruct(
+        (batch,), jnp.int32, sharding=NamedSharding(self.mesh, PartitionSpec())
+      )
     key = jax.eval_shape(lambda: jax.random.key(0))
-    self._step.lower(self.params, cache, tokens, key, sampling=sampling).compile()
+    with self._mesh_context():
+      self._step.lower(self.params, cache, tokens, key, sampling=sampling).compile()
     self._compiled_steps.add(signature)
 
   # -- public API ----------------------------------------------------------------------
@@ -215,9 +263,10 @@ class Generator:
     )
     if max_new_tokens > 1:
       step_compile.start()
-    next_tok, finite, cache = self._prefill(
-      self.params, tokens, start, keys[0], capacity=capacity, sampling=sampling
-    )
+    with self._mesh_context():
+      next_tok, finite, cache = self._prefill(
+        self.params, tokens, start, keys[0], capacity=capacity, sampling=sampling
+      )
     out = np.zeros((len(prompts), max_new_tokens), np.int32)
     done = np.zeros((len(prompts),), bool)
     n = 0
@@ -233,9 +282,10 @@ class Generator:
         break
       if n == 0:
         step_compile.join()
-      next_tok, finite, cache = self._step(
-        self.params, cache, next_tok, keys[n + 1], sampling=sampling
-      )
+      with self._mesh_context():
+        next_tok, finite, cache = self._step(
+          self.params, cache, next_tok, keys[n + 1], sampling=sampling
+        )
     cache.check_overflow()  # cannot fire: `validate` bounds the lengths, nothing rolls back
     results, finished = [], []
     for row in out[:, : n + 1]:

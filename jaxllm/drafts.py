@@ -8,7 +8,7 @@ padding first), ``count`` [B] the slots filled, the newest (``history[b, count[b
 the *pending* token) not yet in the target's cache. The target cache holds exactly
 ``count - 1`` tokens per row when `propose` is called.
 
-Three drafts:
+Four drafts:
   * `LookupDraft`: prompt lookup, an n-gram match of the newest tokens in the prompt and
     the generated text; no model, deterministic proposals (q one-hot).
   * `LayerSkipDraft`: the target's first N layers, its final norm and shared LM head; it
@@ -17,6 +17,9 @@ Three drafts:
     same keys and values), so it needs no cache of its own.
   * `ModelDraft`: any model with the target's vocabulary (e.g. a quantized copy of the
     target, `quantized_draft`) with a dense cache of its own.
+  * `EasySpecDraft`: the target's first N layers run layer-parallel in groups
+    (`jaxllm.layer_parallel`), with a dense cache of its own that an exact pass over the
+    accepted tokens recalibrates at every step.
 """
 
 from __future__ import annotations
@@ -27,7 +30,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxllm import layer_parallel
 from jaxllm.kv_cache import DenseKVCache
+from jaxllm.kv_cache.base import slice_rows
 from jaxllm.model import Llama
 from jaxllm.sampling import SamplingConfig, filter_logits, sample
 
@@ -98,6 +103,23 @@ def _draw(model: Llama, first: jax.Array, cache, keys, gamma: int, sampling: Sam
   return cache, jnp.stack(tokens, 1), jnp.stack(probs, 1)
 
 
+def _first_layers(owner: str, target: Llama, num_layers: int) -> Llama:
+  """A model of the target's first `num_layers` layers, final norm and LM head (new
+  modules, the target's arrays); ValueError unless 1 <= num_layers < the target's depth."""
+  depth = target.config.num_layers
+  if isinstance(num_layers, bool) or not isinstance(num_layers, int) or not 1 <= num_layers:
+    raise ValueError(f"{owner}: num_layers must be an int >= 1, got {num_layers!r}")
+  if num_layers >= depth:
+    raise ValueError(
+      f"{owner}: num_layers={num_layers} is as deep as the target or deeper "
+      f"({depth} layers); a layer-skip draft must use fewer layers than the target"
+    )
+  model = nnx.merge(*nnx.split(target))  # new modules, the same arrays
+  model.layers = nnx.List([model.layers[i] for i in range(num_layers)])
+  model.config = target.config.replace(num_layers=num_layers)
+  return model
+
+
 class LookupDraft:
   """Prompt lookup: finds the most recent earlier occurrence of the row's newest n tokens
   (n from `max_ngram` down to `min_ngram`, the longest that matches) in the prompt and
@@ -151,20 +173,9 @@ class LayerSkipDraft:
   name = "layerskip"
 
   def __init__(self, target: Llama, num_layers: int):
-    depth = target.config.num_layers
-    if isinstance(num_layers, bool) or not isinstance(num_layers, int) or not 1 <= num_layers:
-      raise ValueError(f"LayerSkipDraft: num_layers must be an int >= 1, got {num_layers!r}")
-    if num_layers >= depth:
-      raise ValueError(
-        f"LayerSkipDraft: num_layers={num_layers} is as deep as the target or deeper "
-        f"({depth} layers); a layer-skip draft must use fewer layers than the target"
-      )
     self.num_layers = num_layers
     self.vocab_size = target.config.vocab_size
-    model = nnx.merge(*nnx.split(target))  # new modules, the same arrays
-    model.layers = nnx.List([model.layers[i] for i in range(num_layers)])
-    model.config = target.config.replace(num_layers=num_layers)
-    self._build, self.params = _model_fn(model)
+    self._build, self.params = _model_fn(_first_layers("LayerSkipDraft", target, num_layers))
 
   def check(self, target: Llama, cache: Any) -> None:
     del target
@@ -216,6 +227,86 @@ class ModelDraft:
       self._build(params), last_two, state, jax.random.split(key, gamma), gamma, sampling
     )
     return state, cache, tokens, q
+
+
+class EasySpecDraft:
+  """EasySpec: the target's first `num_layers` layers, final norm and LM head, the layers
+  run layer-parallel in groups of `group_size` (`jaxllm.layer_parallel`; when `group_size`
+  does not divide `num_layers` the last group is smaller), with a dense cache of its own
+  (so the target's cache may be of any kind).
+
+  Each `propose` call:
+    1. *calibration*: the draft's cache rolls back to its exact tokens, and one exact,
+       sequential pass over the tokens since then (the ones the target accepted in the last
+       step and the pending token; a fixed chunk of gamma + 1 slots of `history` from each
+       row's own cache length, the slots past ``count`` cut off again by a per-row
+       `rollback`) rewrites their keys and values as the layers in order give them, so the
+       approximate keys and values of the drafting steps never stay in the cache;
+    2. the first draft token is drawn from that pass's logits at the pending token, which
+       are exact (the layer-skip draft's), and each of the other gamma - 1 from a
+       layer-parallel step fed the previous draft token;
+    3. the cache rolls back to the exact tokens (``count`` per row).
+  With `group_size` 1 every step is sequential: the layer-skip draft's proposals.
+
+  `fuse` runs each group with its weights joined (`layer_parallel.fuse_group`, copies
+  made here: one q/k/v matmul per group, batched output and gate/up matmuls, one down
+  matmul); False (the default) runs the `Block` modules one by one from the group's input
+  and copies nothing. On one CPU device at batch 1 a draft step reads every weight once
+  either way and the fused form was not measurably faster (docs/results.md).
+  """
+
+  name = "easyspec"
+
+  def __init__(self, target: Llama, num_layers: int, group_size: int = 2, fuse: bool = False):
+    model = _first_layers("EasySpecDraft", target, num_layers)
+    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
+      raise ValueError(
+        f"EasySpecDraft: group_size must be an int >= 1 (layers run from one input), "
+        f"got {group_size!r}"
+      )
+    self.num_layers, self.group_size, self.fuse = num_layers, group_size, fuse
+    self.groups = layer_parallel.layer_groups(num_layers, group_size)
+    self.vocab_size = target.config.vocab_size
+    self._build, model_params = _model_fn(model)
+    fused = None
+    if fuse:
+      fused = [layer_parallel.fuse_group([model.layers[i] for i in g], g[0]) for g in self.groups]
+    self.params = {"model": model_params, "fused": fused}
+
+  def check(self, target: Llama, cache: Any) -> None:
+    del target, cache
+
+  def init(self, params, tokens, start, *, capacity):
+    _, chunk = self._build(params["model"])(tokens, start=start, logits_at="last")
+    return chunk.grow(capacity)
+
+  def calibrate(self, params, state: DenseKVCache, history, count, width: int):
+    """The calibration pass: `state` rolled back to its exact tokens (at most
+    ``count - 1``), then the layers in order over `width` slots of `history` from there;
+    returns (the cache holding exactly ``count`` tokens per row, exact last hidden states
+    at each row's pending token [B, 1, E]). `width` must cover the tokens since the last
+    calibration (the pending token included)."""
+    model = self._build(params["model"])
+    state = state.rollback(count - 1)
+    at = state.length
+    hidden, state = layer_parallel.forward(model, slice_rows(history, at, width, 1), state)
+    pending = jnp.take_along_axis(hidden, (count - 1 - at)[:, None, None], axis=1)
+    return state.rollback(count), pending
+
+  def propose(self, params, state, cache, history, count, key, *, gamma, sampling):
+    model = self._build(params["model"])
+    state, hidden = self.calibrate(params, state, history, count, gamma + 1)
+    keys = jax.random.split(key, gamma)
+    tokens, probs = [], []
+    for i in range(gamma):
+      if i:
+        hidden, state = layer_parallel.forward(
+          model, tokens[-1][:, None], state, self.groups, params["fused"]
+        )
+      logits = layer_parallel.logits(model, hidden)[:, -1]
+      tokens.append(sample(logits, keys[i], sampling))
+      probs.append(jax.nn.softmax(filter_logits(logits, sampling), axis=-1))
+    return state.rollback(count), cache, jnp.stack(tokens, 1), jnp.stack(probs, 1)
 
 
 def quantized_draft(target: Llama, method: str = "w4a16", group_size: int | None = 32):

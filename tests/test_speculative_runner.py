@@ -2,7 +2,9 @@
 
 `--model=tiny` tokenizes with the SmolLM2 GGUF tokenizer, ids modulo the tiny vocabulary;
 its speedups mean nothing (sub-millisecond steps, dispatch-bound), the plumbing does: both
-tasks, the lookup and layer-skip drafts, a gamma sweep, greedy identity with plain
+tasks, the lookup, layer-skip and EasySpec drafts (the tiny model's 2 layers leave EasySpec
+one layer: the plumbing of its peers, not layer parallelism, which tests/test_easyspec.py
+covers), a gamma sweep, greedy identity with plain
 decoding, the bookkeeping of target calls against drafted and accepted tokens, the JSON,
 the PNG and the one-line errors. The SmolLM2 figures are runner work.
 """
@@ -58,7 +60,11 @@ def text_file(tmp_path_factory):
 
 @pytest.mark.parametrize(
   "draft, task, gammas",
-  [("lookup", "grounded", (1, 3)), ("layerskip", "continuation", (2,))],
+  [
+    ("lookup", "grounded", (1, 3)),
+    ("layerskip", "continuation", (2,)),
+    ("easyspec", "grounded", (2,)),
+  ],
 )
 def test_runner_tiny(tmp_path, text_file, draft, task, gammas):
   out = tmp_path / "out"
@@ -107,13 +113,31 @@ def test_runner_tiny(tmp_path, text_file, draft, task, gammas):
     assert r["speedup_min"] <= r["speedup"] <= r["speedup_max"]
   assert record["summary"] == summary
   assert (out / "speculative.png").stat().st_size > 1000
+  if draft == "easyspec":  # the same draft run sequentially and the layer-skip draft beside it
+    for r in results:
+      peers = r["easyspec"]
+      drafts = peers["drafts"]
+      assert list(drafts) == ["easyspec", "sequential", "layerskip"]
+      assert all(d["greedy_identical"] for d in drafts.values())
+      es, seq = drafts["easyspec"], drafts["sequential"]
+      assert es["acceptance_rate"] == pytest.approx(r["acceptance_rate"])
+      assert es["tokens_per_target_call"] == pytest.approx(r["tokens_per_target_call"])
+      assert peers["draft_speedup_vs_sequential"] == pytest.approx(
+        seq["draft_propose_ms"] / es["draft_propose_ms"]
+      )
+      assert peers["acceptance_loss"] == pytest.approx(
+        seq["acceptance_rate"] - es["acceptance_rate"]
+      )
+      assert es["propose_calls"] >= len(r["prompts"])
+    assert record["config"]["draft_config"]["group_size"] == 2
 
 
 @pytest.mark.parametrize(
   "flags, message",
   [
     ("--gamma=0", "--gamma must list integers >= 1"),
-    ("--draft=easyspec", "with KV calibration) is not built yet"),
+    ("--draft=easyspec --easyspec_layers=2", "an EasySpec draft needs between 1 and 1"),
+    ("--draft=easyspec --easyspec_group=0", "a layer-parallel group needs at least 1 layer"),
     ("--draft=medusa", "unknown --draft='medusa'"),
     ("--task=poem", "unknown --task='poem'"),
     ("--draft=layerskip --layerskip_layers=2", "a layer-skip draft needs between 1 and 1"),

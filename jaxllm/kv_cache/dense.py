@@ -66,6 +66,15 @@ class DenseKVCache(SlotCacheMixin):
   attention: Any = flax.struct.field(pytree_node=False, default=None)
 
   LOGICAL_AXES = ("cache_rows", "cache_length", "head_dim")
+  # Logical names of every array, by its field name (`jaxllm.sharded.shard_cache`).
+  ARRAY_AXES = {
+    "keys": LOGICAL_AXES,
+    "values": LOGICAL_AXES,
+    "length": ("cache_batch",),
+    "start": ("cache_batch",),
+    "overflow": (),
+    "refused_rollback": ("cache_batch",),
+  }
 
   @classmethod
   def create(

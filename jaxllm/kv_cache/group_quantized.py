@@ -46,12 +46,16 @@ dequantized slots with the exact copies.
 Rollback: quantized tokens cannot return to the window, so a row can roll back to
 no fewer than its ``quantized_length`` tokens (`rollback_floor`): at most the
 window's ``length - quantized_length`` newest tokens (R..R+G-1 once R tokens are
-written; the pending group, fewer than G, without a residual window). The tokens
-kept stay as stored: if the rolled-back tokens had pushed a group out of the window,
-it stays quantized, where a cache that never saw them would hold it exactly
-(flushes are not rollback-aware). `check_rollback` refuses a deeper rollback on the
-host; under jit the row stays at its floor and `refused_rollback` is set
-(`SlotCacheMixin`).
+written; the pending group, fewer than G, without a residual window). In the normal
+mode the tokens kept stay as stored: if the rolled-back tokens had pushed a group out
+of the window, it stays quantized, where a cache that never saw them would hold it
+exactly. The speculative mode (`for_speculation`, `jaxllm.kv_cache.deferred`; KIVI with
+a residual window, dense attention) makes flushes rollback-aware: a verify chunk is
+attended as one-token steps would and not written, and `rollback` then commits each
+row's kept prefix into the state from before the chunk, so a group flushes only when
+kept tokens push it out; any part of the chunk can be rolled back.
+`check_rollback` refuses a rollback below the floor on the host; under jit the row
+stays at its floor and `refused_rollback` is set (`SlotCacheMixin`).
 """
 
 from __future__ import annotations
@@ -66,7 +70,7 @@ import jax.numpy as jnp
 
 from jaxllm import ops
 from jaxllm.config import ModelConfig
-from jaxllm.kv_cache import hadamard
+from jaxllm.kv_cache import deferred, hadamard
 from jaxllm.kv_cache.base import (
   SlotCacheMixin,
   bf16_bytes_per_token,
@@ -130,6 +134,10 @@ class GroupQuantizedKVCache(SlotCacheMixin):
       set with `with_attention`. A sparse method attends over the dequantized store
       and the window (never the decode op); MoBA over KIVI routes by block means
       taken from the key group statistics (`block_key_means`).
+    pending: speculative mode only (`for_speculation`; None otherwise): per layer the
+      verify chunk's storage-form (k, v) [B, Hkv, gamma + 1, D], not yet written.
+    pending_tokens: speculative mode only: [B] int32, tokens of `pending` counted in
+      `length` (0 once `rollback` has committed them).
   """
 
   layers: tuple[GroupQuantizedLayer, ...]
@@ -142,6 +150,33 @@ class GroupQuantizedKVCache(SlotCacheMixin):
   spec: CacheSpec = flax.struct.field(pytree_node=False)
   config: ModelConfig = flax.struct.field(pytree_node=False)
   attention: Any = flax.struct.field(pytree_node=False, default=None)
+  pending: Any = None
+  pending_tokens: Any = None
+
+  # Logical names of every array, by its field name (`jaxllm.sharded.shard_cache`); an
+  # array with fewer dims takes the leading names (per-token key scales [B, Hkv, Tq]).
+  _STORE = ("cache_batch", "cache_kv_heads", "cache_length", "head_dim")
+  _GROUP_SCALES = ("cache_batch", "cache_kv_heads", "cache_groups", "head_dim")
+  _TOKEN_SCALES = ("cache_batch", "cache_kv_heads", "cache_length", "cache_channel_groups")
+  ARRAY_AXES = {
+    "k_packed": _STORE,
+    "k_scale": _GROUP_SCALES,
+    "k_zero": _GROUP_SCALES,
+    "v_packed": _STORE,
+    "v_scale": _TOKEN_SCALES,
+    "v_zero": _TOKEN_SCALES,
+    "k_residual": ("cache_batch", "cache_kv_heads", "cache_window", "head_dim"),
+    "v_residual": ("cache_batch", "cache_kv_heads", "cache_window", "head_dim"),
+    "k_sink": ("cache_batch", "cache_kv_heads", "cache_sinks", "head_dim"),
+    "v_sink": ("cache_batch", "cache_kv_heads", "cache_sinks", "head_dim"),
+    "pending": _STORE,
+    "pending_tokens": ("cache_batch",),
+    "length": ("cache_batch",),
+    "quantized_length": ("cache_batch",),
+    "start": ("cache_batch",),
+    "overflow": (),
+    "refused_rollback": ("cache_batch",),
+  }
 
   @classmethod
   def create(
@@ -302,7 +337,11 @@ class GroupQuantizedKVCache(SlotCacheMixin):
 
   def attend(self, layer, q, k_pre_rope, k, v, q_slots, kernels=ops.KernelConfig()):
     """Attends q [B, S, Hq, D] over the stored tokens (as stored) and this chunk
-    (exact, causal), then writes the chunk; returns (out [B, S, Hq, D], layer state)."""
+    (exact, causal), then writes the chunk; returns (out [B, S, Hq, D], layer state).
+    In speculative mode, as S one-token steps would, writing nothing (`deferred`)."""
+    if self.pending is not None:
+      out, chunk = deferred.attend_chunk(self, layer, q, k_pre_rope, k, v, q_slots)
+      return out.astype(v.dtype), chunk
     check_room(self.length, q.shape[1], self.capacity)
     stored = self.layers[layer]
     k_st, v_st = self._to_storage(k_pre_rope, k, v)
@@ -425,16 +464,18 @@ class GroupQuantizedKVCache(SlotCacheMixin):
       v_buf = put(v_buf, stored.v_sink.astype(jnp.float32), self.start)
     return self._to_attention(k_buf, v_buf)
 
-  def _write(self, stored: GroupQuantizedLayer, k_st, v_st):
+  def _write(self, stored: GroupQuantizedLayer, k_st, v_st, count=None):
     """Appends the chunk [B, Hkv, S, D] to each row's window, flushing whole groups;
-    returns (new GroupQuantizedLayer, new quantized_length [B])."""
+    returns (new GroupQuantizedLayer, new quantized_length [B]). `count` [B]: row b
+    writes only its first count[b] tokens (the rest land in slots never read; None: all)."""
     g, r = self.spec.group_size, self.spec.residual
     s = k_st.shape[2]
+    written = s if count is None else count
     held = self.length - self.quantized_length  # [B]
     pad = ((0, 0), (0, 0), (0, s + g), (0, 0))
     window_k = update_rows(jnp.pad(stored.k_residual, pad), k_st, held, 2)
     window_v = update_rows(jnp.pad(stored.v_residual, pad), v_st, held, 2)
-    flushed = jnp.maximum(held + s - r, 0) // g  # [B] whole groups leaving the window
+    flushed = jnp.maximum(held + written - r, 0) // g  # [B] whole groups leaving the window
     candidates = (g - 1 + s) // g
     n = candidates * g
     valid = self._stat_mask(self.quantized_length, n)
@@ -443,7 +484,7 @@ class GroupQuantizedKVCache(SlotCacheMixin):
     size = stored.k_residual.shape[2]
     k_sink, v_sink = stored.k_sink, stored.v_sink
     if self.num_sinks:
-      k_sink, v_sink = self._write_sinks(stored, k_st, v_st)
+      k_sink, v_sink = self._write_sinks(stored, k_st, v_st, count)
     new = GroupQuantizedLayer(
       store,
       slice_rows(window_k, flushed * g, size, 2),
@@ -453,18 +494,22 @@ class GroupQuantizedKVCache(SlotCacheMixin):
     )
     return new, self.quantized_length + flushed * g
 
-  def _write_sinks(self, stored, k_st, v_st):
-    """Copies chunk tokens at positions start + i (i < n_sink) into the sink buffers."""
+  def _write_sinks(self, stored, k_st, v_st, count=None):
+    """Copies chunk tokens at positions start + i (i < n_sink) into the sink buffers
+    (of row b's first count[b] chunk tokens; None: all S)."""
     s = k_st.shape[2]
     pos = self.start[:, None] + jnp.arange(self.num_sinks, dtype=jnp.int32)[None]  # [B, n]
     offset = pos - self.length[:, None]
-    hit = ((offset >= 0) & (offset < s))[:, None, :, None]
+    written = s if count is None else count[:, None]
+    hit = ((offset >= 0) & (offset < written))[:, None, :, None]
     idx = jnp.clip(offset, 0, s - 1)[:, None, :, None]
     k_new = jnp.take_along_axis(k_st, idx, axis=2)
     v_new = jnp.take_along_axis(v_st, idx, axis=2)
     return jnp.where(hit, k_new, stored.k_sink), jnp.where(hit, v_new, stored.v_sink)
 
   def advance(self, layer_states, num_tokens: int) -> "GroupQuantizedKVCache":
+    if self.pending is not None:
+      return deferred.advance(self, layer_states, num_tokens)
     return self.replace(
       layers=tuple(state for state, _ in layer_states),
       quantized_length=layer_states[0][1],
@@ -496,6 +541,25 @@ class GroupQuantizedKVCache(SlotCacheMixin):
         f"equal the residual {r} modulo the chunk (e.g. prefill={r % chunk or chunk})"
       )
     return self
+
+  def for_speculation(self, gamma: int) -> "GroupQuantizedKVCache":
+    """This cache in speculative mode for verify chunks of gamma + 1 tokens: each chunk
+    is attended as one-token steps would and kept pending, and `rollback` commits each
+    row's kept prefix (`jaxllm.kv_cache.deferred`). ValueError for a cache without one:
+    no residual window, RotateKV, a sparse attention method."""
+    return deferred.for_speculation(self, gamma)
+
+  def end_speculation(self) -> "GroupQuantizedKVCache":
+    """This cache back in the normal mode, a pending verify chunk committed whole."""
+    cache = self.rollback(self.length) if self.pending is not None else self
+    return cache.replace(pending=None, pending_tokens=None)
+
+  def rollback(self, length) -> "GroupQuantizedKVCache":
+    """`SlotCacheMixin.rollback`; in speculative mode it first commits each row's kept
+    part of the pending verify chunk (`deferred.commit`)."""
+    if self.pending is not None:
+      return deferred.commit(self, length)
+    return SlotCacheMixin.rollback(self, length)
 
   def rollback_floor(self) -> jax.Array:
     """[B]: each row's `quantized_length`: quantized tokens cannot return to the window,

@@ -175,6 +175,29 @@ class TokenQuantizedKVCache(SlotCacheMixin):
   chunks_as_decode: bool = flax.struct.field(pytree_node=False, default=False)
   attention: Any = flax.struct.field(pytree_node=False, default=None)
 
+  # Logical names of every array, by its field name (`jaxllm.sharded.shard_cache`).
+  _CODES = ("cache_batch", "cache_kv_heads", "cache_length", "head_dim")
+  _SCALES = ("cache_batch", "cache_kv_heads", "cache_length", "cache_channel_groups")
+  ARRAY_AXES = {
+    "k_codes": _CODES,
+    "k_scale": _SCALES,
+    "k_zero": _SCALES,
+    "v_codes": _CODES,
+    "v_scale": _SCALES,
+    "v_zero": _SCALES,
+    "k_recent": ("cache_batch", "cache_kv_heads", "cache_window", "head_dim"),
+    "v_recent": ("cache_batch", "cache_kv_heads", "cache_window", "head_dim"),
+    "k_sink": ("cache_batch", "cache_kv_heads", "cache_sinks", "head_dim"),
+    "v_sink": ("cache_batch", "cache_kv_heads", "cache_sinks", "head_dim"),
+    "key_scale": ("cache_layers", "cache_kv_heads", "head_dim"),
+    "key_rounding": ("cache_layers", "cache_kv_heads", "head_dim", "head_dim"),
+    "recent_pos": ("cache_batch", "cache_window"),
+    "length": ("cache_batch",),
+    "start": ("cache_batch",),
+    "overflow": (),
+    "refused_rollback": ("cache_batch",),
+  }
+
   @classmethod
   def create(
     cls, spec, config, batch, capacity, start, key_scale=None, dtype=jnp.float32, key_rounding=None
@@ -293,6 +316,24 @@ class TokenQuantizedKVCache(SlotCacheMixin):
         f"attention only; with {self.attention.name} use chunk=1"
       )
     return self.replace(chunks_as_decode=True)
+
+  def for_speculation(self, gamma: int) -> "TokenQuantizedKVCache":
+    """This cache for speculative verify chunks of gamma + 1 tokens: attended as one-token
+    steps would (`chunks_as_decode`). Every token's codes depend on that token only and
+    rollback only moves `length`, so written chunks need no deferred commit; the exact
+    ring stays exact through rollbacks of up to ROLLBACK_SLACK tokens, so with a residual
+    window gamma is limited to that. ValueError for a deeper gamma or a sparse attention
+    method."""
+    if self.spec.residual and gamma > ROLLBACK_SLACK:
+      raise ValueError(
+        f"{self.name}: gamma={gamma} is deeper than the exact ring stays exact through "
+        f"rollbacks (ROLLBACK_SLACK={ROLLBACK_SLACK}); use gamma <= {ROLLBACK_SLACK}"
+      )
+    return self.for_chunked_decode(0, gamma + 1)
+
+  def end_speculation(self) -> "TokenQuantizedKVCache":
+    """This cache back in the normal mode (chunks attended as a prefill does)."""
+    return self.replace(chunks_as_decode=False)
 
   def stored_view(self, stored: TokenQuantizedLayer):
     """Keys and values [B, Hkv, T, D] (float32, keys divided by the post-RoPE scale)

@@ -21,7 +21,13 @@ The kernels also return the logsumexp when called directly with ``return_lse=Tru
 from __future__ import annotations
 
 from pallas_kernels.flash_attention import flash_attention_tpu, flash_attention_triton
-from pallas_kernels.op_api import Implementation, Op, supported_by_tracing, without_platform
+from pallas_kernels.op_api import (
+  Implementation,
+  Op,
+  Sharding,
+  supported_by_tracing,
+  without_platform,
+)
 
 from .reference import attention_reference
 from .validation import validate
@@ -38,6 +44,16 @@ def _kernel(fn):
 
   return without_platform(run)
 
+
+# Batch rows, queries and heads are independent; a shard keeps whole GQA groups (query
+# heads split with their KV heads). Key slots (the softmax) and head_dim are never split.
+_Q = ("batch", "length", "act_heads", None)
+_KV = ("batch", "act_kv_heads", None, None)
+ATTENTION_SHARDING = Sharding(
+  args=(_Q, _KV, _KV, ("batch", "length"), ("batch",)),
+  out=_Q,
+  tied=(("act_heads", "act_kv_heads"),),
+)
 
 ATTENTION = Op(
   "attention",
@@ -60,4 +76,5 @@ ATTENTION = Op(
     ),
   ),
   validate=validate,
+  sharding=ATTENTION_SHARDING,
 )

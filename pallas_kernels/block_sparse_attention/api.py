@@ -23,13 +23,35 @@ what they refuse, so the table routes such calls to ``xla``.
 
 from __future__ import annotations
 
-from pallas_kernels.op_api import Implementation, Op, supported_by_tracing, without_platform
+from pallas_kernels.attention.api import ATTENTION_SHARDING
+from pallas_kernels.op_api import (
+  Implementation,
+  Op,
+  Sharding,
+  supported_by_tracing,
+  without_platform,
+)
 
 from .reference import block_sparse_attention_reference
 from .tpu_kernel import block_sparse_attention_tpu
 from .triton_kernel import block_sparse_attention_triton
 from .validation import validate
 from .xla import block_sparse_attention_xla
+
+# As `attention`, plus each KV head's routing [B, Hkv, tiles, top_k] split with its head.
+# Query tiles are not split (a tile's routing is shared by its block_q queries).
+_Q = ("batch", None, "act_heads", None)
+BLOCK_SPARSE_ATTENTION_SHARDING = Sharding(
+  args=(
+    _Q,
+    *ATTENTION_SHARDING.args[1:3],
+    ("batch", None),
+    ("batch",),
+    ("batch", "act_kv_heads", None, None),
+  ),
+  out=_Q,
+  tied=ATTENTION_SHARDING.tied,
+)
 
 BLOCK_SPARSE_ATTENTION = Op(
   "block_sparse_attention",
@@ -52,4 +74,5 @@ BLOCK_SPARSE_ATTENTION = Op(
     ),
   ),
   validate=validate,
+  sharding=BLOCK_SPARSE_ATTENTION_SHARDING,
 )

@@ -12,7 +12,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.op_api import Implementation, Op
+from pallas_kernels.op_api import MATMUL_IN, MATMUL_OUT, MATMUL_ROWS, Implementation, Op, Sharding
 
 
 def validate(x, w) -> None:
@@ -47,6 +47,13 @@ def linear_reference(x, w):
   return out.astype(x.dtype)
 
 
+# Rows x [M, K] @ w [K, N]: rows and columns split freely; K splits into partial sums.
+LINEAR_SHARDING = Sharding(
+  args=((MATMUL_ROWS, MATMUL_IN), (MATMUL_IN, MATMUL_OUT)),
+  out=(MATMUL_ROWS, MATMUL_OUT),
+  summed=(MATMUL_IN,),
+)
+
 LINEAR = Op(
   "linear",
   (
@@ -54,4 +61,5 @@ LINEAR = Op(
     Implementation("xla", "xla", linear_xla),
   ),
   validate=validate,
+  sharding=LINEAR_SHARDING,
 )

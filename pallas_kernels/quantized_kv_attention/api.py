@@ -17,8 +17,15 @@ Implementations:
 
 from __future__ import annotations
 
-from pallas_kernels.op_api import Implementation, Op, supported_by_tracing, without_platform
+from pallas_kernels.op_api import (
+  Implementation,
+  Op,
+  Sharding,
+  supported_by_tracing,
+  without_platform,
+)
 
+from .packing import QuantizedKV
 from .portable_kernel import quantized_kv_decode_attention_portable
 from .reference import quantized_kv_attention_reference
 from .tpu_kernel import quantized_kv_decode_attention
@@ -32,6 +39,24 @@ def _validate(
   del start, quantized_length, length
   _validate_inputs(q, kv, k_residual, v_residual, bits, group_size)
 
+
+# Batch rows and heads split (whole GQA groups per shard); slots, groups and head_dim
+# (packed or not) never do. start/quantized_length/length are [B] or scalars (replicated).
+_H = ("batch", "act_kv_heads", None, None)
+_ROW = ("batch", "act_kv_heads", None)
+QUANTIZED_KV_ATTENTION_SHARDING = Sharding(
+  args=(
+    ("batch", "act_heads", None),
+    QuantizedKV(k_packed=_H, k_scale=_H, k_zero=_H, v_packed=_H, v_scale=_ROW, v_zero=_ROW),
+    ("batch",),
+    ("batch",),
+    ("batch",),
+    _H,
+    _H,
+  ),
+  out=("batch", "act_heads", None),
+  tied=(("act_heads", "act_kv_heads"),),
+)
 
 QUANTIZED_KV_ATTENTION = Op(
   "quantized_kv_attention",
@@ -54,4 +79,5 @@ QUANTIZED_KV_ATTENTION = Op(
     ),
   ),
   validate=_validate,
+  sharding=QUANTIZED_KV_ATTENTION_SHARDING,
 )
