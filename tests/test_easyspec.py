@@ -16,27 +16,23 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from speculative_helpers import greedy_tokens, random_prompts, steered
 
 import jaxllm
 from jaxllm import layer_parallel
-from jaxllm.decoding import Generator
 from jaxllm.drafts import EasySpecDraft
 from jaxllm.kv_cache import DenseKVCache
-from jaxllm.params import init_model, model_from_params
+from jaxllm.params import init_model
 from jaxllm.sampling import SamplingConfig
 from jaxllm.speculative import SpeculativeConfig, SpeculativeGenerator
 
 CACHE, BUCKET, NEW = 96, 16, 24
-PROMPT_LENGTHS = (5, 17, 9)
 DEPTH, DRAFT_LAYERS = 4, 3
 
 
 @pytest.fixture(scope="module")
 def model():
-  base = init_model(jaxllm.TINY.replace(num_layers=DEPTH), seed=1)
-  params = nnx.split(base)[1].to_pure_dict()
-  params["embed"] = params["embed"] * 0.05
-  return model_from_params(base.config.replace(max_seq_len=128), params)
+  return steered(init_model(jaxllm.TINY.replace(num_layers=DEPTH), seed=1))
 
 
 @pytest.fixture(scope="module")
@@ -175,14 +171,12 @@ def test_groups_sum_the_deltas_of_one_input(draft_model, chunk, group_size, fuse
 
 @pytest.fixture(scope="module")
 def prompts():
-  rng = np.random.default_rng(0)
-  return [rng.integers(3, 512, n).tolist() for n in PROMPT_LENGTHS]
+  return random_prompts()
 
 
 @pytest.fixture(scope="module")
 def reference(model, prompts):
-  gen = Generator(model, max_cache_len=CACHE, prompt_bucket=BUCKET)
-  return gen.generate(prompts, NEW, stop_at_eos=False).tokens
+  return greedy_tokens(model, prompts, NEW, CACHE, BUCKET)
 
 
 @pytest.fixture(scope="module")

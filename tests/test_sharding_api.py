@@ -299,8 +299,9 @@ def single_device_tokens(mesh_model):
   [
     ("data:2,tensor:4", "dense"),
     ("data:2,tensor:4", "kivi4"),
-    ("fsdp:8", "dense"),
-    pytest.param("fsdp:8", "kivi4", marks=pytest.mark.slow),  # the suite's time budget
+    # fsdp 8 greedy (float, KIVI-4) is also in tests/test_mesh_matrix.py: slow tier here
+    pytest.param("fsdp:8", "dense", marks=pytest.mark.slow),
+    pytest.param("fsdp:8", "kivi4", marks=pytest.mark.slow),
   ],
 )
 def test_generator_greedy_on_a_mesh_equals_one_device(
@@ -334,7 +335,9 @@ def test_generator_greedy_on_a_mesh_equals_one_device(
 
 
 @pytest.mark.parametrize(
-  "mesh_text", ["data:2,tensor:4", pytest.param("fsdp:8", marks=pytest.mark.slow)]
+  "mesh_text",
+  # the logits themselves are also checked on both meshes in tests/test_mesh_matrix.py
+  [pytest.param(m, marks=pytest.mark.slow) for m in ("data:2,tensor:4", "fsdp:8")],
 )
 def test_sharded_logits_match_one_device(mesh_text, mesh_model):
   """Prefill through a KIVI-4 cache: logits within 1e-4 relative of one device."""

@@ -18,30 +18,20 @@ import numpy as np
 import pytest
 import scipy.stats
 from flax import nnx
+from speculative_helpers import greedy_tokens, random_prompts, steered
 
 from jaxllm import kv_cache, speculative
-from jaxllm.decoding import Generator
 from jaxllm.drafts import LayerSkipDraft, LookupDraft, ModelDraft, quantized_draft
-from jaxllm.params import model_from_params
 from jaxllm.sampling import SamplingConfig, filter_logits
 from jaxllm.speculative import SpeculativeConfig, SpeculativeGenerator
 
 CACHE, BUCKET, NEW = 96, 16, 24
-PROMPT_LENGTHS = (5, 17, 9)  # batch 3: three different lengths (left padding differs)
 SIGNIFICANCE = 1e-3  # chi-square: reject "same distribution" below this p-value
-
-
-def _steered(tiny_model, vocab_size):
-  """The tiny model's weights, embeddings scaled by 0.05 and cut to `vocab_size` tokens."""
-  params = nnx.split(tiny_model)[1].to_pure_dict()
-  params["embed"] = params["embed"][:, :vocab_size] * 0.05
-  cfg = tiny_model.config.replace(vocab_size=vocab_size, max_seq_len=128)
-  return model_from_params(cfg, params)
 
 
 @pytest.fixture(scope="module")
 def model(tiny_model):
-  return _steered(tiny_model, tiny_model.config.vocab_size)
+  return steered(tiny_model)
 
 
 @pytest.fixture(scope="module")
@@ -62,15 +52,13 @@ def generators(model):
 
 @pytest.fixture(scope="module")
 def prompts():
-  rng = np.random.default_rng(0)
-  return [rng.integers(3, 512, n).tolist() for n in PROMPT_LENGTHS]
+  return random_prompts()
 
 
 @pytest.fixture(scope="module")
 def reference(model, prompts):
   """The target's own greedy tokens for the three prompts (`Generator`)."""
-  gen = Generator(model, max_cache_len=CACHE, prompt_bucket=BUCKET)
-  return gen.generate(prompts, NEW, stop_at_eos=False).tokens
+  return greedy_tokens(model, prompts, NEW, CACHE, BUCKET)
 
 
 def _draft(name, model):
@@ -165,7 +153,7 @@ SAMPLING = SamplingConfig(temperature=1.0, top_k=12)
 
 @pytest.fixture(scope="module")
 def small(tiny_model):
-  return _steered(tiny_model, VOCAB)
+  return steered(tiny_model, VOCAB)
 
 
 @pytest.fixture(scope="module")

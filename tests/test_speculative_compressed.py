@@ -13,16 +13,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from speculative_helpers import greedy_tokens, random_prompts, steered
 
 from jaxllm import kv_cache, speculative
 from jaxllm.decoding import Generator
 from jaxllm.drafts import LayerSkipDraft, LookupDraft, quantized_draft
 from jaxllm.kv_cache import GroupQuantizedKVCache
-from jaxllm.params import model_from_params
 from jaxllm.speculative import SpeculativeConfig, SpeculativeGenerator
 
 CACHE, BUCKET, NEW = 96, 16, 48
-PROMPT_LENGTHS = (5, 17, 9)
 G, R = 16, 16
 KIVI = kv_cache.spec_for("kivi4").replace(group_size=G, residual=R)
 SPECS = {"kivi4": KIVI, "int8": kv_cache.spec_for("int8")}
@@ -30,17 +29,12 @@ SPECS = {"kivi4": KIVI, "int8": kv_cache.spec_for("int8")}
 
 @pytest.fixture(scope="module")
 def model(tiny_model):
-  """The tiny model with embeddings scaled by 0.05 (as in test_speculative: the layers
-  steer, so drafts are accepted in part)."""
-  params = nnx.split(tiny_model)[1].to_pure_dict()
-  params["embed"] = params["embed"] * 0.05
-  return model_from_params(tiny_model.config.replace(max_seq_len=128), params)
+  return steered(tiny_model)
 
 
 @pytest.fixture(scope="module")
 def prompts():
-  rng = np.random.default_rng(0)
-  return [rng.integers(3, 512, n).tolist() for n in PROMPT_LENGTHS]
+  return random_prompts()
 
 
 @pytest.fixture(scope="module")
@@ -48,8 +42,8 @@ def reference(model, prompts):
   """Generator's greedy tokens per cache name, with the same make_cache."""
   out = {}
   for name, spec in SPECS.items():
-    gen = Generator(model, CACHE, BUCKET, make_cache=kv_cache.cache_factory(spec, model.config))
-    out[name] = gen.generate(prompts, NEW, stop_at_eos=False).tokens
+    make = kv_cache.cache_factory(spec, model.config)
+    out[name] = greedy_tokens(model, prompts, NEW, CACHE, BUCKET, make_cache=make)
   return out
 
 
