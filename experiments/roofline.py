@@ -104,8 +104,9 @@ LIMITATIONS = (
   "application and KV4 dequantization inside attention are free in the model",
   "the CPU check's 8 fake devices share this machine's cores and memory: their 'links' are "
   "memory copies, and they run concurrently only as far as XLA's CPU runtime schedules them",
-  "under GSPMD the tiny model's attention is not head-parallel (issue 26: q, k and v are "
-  "all-gathered), so the measured mesh run moves more than the projected all-reduces",
+  "the CPU check's rates come from one small matmul and one elementwise op, which vary "
+  "between runs (up to 1.7x when quiet); its mesh projection assumes the 8 programs run "
+  "side by side at the all-devices rates, while on two cores they take turns",
   "memory capacity ('fits') counts weights and the KV cache only, not activations, "
   "workspace or fragmentation",
 )

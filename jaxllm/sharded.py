@@ -75,13 +75,16 @@ def _field_name(path) -> str | None:
 
 def cache_logical_axes(cache):
   """A pytree like `cache` whose leaves are the logical-name tuples of its arrays (from
-  ``type(cache).ARRAY_AXES``, truncated to each array's rank).
+  ``cache.array_axes()`` where the class defines it, else ``type(cache).ARRAY_AXES``,
+  truncated to each array's rank).
 
   Raises ValueError (one line) for a cache class without ``ARRAY_AXES`` or an array
   field it does not name.
   """
   kind = type(cache).__name__
   table = getattr(type(cache), "ARRAY_AXES", None)
+  if hasattr(cache, "array_axes"):
+    table = cache.array_axes()
   if not isinstance(table, dict):
     raise ValueError(f"cache type {kind} has no ARRAY_AXES: its arrays have no logical axes")
 

@@ -26,10 +26,6 @@ DEFAULT_RULES: LogicalRules = (
   # activations
   ("batch", ("data", "fsdp")),
   ("length", None),
-  # DenseKVCache stores [batch * kv_heads, length, head_dim]: batch-major (row, kv head)
-  # pairs, so splitting the rows data-major then tensor gives each device a batch block
-  # and a kv-head block, as [batch, kv_heads] sharded (data/fsdp, tensor) would.
-  ("cache_rows", ("data", "fsdp", "tensor")),
   ("cache_batch", ("data", "fsdp")),
   ("cache_kv_heads", "tensor"),
   ("cache_length", None),  # slots (and packed slots) of a cache

@@ -92,7 +92,7 @@ def test_cache_axes_have_rules():
   import sharding
 
   spec = sharding.logical_to_spec(DenseKVCache.LOGICAL_AXES)
-  assert spec[0] == ("data", "fsdp", "tensor") and spec[1] is None  # rows: (batch, kv head)
+  assert tuple(spec) == (("data", "fsdp"), "tensor", None, None)  # slots, dim whole
 
 
 def test_untied_head_and_mqa():

@@ -226,6 +226,13 @@ def test_tiny_model_under_pallas_split_equals_unsplit(weights, kernels):
 # ------------------------------------------------------------------ HLO: head-parallel
 
 _ALL_GATHER = re.compile(r"= (\S+) all-gather(?:-start)?\(")
+_MOVE = re.compile(r" (?:collective-permute|all-to-all)(?:-start)?\(")
+
+
+def _moves(hlo: str) -> list[str]:
+  """The compiled program's collective-permutes and all-to-alls (data moved between
+  devices by a resharding), one line each."""
+  return [line.strip() for line in hlo.splitlines() if _MOVE.search(line)]
 
 
 def _float_all_gathers(hlo: str) -> list[str]:
@@ -243,8 +250,9 @@ def test_compiled_forward_gathers_no_q_k_or_v(tensor, heads, batch):
   x tensor (default kernels, xla attention): the compiled HLO holds no all-gather of a
   floating-point array, so q, k and v (and every other activation and weight) stay
   split by head; the only all-gather allowed is an integer one (the rows' lengths).
-  Row-parallel o/down projections show as all-reduces. The cache's rows are placed as
-  the rules name them (``cache_rows``). Logits equal the unsplit run's."""
+  Row-parallel o/down projections show as all-reduces. The cache is placed as the rules
+  name it (batch over data, KV heads over tensor), and no collective-permute or
+  all-to-all moves it between devices. Logits equal the unsplit run's."""
   cfg = jaxllm.TINY.replace(name="tiny-hp", num_heads=heads[0], num_kv_heads=heads[1])
   model = init_model(cfg, seed=0)
   graphdef, state = nnx.split(model)
@@ -272,6 +280,7 @@ def test_compiled_forward_gathers_no_q_k_or_v(tensor, heads, batch):
       compiled = fn.lower(*args).compile()
       hlo = compiled.as_text()
       assert _float_all_gathers(hlo) == [], _float_all_gathers(hlo)
+      assert _moves(hlo) == [], _moves(hlo)
       assert " all-reduce(" in hlo
       got = np.asarray(compiled(*args))
       assert _rel(got, expected) <= 1e-5, _rel(got, expected)

@@ -140,20 +140,32 @@ def test_strict_refuses_a_dim_the_mesh_does_not_divide(tiny_model, mesh24):
   )
 
 
-def test_partial_sharding_keeps_the_axes_that_divide(mesh24):
-  """Dense cache rows (batch 1 x 2 KV heads = 2) on data=2 x tensor=4: split on data only."""
-  cache = kv_cache.DenseKVCache.create(jaxllm.TINY, 1, 16)
+def test_partial_sharding_keeps_the_axes_that_divide():
+  """A dense cache of batch 2 on data=2 x fsdp=4: its batch (named for both axes) splits
+  on data only; its 2 KV heads on tensor=1 stay whole."""
+  mesh = sharding.make_mesh("data:2,fsdp:4")
+  cache = kv_cache.DenseKVCache.create(jaxllm.TINY, 2, 16)
   logged = []
-  placed = sharded.shard_cache(cache, mesh24, log=logged.append)
+  placed = sharded.shard_cache(cache, mesh, log=logged.append)
   assert logged == [
-    "cache_rows: 2 not divisible by data=2 x tensor=4, sharded on data=2 only on keys.*, values.*",
-    "cache_batch: 1 not divisible by data=2, replicated on length, start, refused_rollback",
+    "cache_batch: 2 not divisible by data=2 x fsdp=4, sharded on data=2 only on keys.*, "
+    "values.*, length, start, refused_rollback",
   ]
-  assert placed.keys[0].sharding.spec == P(BATCH, None, None)
-  assert placed.length.sharding.spec == P(None)
+  assert placed.keys[0].sharding.spec == P("data", "tensor", None, None)  # tensor=1
+  assert placed.length.sharding.spec == P("data")
   with pytest.raises(ValueError) as e:
-    sharded.shard_cache(cache, mesh24, strict=True)
-  assert "DenseKVCache array keys.0 dim 0 (cache_rows) has size 2" in one_line(e)
+    sharded.shard_cache(cache, mesh, strict=True)
+  assert "DenseKVCache array keys.0 dim 0 (cache_batch) has size 2" in one_line(e)
+
+
+def test_batch_one_dense_cache_splits_its_kv_heads(mesh24):
+  """A batch-1 dense cache stores [Hkv, T, D] (no unit batch dim, see DenseKVCache): its
+  KV heads still split over tensor, and it reads back as [1, Hkv, T, D]."""
+  cache = kv_cache.DenseKVCache.create(MESH_CFG, 1, 16)
+  placed = sharded.shard_cache(cache, mesh24)
+  assert placed.keys[0].shape == (4, 16, MESH_CFG.head_dim)
+  assert placed.keys[0].sharding.spec == P("tensor", None, None)
+  assert placed.view(placed.keys[0]).shape == (1, 4, 16, MESH_CFG.head_dim)
 
 
 # ------------------------------------------------------------------ caches
@@ -171,8 +183,6 @@ def _calibration(cfg, spec):
 
 def _expected_spec(cfg, batch, field, x):
   """Where an array of a cache must go on data=2 x tensor=4, from its shape alone."""
-  if field in ("keys", "values"):  # dense rows: batch-major (row, kv head) pairs
-    return P(("data", "fsdp", "tensor"), None, None)
   if field in ("key_scale", "key_rounding"):  # [L, Hkv, D(, D)]
     return P(None, "tensor", *(None,) * (x.ndim - 2))
   if x.ndim == 0:

@@ -25,6 +25,7 @@ from jaxllm.kv_cache.base import (
   SlotCacheMixin,
   bf16_bytes_per_token,
   initial_lengths,
+  insert_chunk,
   memory_report,
   no_overflow,
   no_refused_rollback,
@@ -39,14 +40,15 @@ class DenseKVCache(SlotCacheMixin):
 
   `KVCache` is a deprecated alias of this class.
 
-  Buffers are stored as [B * Hkv, T, D] ("rows" = batch-major (row, kv head)
-  pairs) and handed to attention as [B, Hkv, T, D] views. The 3-D storage is
-  a CPU necessity: XLA:CPU copies a donated 4-D buffer with a unit batch dim
-  every time a dot reads it after an in-place update (4 full-cache copies per
-  layer per step at batch 1); a 3-D buffer is updated and read in place.
+  Buffers are stored [B, Hkv, T, D], the layout attention reads, so under a mesh each
+  device holds its batch block of its KV-head block (`array_axes`) and a decode step
+  moves no cache data between devices. A batch-1 cache stores [Hkv, T, D]: XLA:CPU
+  copies a donated buffer with a unit batch dim each time a dot reads it after an
+  in-place update, which made batch-1 decode 1.8x slower; `view` gives [B, Hkv, T, D]
+  either way.
 
   Attributes:
-    keys, values: one [B * Hkv, T, D] array per layer.
+    keys, values: one [B, Hkv, T, D] array per layer ([Hkv, T, D] at batch 1).
     length: [B] int32, slots written so far in each row.
     start: [B] int32, first valid slot of each row.
     overflow: bool scalar, set once a write went past the capacity (see
@@ -65,8 +67,9 @@ class DenseKVCache(SlotCacheMixin):
   refused_rollback: jax.Array
   attention: Any = flax.struct.field(pytree_node=False, default=None)
 
-  LOGICAL_AXES = ("cache_rows", "cache_length", "head_dim")
-  # Logical names of every array, by its field name (`jaxllm.sharded.shard_cache`).
+  LOGICAL_AXES = ("cache_batch", "cache_kv_heads", "cache_length", "head_dim")
+  # Logical names of every array, by its field name (`jaxllm.sharded.shard_cache`; see
+  # `array_axes` for a batch-1 cache).
   ARRAY_AXES = {
     "keys": LOGICAL_AXES,
     "values": LOGICAL_AXES,
@@ -87,7 +90,9 @@ class DenseKVCache(SlotCacheMixin):
   ) -> "DenseKVCache":
     if capacity <= 0 or batch <= 0:
       raise ValueError(f"KV cache needs batch > 0 and capacity > 0, got {batch=}, {capacity=}")
-    shape = (batch * config.num_kv_heads, capacity, config.head_dim)
+    shape = (config.num_kv_heads, capacity, config.head_dim)
+    if batch > 1:
+      shape = (batch, *shape)
     start = jnp.zeros((batch,), jnp.int32) if start is None else jnp.asarray(start, jnp.int32)
     return cls(
       keys=tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers)),
@@ -103,8 +108,8 @@ class DenseKVCache(SlotCacheMixin):
     """A full cache holding [B, Hkv, S, D] views (e.g. a prefill chunk), every row length S."""
     batch = keys[0].shape[0]
     return cls(
-      keys=tuple(_rows(k) for k in keys),
-      values=tuple(_rows(v) for v in values),
+      keys=tuple(_stored(k) for k in keys),
+      values=tuple(_stored(v) for v in values),
       length=initial_lengths(batch, keys[0].shape[2]),
       start=start,
       overflow=no_overflow(),
@@ -113,33 +118,37 @@ class DenseKVCache(SlotCacheMixin):
 
   @property
   def capacity(self) -> int:
-    return self.keys[0].shape[1]
+    return self.keys[0].shape[-2]
 
   @property
   def head_dim(self) -> int:
-    return self.keys[0].shape[2]
+    return self.keys[0].shape[-1]
 
   @property
   def num_bytes(self) -> int:
     return sum(x.size * x.dtype.itemsize for x in self.keys + self.values)
 
+  def array_axes(self) -> dict:
+    """`ARRAY_AXES` of this cache: a batch-1 cache's buffers have no batch dim."""
+    if self.batch > 1:
+      return self.ARRAY_AXES
+    return {**self.ARRAY_AXES, "keys": self.LOGICAL_AXES[1:], "values": self.LOGICAL_AXES[1:]}
+
   def view(self, buf: jax.Array) -> jax.Array:
-    """[B, Hkv, T, D] view of one stored buffer."""
-    return buf.reshape(self.batch, -1, *buf.shape[1:])
+    """One stored buffer as [B, Hkv, T, D] (a free reshape)."""
+    return buf.reshape(self.batch, *buf.shape[-3:])
 
   def write(self, layer: int, k: jax.Array, v: jax.Array) -> tuple[jax.Array, jax.Array]:
     """Writes [B, S, Hkv, D] chunks, row b at slot `length[b]`, into `layer`; returns
-    [B, Hkv, T, D] views."""
-    # one start slot per stored (row, kv head) pair; one row: a single start slot
-    at = self.length
-    if self.batch > 1:
-      at = jnp.repeat(self.length, self.keys[layer].shape[0] // self.batch)
+    [B, Hkv, T, D] views of the buffers."""
+    return self._put(self.keys[layer], k), self._put(self.values[layer], v)
 
-    def put(buf, new):
-      new = _rows(new.astype(buf.dtype).transpose(0, 2, 1, 3))
-      return self.view(update_rows(buf, new, at, 1))
-
-    return put(self.keys[layer], k), put(self.values[layer], v)
+  def _put(self, buf: jax.Array, chunk: jax.Array) -> jax.Array:
+    if buf.ndim == 4:
+      return insert_chunk(buf, chunk, self.length)
+    # batch 1: one dynamic_update_slice of the [Hkv, T, D] buffer, in place on XLA:CPU
+    rows = chunk[0].astype(buf.dtype).transpose(1, 0, 2)
+    return self.view(update_rows(buf, rows, self.length, 1))
 
   def attend(self, layer: int, q, k_pre_rope, k, v, q_slots, kernels=ops.KernelConfig()):
     """Writes this chunk's keys (after RoPE) and values, then attends over the cache.
@@ -169,8 +178,8 @@ class DenseKVCache(SlotCacheMixin):
   def advance(self, layer_states, num_tokens: int) -> "DenseKVCache":
     """New cache holding each layer's written (k, v) [B, Hkv, T, D] buffers, `num_tokens` longer."""
     return self.replace(
-      keys=tuple(_rows(k) for k, _ in layer_states),
-      values=tuple(_rows(v) for _, v in layer_states),
+      keys=tuple(_stored(k) for k, _ in layer_states),
+      values=tuple(_stored(v) for _, v in layer_states),
       length=self.length + num_tokens,
       overflow=overflow_after(self.overflow, self.length, num_tokens, self.capacity),
     )
@@ -180,7 +189,7 @@ class DenseKVCache(SlotCacheMixin):
     extra = capacity - self.capacity
     if extra < 0:
       raise ValueError(f"cannot shrink a KV cache from {self.capacity} to {capacity} slots")
-    pad = ((0, 0), (0, extra), (0, 0))
+    pad = ((0, 0),) * (self.keys[0].ndim - 2) + ((0, extra), (0, 0))
     return self.replace(
       keys=tuple(jnp.pad(k, pad) for k in self.keys),
       values=tuple(jnp.pad(v, pad) for v in self.values),
@@ -188,8 +197,8 @@ class DenseKVCache(SlotCacheMixin):
 
   def memory(self) -> dict:
     """Exact bytes: K and V in the cache dtype, no scales, no residual window."""
-    rows, _, head_dim = self.keys[0].shape
-    bf16 = bf16_bytes_per_token(len(self.keys), rows // self.batch, head_dim)
+    kv_heads, _, head_dim = self.keys[0].shape[-3:]
+    bf16 = bf16_bytes_per_token(len(self.keys), kv_heads, head_dim)
     per_token = bf16 * self.keys[0].dtype.itemsize // 2
     return memory_report(bf16, per_token, 0, self.num_bytes)
 
@@ -197,6 +206,6 @@ class DenseKVCache(SlotCacheMixin):
 KVCache = DenseKVCache  # deprecated alias (the name before issue 23)
 
 
-def _rows(x: jax.Array) -> jax.Array:
-  """[B, Hkv, T, D] -> [B * Hkv, T, D]."""
-  return x.reshape(-1, *x.shape[2:])
+def _stored(x: jax.Array) -> jax.Array:
+  """A [B, Hkv, T, D] view as stored: [Hkv, T, D] at batch 1."""
+  return x.reshape(x.shape[1:]) if x.shape[0] == 1 else x
